@@ -1,0 +1,167 @@
+"""The device set of the mpvmm machine and the dispatcher in front of it.
+
+``DeviceModel`` owns the two buses and turns a decoded request into a device
+access. It knows nothing about queues or sockets (``process.py`` adapts it),
+so everything the guest can make it do is testable here with plain calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+from mpvmm.devicemodel.bus import Bus, BusRange
+from mpvmm.devicemodel.devices import Sink, TestDevice, all_ones
+from mpvmm.devicemodel.protocol import (
+    KIND_READ,
+    REJECT_REASONS,
+    SPACE_MMIO,
+    SPACE_PIO,
+    MessageRejected,
+    Request,
+    decode_request,
+    encode_reply,
+)
+from mpvmm.devicemodel.serial import Serial
+from mpvmm.x86.layout import (
+    COM1_PORT,
+    COM1_PORT_COUNT,
+    MMIO_TESTDEV_ADDR,
+    MMIO_TESTDEV_SIZE,
+    PIO_TESTDEV_PORT,
+    PIO_TESTDEV_PORT_COUNT,
+)
+
+# Ports a guest (Linux) pokes that we claim on purpose and ignore; they are
+# PC conventions rather than part of mpvmm's own map, so they live here.
+# (Candidates for x86/layout.py once something else needs them.)
+POST_DIAGNOSTIC_PORT = 0x80  # BIOS POST codes; Linux writes it as an I/O delay
+PCI_CONFIG_PORT = 0xCF8  # CONFIG_ADDRESS (0xCF8) and CONFIG_DATA (0xCFC-0xCFF)
+PCI_CONFIG_PORT_COUNT = 8
+
+# Device names: labels in stats and metrics, so short and stable.
+COM1_NAME = "com1"
+PIO_TESTDEV_NAME = "testdev-pio"
+MMIO_TESTDEV_NAME = "testdev-mmio"
+PORT80_NAME = "port80"
+PCI_CONFIG_NAME = "pci-config"
+
+SPACE_NAMES = {SPACE_PIO: "pio", SPACE_MMIO: "mmio"}
+OPS = ("read", "write")
+
+
+def build_buses(
+    console_out: Callable[[bytes], None] | None = None,
+    com1_trigger: Callable[[], None] | None = None,
+) -> tuple[Bus, Bus, dict[str, object]]:
+    """Create the machine's devices and place them on the pio and mmio buses.
+
+    Returns ``(pio, mmio, devices_by_name)``. The test device has one instance
+    per bus, so a test can tell which path a guest access took.
+    """
+    pio, mmio = Bus("pio"), Bus("mmio")
+    uart = Serial(trigger=com1_trigger, out=console_out)
+    pio_testdev, mmio_testdev = TestDevice(), TestDevice()
+    port80, pci_config = Sink(), Sink()
+    pio.insert(BusRange(COM1_PORT, COM1_PORT_COUNT), uart, COM1_NAME)
+    pio.insert(BusRange(PIO_TESTDEV_PORT, PIO_TESTDEV_PORT_COUNT), pio_testdev, PIO_TESTDEV_NAME)
+    pio.insert(BusRange(POST_DIAGNOSTIC_PORT, 1), port80, PORT80_NAME)
+    # Reads of CONFIG_ADDRESS as all ones make Linux's type-1 probe fail, and
+    # all ones from CONFIG_DATA is "no device": the guest sees no PCI bus.
+    pio.insert(BusRange(PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT), pci_config, PCI_CONFIG_NAME)
+    mmio.insert(BusRange(MMIO_TESTDEV_ADDR, MMIO_TESTDEV_SIZE), mmio_testdev, MMIO_TESTDEV_NAME)
+    devices = {
+        COM1_NAME: uart,
+        PIO_TESTDEV_NAME: pio_testdev,
+        MMIO_TESTDEV_NAME: mmio_testdev,
+        PORT80_NAME: port80,
+        PCI_CONFIG_NAME: pci_config,
+    }
+    return pio, mmio, devices
+
+
+class DeviceModel:
+    """Dispatches requests to devices and counts what happened.
+
+    ``console_out`` receives the UART's transmitted bytes; ``com1_trigger``
+    raises the UART's interrupt (an irqfd write, once the supervisor passes
+    one); ``machine`` is a ``(pio, mmio, devices)`` set to use instead of
+    ``build_buses``'s. Guest-controlled input never raises out of ``handle`` or
+    ``handle_message``: a device that fails is counted in ``device_errors``
+    and a read of it answers all ones.
+    """
+
+    def __init__(
+        self,
+        console_out: Callable[[bytes], None] | None = None,
+        com1_trigger: Callable[[], None] | None = None,
+        *,
+        machine: tuple[Bus, Bus, dict[str, object]] | None = None,
+    ):
+        # ``machine`` replaces the standard device set (tests, other boards).
+        if machine is None:
+            machine = build_buses(console_out, com1_trigger)
+        self.pio, self.mmio, self.devices = machine
+        self._buses = {SPACE_PIO: self.pio, SPACE_MMIO: self.mmio}
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.unmapped: Counter[tuple[str, str]] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.device_errors: Counter[str] = Counter()
+
+    @property
+    def uart(self) -> Serial:
+        return self.devices[COM1_NAME]
+
+    def handle(self, request: Request) -> int | None:
+        """Perform one access; the value read for a read, None for a write."""
+        is_read = request.kind == KIND_READ
+        op = "read" if is_read else "write"
+        found = self._buses[request.space].lookup(request.address)
+        if found is None:
+            self.unmapped[(SPACE_NAMES[request.space], op)] += 1
+            return all_ones(request.size) if is_read else None
+        device, name, offset = found
+        self.requests[(name, op)] += 1
+        try:
+            if is_read:
+                # Masked so that a device bug can never make an unencodable reply.
+                return device.read(offset, request.size) & all_ones(request.size)
+            device.write(offset, request.size, request.value)
+        except Exception:
+            # A device bug must not stop the machine; the count makes it visible.
+            self.device_errors[name] += 1
+            return all_ones(request.size) if is_read else None
+        return None
+
+    def handle_message(self, data: bytes) -> bytes | None:
+        """Decode, dispatch and, for a read, encode the reply; None otherwise.
+
+        A malformed message is counted under its reason and dropped.
+        """
+        try:
+            request = decode_request(data)
+        except MessageRejected as err:
+            self.rejected[err.reason] += 1
+            return None
+        value = self.handle(request)
+        if value is None:
+            return None
+        return encode_reply(request.seq, value)
+
+    def stats(self) -> dict:
+        """Plain counters, nested by name (msgpack-able, string keys only)."""
+        return {
+            "requests": {
+                name: {op: self.requests[(name, op)] for op in OPS} for name in self.devices
+            },
+            "unmapped": {
+                space: {op: self.unmapped[(space, op)] for op in OPS}
+                for space in SPACE_NAMES.values()
+            },
+            "rejected": {reason: self.rejected[reason] for reason in REJECT_REASONS},
+            "device_errors": {name: self.device_errors[name] for name in self.devices},
+            "devices": {
+                name: device.stats() if hasattr(device, "stats") else {}
+                for name, device in self.devices.items()
+            },
+        }

@@ -1,0 +1,376 @@
+"""The device-model process: queues and a control socket in front of DeviceModel.
+
+Start contract (the supervisor's side):
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen([sys.executable, "-m", "mpvmm.devicemodel",
+                             str(child.fileno())], pass_fds=(child.fileno(),))
+    child.close()
+
+Spawn it from the supervisor's main thread: PR_SET_PDEATHSIG fires when the
+*thread* that forked the child exits, not only the process.
+
+The control socket carries a stream of msgpack maps. The supervisor sends
+``configure`` first; the process opens guest RAM and every queue by name,
+answers ``ready`` (after which the supervisor may unlink the names) or
+``error`` (and exits 1). Then ``stats`` is answered with ``stats``, and
+``shutdown`` with ``bye`` once the request queues are drained and the
+console flushed (exit 0). End of file means the supervisor is gone: exit 0.
+
+One thread serves everything through epoll: a POSIX message queue descriptor
+is pollable on Linux, so request queues and the control socket wait together.
+Nothing a guest sends can end the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import msgpack
+import posix_ipc
+
+from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.machine import DeviceModel
+from mpvmm.devicemodel.protocol import SCHEMA_VERSION
+from mpvmm.errors import DeviceModelError
+
+# Messages taken from one queue before the next queue gets its turn, so one
+# busy vCPU cannot starve the others (less than a queue's depth of 10).
+PER_QUEUE_BATCH = 8
+# Rounds of the final drain at shutdown: bounded, since running vCPUs may
+# keep sending while we drain.
+SHUTDOWN_DRAIN_ROUNDS = 64
+# Control messages are small; more than this unread means a broken peer.
+CONTROL_BUFFER_MAX = 1 << 20
+CONTROL_READ_SIZE = 65536
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class _Exit(Exception):
+    """Leave the main loop with this exit status."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Config:
+    """The ``configure`` message, checked."""
+
+    ram_name: str
+    ram_size: int
+    request_queues: tuple[str, ...]
+    reply_queues: tuple[str, ...]
+    console: str | None
+
+    @classmethod
+    def from_message(cls, message: object) -> "Config":
+        if not isinstance(message, dict) or message.get("op") != "configure":
+            raise DeviceModelError(f"expected a configure message first, got {message!r:.200}")
+        if message.get("version") != SCHEMA_VERSION:
+            raise DeviceModelError(
+                f"configure asks for schema version {message.get('version')!r}, "
+                f"this device model speaks {SCHEMA_VERSION}"
+            )
+        ram_name, ram_size = message.get("ram_name"), message.get("ram_size")
+        requests, replies = message.get("request_queues"), message.get("reply_queues")
+        console = message.get("console")
+        if not isinstance(ram_name, str) or type(ram_size) is not int or ram_size <= 0:
+            raise DeviceModelError("configure needs ram_name (str) and ram_size (int > 0)")
+        for queues in (requests, replies):
+            if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
+                raise DeviceModelError("request_queues and reply_queues must be lists of names")
+        if not requests or len(requests) != len(replies):
+            raise DeviceModelError(
+                f"need one reply queue per request queue, got {len(requests)} and {len(replies)}"
+            )
+        if console is not None and not isinstance(console, str):
+            raise DeviceModelError("console must be a path or None")
+        return cls(ram_name, ram_size, tuple(requests), tuple(replies), console)
+
+
+def serve_round(
+    queues: Sequence, ready: Sequence[int], handle: Callable[[int, bytes], None], batch: int
+) -> list[int]:
+    """Take up to ``batch`` messages from each ready queue in turn.
+
+    The queues are non-blocking (an empty one raises BusyError). Returns the
+    indices of the queues that filled their batch and may hold more.
+    """
+    more = []
+    for index in ready:
+        queue = queues[index]
+        for _ in range(batch):
+            try:
+                message, _priority = queue.receive()
+            except posix_ipc.BusyError:
+                break
+            handle(index, message)
+        else:
+            more.append(index)
+    return more
+
+
+def _raise_fd_limit() -> None:
+    """Two queue descriptors per vCPU: 512 vCPUs already pass the usual soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass  # configure reports "Too many open files" if it comes to that
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill us when the supervisor goes, however it goes."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: EOF on the control socket still ends us
+
+
+class DeviceModelProcess:
+    """Owns the control socket, guest RAM, the queues, the console and the model."""
+
+    def __init__(self, control: socket.socket):
+        self.control = control
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=CONTROL_BUFFER_MAX)
+        self.ram: mmap.mmap | None = None
+        self.request_queues: list = []
+        self.reply_queues: list = []
+        self.console: Console | None = None
+        self.model: DeviceModel | None = None
+        self._epoll: select.epoll | None = None
+        self._queue_by_fd: dict[int, int] = {}
+        self._rounds = 0
+        self.received: list[int] = []
+        self.replies_sent = 0
+        self.replies_dropped = 0
+        self.internal_errors = 0
+
+    # --- Control channel. ---
+
+    def _send(self, message: dict) -> None:
+        try:
+            self.control.sendall(msgpack.packb(message))
+        except OSError as err:  # the supervisor is gone: nobody to tell
+            raise _Exit(0) from err
+
+    def _next_control_message(self) -> object:
+        """Block until one whole control message arrives (configure phase)."""
+        while True:
+            try:
+                return next(self._unpacker)
+            except StopIteration:
+                self._read_control()
+
+    def _read_control(self) -> None:
+        try:
+            data = self.control.recv(CONTROL_READ_SIZE)
+        except OSError as err:
+            raise _Exit(0) from err
+        if not data:
+            raise _Exit(0)  # EOF: the supervisor is gone, quietly leave
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull as err:
+            self._send({"op": "error", "message": "control message too large"})
+            raise _Exit(1) from err
+
+    def _process_control_messages(self) -> None:
+        try:
+            messages = list(self._unpacker)
+        except Exception as err:  # the stream is corrupt; it cannot resynchronise
+            self._send({"op": "error", "message": f"bad control stream: {err}"})
+            raise _Exit(1) from err
+        for message in messages:
+            self._control_op(message)
+
+    def _control_op(self, message: object) -> None:
+        op = message.get("op") if isinstance(message, dict) else None
+        if op == "stats":
+            self._send({"op": "stats", **self._stats()})
+        elif op == "shutdown":
+            self._drain_all()
+            self.console.flush()
+            self._send({"op": "bye", **self._stats()})
+            raise _Exit(0)
+        elif op == "configure":
+            self._send({"op": "error", "message": "already configured"})
+        else:
+            self._send({"op": "error", "message": f"unknown control op {op!r}"})
+
+    def _stats(self) -> dict:
+        return {
+            "stats": self.model.stats(),
+            "pid": os.getpid(),
+            "process": {
+                "received": list(self.received),
+                "replies_sent": self.replies_sent,
+                "replies_dropped": self.replies_dropped,
+                "internal_errors": self.internal_errors,
+                "console": self.console.stats(),
+            },
+        }
+
+    # --- Configure. ---
+
+    def configure(self) -> None:
+        """Read ``configure``, open everything, answer ``ready``."""
+        message = self._next_control_message()
+        try:
+            config = Config.from_message(message)
+            self._open(config)
+        except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
+            self._send({"op": "error", "message": f"device model configure failed: {err}"})
+            raise _Exit(1) from err
+        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION})
+
+    def _open(self, config: Config) -> None:
+        try:
+            shm = posix_ipc.SharedMemory(config.ram_name)  # open only, never create
+        except posix_ipc.Error as err:
+            raise DeviceModelError(f"cannot open guest RAM {config.ram_name!r}: {err}") from err
+        try:
+            if shm.size < config.ram_size:
+                raise DeviceModelError(
+                    f"guest RAM {config.ram_name!r} is {shm.size} bytes, configure says {config.ram_size}"
+                )
+            # Kept mapped for the virtio devices to come; the fd is not needed.
+            self.ram = mmap.mmap(shm.fd, config.ram_size)
+        finally:
+            shm.close_fd()
+        for names, queues, reading in (
+            (config.request_queues, self.request_queues, True),
+            (config.reply_queues, self.reply_queues, False),
+        ):
+            for name in names:
+                try:
+                    queue = posix_ipc.MessageQueue(name, read=reading, write=not reading)
+                except posix_ipc.Error as err:
+                    raise DeviceModelError(f"cannot open message queue {name!r}: {err}") from err
+                # Never block: an empty request queue or a full reply queue
+                # (a worker not reading) raises BusyError instead.
+                queue.block = False
+                queues.append(queue)
+        self.received = [0] * len(self.request_queues)
+        if config.console is None:
+            self.console = Console(sys.stdout.fileno(), owns_fd=False)
+        else:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self.console = Console(os.open(config.console, flags, 0o600), owns_fd=True)
+        self.model = DeviceModel(console_out=self.console.write)
+        self._epoll = select.epoll()
+        self._epoll.register(self.control.fileno(), select.EPOLLIN)
+        for index, queue in enumerate(self.request_queues):
+            self._epoll.register(queue.mqd, select.EPOLLIN)
+            self._queue_by_fd[queue.mqd] = index
+
+    # --- Requests. ---
+
+    def _handle(self, index: int, message: bytes) -> None:
+        self.received[index] += 1
+        try:
+            reply = self.model.handle_message(message)
+        except Exception:  # DeviceModel already guards; this is the last fence
+            self.internal_errors += 1
+            return
+        if reply is None:
+            return
+        # The reply goes to the queue paired with the one the request came
+        # from, whatever vcpu number the (untrusted) message claims.
+        try:
+            self.reply_queues[index].send(reply)
+            self.replies_sent += 1
+        except posix_ipc.Error:
+            self.replies_dropped += 1
+
+    def _drain_all(self) -> None:
+        ready = list(range(len(self.request_queues)))
+        for _ in range(SHUTDOWN_DRAIN_ROUNDS):
+            ready = serve_round(self.request_queues, ready, self._handle, PER_QUEUE_BATCH)
+            if not ready:
+                break
+
+    def _serve(self, ready: set[int]) -> list[int]:
+        # Start each round at a different queue so none is always first.
+        order = sorted(ready)
+        start = self._rounds % len(order)
+        self._rounds += 1
+        return serve_round(
+            self.request_queues, order[start:] + order[:start], self._handle, PER_QUEUE_BATCH
+        )
+
+    def loop(self) -> None:
+        control_fd = self.control.fileno()
+        # Messages that arrived with configure are already in the unpacker.
+        self._process_control_messages()
+        more: list[int] = []
+        while True:
+            if not more:
+                self.console.flush()  # about to sleep: show what the guest wrote
+            events = self._epoll.poll(0 if more else -1)
+            if not events:
+                more = []
+                continue
+            ready: set[int] = set()
+            for fd, _mask in events:
+                if fd == control_fd:
+                    self._read_control()
+                    self._process_control_messages()
+                else:
+                    ready.add(self._queue_by_fd[fd])
+            more = self._serve(ready) if ready else []
+
+    def close(self) -> None:
+        """Release everything opened so far; safe after a failed configure."""
+        closers = [self.console.close] if self.console is not None else []
+        closers += [queue.close for queue in self.request_queues + self.reply_queues]
+        closers += [c.close for c in (self.ram, self._epoll) if c is not None]
+        closers.append(self.control.close)
+        for close in closers:
+            # One failed close must not leave the rest open or change the exit status.
+            with contextlib.suppress(OSError, posix_ipc.Error, ValueError):
+                close()
+
+    def run(self) -> int:
+        """Configure, serve until shutdown or EOF, close; returns the exit status."""
+        try:
+            self.configure()
+            self.loop()
+        except _Exit as done:
+            return done.status
+        finally:
+            self.close()
+        return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m mpvmm.devicemodel <control_fd>``; returns the exit status."""
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m mpvmm.devicemodel <control_fd>", file=sys.stderr)
+        return 2
+    _die_with_parent()
+    _raise_fd_limit()
+    # Ctrl-C in the terminal reaches the whole process group; the supervisor
+    # handles it and tells us to shut down, so we drain instead of dying.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        control = socket.socket(fileno=int(argv[0]))
+    except OSError as err:
+        print(f"mpvmm device model: control fd {argv[0]} is not a socket: {err}", file=sys.stderr)
+        return 2
+    control.setblocking(True)
+    return DeviceModelProcess(control).run()

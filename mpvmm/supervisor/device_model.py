@@ -1,0 +1,171 @@
+"""Starting, talking to and stopping the device-model process.
+
+The supervisor creates each vCPU's request and reply queue (0600, random
+names), starts ``python -m mpvmm.devicemodel`` with one end of a socketpair,
+sends it the names, and unlinks every name once the device model says it has
+opened them: from then on no other process can open them, and nothing is
+left in /dev/mqueue or /dev/shm whatever happens to either process.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import msgpack
+import posix_ipc
+
+from mpvmm.errors import DeviceModelError, HostLimitError
+from mpvmm.supervisor import limits
+from mpvmm.supervisor.memory import unique_name
+from mpvmm.vcpu_worker.worker import WorkerChannel
+
+START_TIMEOUT_SECONDS = 15.0
+REPLY_TIMEOUT_SECONDS = 5.0
+
+
+class DeviceModelProcess:
+    """The device model of one VM and the queues the vCPU workers talk to it over."""
+
+    process: subprocess.Popen | None = None
+    _control: socket.socket | None = None
+
+    def __init__(self, memory, cpus: int, console: str | None):
+        self.channels: list[WorkerChannel] = []
+        self._queues: list[posix_ipc.MessageQueue] = []
+        self._unpacker = msgpack.Unpacker(raw=False)
+        self.pid = 0
+        try:
+            self._start(memory, cpus, console)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_queue(self, role: str, depth: int) -> posix_ipc.MessageQueue:
+        try:
+            queue = posix_ipc.MessageQueue(
+                unique_name(role), posix_ipc.O_CREX, mode=0o600,
+                max_messages=depth, max_message_size=limits.QUEUE_MESSAGE_SIZE,
+            )
+        except (posix_ipc.Error, OSError) as err:
+            raise HostLimitError(f"cannot create a message queue: {err} (see fs.mqueue sysctls)") from err
+        self._queues.append(queue)
+        return queue
+
+    def _start(self, memory, cpus: int, console: str | None) -> None:
+        depth = limits.queue_depth()
+        for index in range(cpus):
+            requests = self._create_queue(f"req{index}", depth)
+            replies = self._create_queue(f"rep{index}", depth)
+            self.channels.append(WorkerChannel(requests, replies))
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._control = parent
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self._send({
+            "op": "configure",
+            "version": 1,
+            "ram_name": memory.name,
+            "ram_size": memory.size,
+            "request_queues": [c.request_queue.name for c in self.channels],
+            "reply_queues": [c.reply_queue.name for c in self.channels],
+            "console": os.path.abspath(console) if console else None,
+        })
+        reply = self._receive(START_TIMEOUT_SECONDS)
+        if reply.get("op") != "ready":
+            raise DeviceModelError(f"device model failed to start: {reply.get('message', reply)}")
+        self.pid = reply.get("pid", self.process.pid)
+        # Everyone who needs the names has opened them: remove them now.
+        self._unlink_queues()
+        memory.unlink()
+
+    # --- The control channel. ---
+
+    def _send(self, message: dict) -> None:
+        try:
+            self._control.sendall(msgpack.packb(message))
+        except OSError as err:
+            raise DeviceModelError(f"device model is gone ({self.describe_exit()}): {err.strerror}") from err
+
+    def _receive(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self._unpacker:
+                if isinstance(message, dict):
+                    return message
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeviceModelError(f"device model did not answer within {timeout:.0f} s")
+            self._control.settimeout(left)
+            try:
+                data = self._control.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as err:
+                raise DeviceModelError(f"device model is gone: {err.strerror}") from err
+            if not data:
+                raise DeviceModelError(f"device model exited ({self.describe_exit()})")
+            self._unpacker.feed(data)
+
+    def stats(self) -> dict:
+        """The device model's counters (devices, requests, unmapped, rejected)."""
+        self._send({"op": "stats"})
+        return self._receive(REPLY_TIMEOUT_SECONDS).get("stats", {})
+
+    def shutdown(self) -> dict:
+        """Ask the device model to drain, flush the console and exit; its last stats."""
+        self._send({"op": "shutdown"})
+        reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        try:
+            self.process.wait(REPLY_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return reply.get("stats", {})
+
+    # --- Liveness. ---
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def describe_exit(self) -> str:
+        if self.process is None:
+            return "never started"
+        code = self.process.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            return f"killed by signal {code * -1}"
+        return f"exit status {code}"
+
+    # --- Teardown. ---
+
+    def _unlink_queues(self) -> None:
+        for queue in self._queues:
+            try:
+                queue.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+
+    def close(self) -> None:
+        """Kill the process if still running, close and unlink every queue. Idempotent."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        self._unlink_queues()
+        for queue in self._queues:
+            try:
+                queue.close()
+            except posix_ipc.Error:
+                pass
+        self._queues = []

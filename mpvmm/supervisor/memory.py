@@ -1,0 +1,142 @@
+"""Guest RAM: one POSIX shared memory object, mapped into every process that needs it.
+
+The object is created 0600 under an unguessable name, mapped here, handed
+to the device model by name, and unlinked as soon as the device model has
+mapped it (``unlink``), so nothing stays in /dev/shm even if the supervisor
+is killed later. RAM runs from guest address 0 up to the MMIO hole at 3 GiB;
+the rest of it sits above 4 GiB, as on a PC.
+"""
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import secrets
+
+import posix_ipc
+
+from mpvmm.errors import HostLimitError, MpvmmError
+from mpvmm.x86 import layout
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MADV_DONTDUMP = 16
+
+
+def map_shared(fd: int, size: int) -> int:
+    """mmap ``size`` bytes of ``fd`` (or anonymous memory for -1), shared; returns the address.
+
+    Mapped through libc rather than the mmap module so that the address is a
+    plain integer KVM and the C run loop can be given, with no buffer export
+    pinning the mapping.
+    """
+    flags = mmap.MAP_SHARED | (mmap.MAP_ANONYMOUS if fd < 0 else 0)
+    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    if address in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        raise MpvmmError(f"cannot map {size} bytes of shared memory: {os.strerror(err)}")
+    return address
+
+
+def unmap(address: int, size: int) -> None:
+    _libc.munmap(address, size)
+
+
+def unique_name(role: str) -> str:
+    """A POSIX IPC name no other process can guess: pid plus 64 random bits."""
+    return f"/mpvmm-{os.getpid()}-{secrets.token_hex(8)}-{role}"
+
+
+class GuestMemory:
+    """Guest RAM as a POSIX shared memory object mapped at ``host_address``."""
+
+    # Class-level defaults: close() works even after a failed constructor.
+    host_address = 0
+    size = 0
+    name = ""
+    _shm = None
+
+    def __init__(self, size: int):
+        if size <= 0 or size % layout.PAGE_SIZE:
+            raise ValueError(f"guest memory size {size} is not a positive multiple of the page size")
+        name = unique_name("ram")
+        try:
+            self._shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        except (posix_ipc.Error, OSError) as err:
+            raise HostLimitError(f"cannot create {size} bytes of guest memory in /dev/shm: {err}") from err
+        self.name = name
+        try:
+            self.host_address = map_shared(self._shm.fd, size)
+        except MpvmmError:
+            self.close()
+            raise
+        self.size = size
+        # The fd is not needed once mapped; the name stays until unlink().
+        self._shm.close_fd()
+        # Guest RAM in a core dump of the supervisor would only bloat it.
+        _libc.madvise(self.host_address, size, _MADV_DONTDUMP)
+
+    # --- The guest-physical view. ---
+
+    def regions(self) -> list[tuple[layout.GuestAddress, int, int]]:
+        """(guest address, size, host offset) of each RAM range, for the memslots."""
+        low = min(self.size, layout.MMIO_HOLE_START)
+        regions = [(layout.GuestAddress(0), low, 0)]
+        if self.size > low:
+            regions.append((layout.MMIO_HOLE_END, self.size - low, low))
+        return regions
+
+    def contains(self, address: int, length: int) -> bool:
+        return any(start <= address and address + length <= start + size for start, size, _ in self.regions())
+
+    def host_pointer(self, address: int, length: int = 1) -> int:
+        """The host address of guest ``address``; the range must be inside one region."""
+        for start, size, offset in self.regions():
+            if start <= address and address + length <= start + size:
+                return self.host_address + offset + (address - start)
+        raise ValueError(f"guest range {address:#x}+{length:#x} is not RAM")
+
+    def write(self, address: int, data: bytes) -> None:
+        if data:
+            ctypes.memmove(self.host_pointer(address, len(data)), data, len(data))
+
+    def read(self, address: int, length: int) -> bytes:
+        return ctypes.string_at(self.host_pointer(address, length), length)
+
+    def view(self, address: int, ctype):
+        """A ctypes object of type ``ctype`` living in guest RAM at ``address``."""
+        return ctype.from_address(self.host_pointer(address, ctypes.sizeof(ctype)))
+
+    # --- Lifetime. ---
+
+    def unlink(self) -> None:
+        """Remove the name; the memory lives on while any process maps it."""
+        if self.name:
+            try:
+                posix_ipc.unlink_shared_memory(self.name)
+            except posix_ipc.ExistentialError:
+                pass
+            self.name = ""
+
+    def close(self) -> None:
+        """Unmap and unlink. Safe to call twice and after a failed constructor."""
+        self.unlink()
+        if self.host_address:
+            unmap(self.host_address, self.size)
+            self.host_address = 0
+        if self._shm is not None:
+            try:
+                self._shm.close_fd()
+            except posix_ipc.Error:
+                pass
+            self._shm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

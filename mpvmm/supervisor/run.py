@@ -1,0 +1,257 @@
+"""One run of a VM from creation to teardown: what ``mpvmm start`` does.
+
+Order of creation (undone in reverse by one ExitStack, whatever fails):
+KVM, guest RAM, the guest image, the VM and its vCPUs, the per-vCPU stats
+area, the device-model process and its queues, the vCPU workers. The run
+ends when every vCPU has exited, when ``--seconds`` runs out or a stop
+signal arrives (the guest is asked to finish, then forced after a grace
+period), or when a vCPU faults or the device model dies.
+"""
+
+import contextlib
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from mpvmm.errors import MpvmmError, UsageError
+from mpvmm.kvm import bindings as kb
+from mpvmm.kvm.system import Kvm
+from mpvmm.supervisor import limits
+from mpvmm.supervisor.builtin_guest import BuiltinGuest, GuestCounts, min_memory
+from mpvmm.supervisor.device_model import DeviceModelProcess
+from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
+from mpvmm.supervisor.routes import builtin_routes
+from mpvmm.supervisor.vm import VirtualMachine
+from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker.native import run_native
+from mpvmm.vcpu_worker.python_loop import run_python
+from mpvmm.vcpu_worker.worker import VcpuWorker
+from mpvmm.x86.usermode import write_boot_structures
+
+RUNNERS = {"native": run_native, "python": run_python}
+STOP_GRACE_SECONDS = 3.0  # how long the guest gets to finish before vCPUs are forced off
+FORCE_STOP_SECONDS = 5.0  # how long a forced worker gets to leave its loop
+POLL_SECONDS = 0.05
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class RunConfig:
+    cpus: int = 1
+    memory: int = 256 << 20
+    workload: str = "demo"
+    seconds: float | None = None
+    runner: str = "native"
+    console: str | None = None
+
+
+@dataclass
+class VcpuResult:
+    """What one vCPU did, as the VMM counted it and as the guest reports it."""
+
+    index: int
+    outcome: str
+    outcome_value: int
+    exits: dict[str, int]
+    paths: dict[str, int]
+    runs: int
+    interrupted: int
+    sync_latency_buckets: list[int]
+    sync_latency_sum_seconds: float
+    sleep_seconds: float
+    posted_stalls: int
+    guest: GuestCounts
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    exit_code: int
+    status: str
+    seconds: float
+    vcpus: list[VcpuResult] = field(default_factory=list)
+    device_model: dict = field(default_factory=dict)
+    atomic_total: int = 0
+    fault_registers: dict = field(default_factory=dict)
+
+
+def validate(config: RunConfig, max_vcpus: int) -> None:
+    """Refuse what cannot run, before anything is created."""
+    if config.cpus < 1:
+        raise UsageError(f"--cpus must be at least 1, not {config.cpus}")
+    if config.cpus > max_vcpus:
+        raise UsageError(f"--cpus {config.cpus} is more than KVM allows on this host ({max_vcpus})")
+    if config.runner not in RUNNERS:
+        raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
+    if config.seconds is not None and config.seconds < 0:
+        raise UsageError(f"--seconds must not be negative, not {config.seconds:g}")
+    needed = min_memory(config.cpus)
+    if config.memory < needed:
+        raise UsageError(
+            f"--memory {config.memory >> 20} MiB is too small for the guest with {config.cpus} vCPUs "
+            f"(needs at least {-(-needed >> 20)} MiB)"
+        )
+    limits.check_host(config.cpus, config.memory)
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM/SIGHUP into a flag for the wait loop while installed."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Supervisor:
+    """Builds the VM of ``config``, runs it and returns what happened."""
+
+    def __init__(self, config: RunConfig, on_started=None):
+        self.config = config
+        self.on_started = on_started  # called with the Supervisor once vCPUs run
+        self.workers: list[VcpuWorker] = []
+        self.vm: VirtualMachine | None = None
+        self.device_model: DeviceModelProcess | None = None
+        self.guest: BuiltinGuest | None = None
+
+    def run(self) -> RunResult:
+        config = self.config
+        with contextlib.ExitStack() as stack:
+            kvm = stack.enter_context(Kvm())
+            kvm.require_capabilities()
+            validate(config, kvm.max_vcpus())
+            memory = stack.enter_context(GuestMemory(config.memory))
+            self.guest = BuiltinGuest(memory, config.cpus, config.workload)
+            self.vm = VirtualMachine(kvm, memory, config.cpus)
+            stack.callback(self.vm.close)
+            write_boot_structures(memory)
+            for index in range(config.cpus):
+                self.vm.enter_user_mode(index, *self.guest.entry_arguments(index))
+            stats_size = config.cpus * st.STATS_AREA_STRIDE
+            stats_base = map_shared(-1, stats_size)
+            stack.callback(unmap, stats_base, stats_size)
+            self.device_model = DeviceModelProcess(memory, config.cpus, config.console)
+            stack.callback(self.device_model.close)
+            routes = builtin_routes()
+            loop = RUNNERS[config.runner]
+            self.workers = [
+                VcpuWorker(vcpu, stats_base + vcpu.index * st.STATS_AREA_STRIDE, routes,
+                           self.device_model.channels[vcpu.index], loop)
+                for vcpu in self.vm.vcpus
+            ]
+            stack.callback(self._force_stop)
+            with _StopSignals() as signals:
+                started = time.monotonic()
+                for worker in self.workers:
+                    worker.start()
+                if self.on_started:
+                    self.on_started(self)
+                status = self._wait(signals, started)
+                seconds = time.monotonic() - started
+            return self._collect(status, seconds)
+
+    # --- While it runs. ---
+
+    def _wait(self, signals: _StopSignals, started: float) -> str:
+        """Wait for the end of the run; returns why it ended."""
+        deadline = None if self.config.seconds is None else started + self.config.seconds
+        while True:
+            if all(w.done for w in self.workers):
+                return "guest exited"
+            if not self.device_model.alive():
+                self._force_stop()
+                return f"device model died ({self.device_model.describe_exit()})"
+            if any(w.done and w.outcome[0] in ("fault", "error") for w in self.workers):
+                self._force_stop()
+                return "vcpu fault"
+            if signals.received is not None:
+                name = signal.Signals(signals.received).name
+                self._finish_guest()
+                return f"stopped by {name}"
+            if deadline is not None and time.monotonic() >= deadline:
+                self._finish_guest()
+                return "time limit reached"
+            time.sleep(POLL_SECONDS)
+
+    def _finish_guest(self) -> None:
+        """Ask the guest to finish; force the vCPUs that do not in time."""
+        self.guest.request_stop()
+        end = time.monotonic() + STOP_GRACE_SECONDS
+        while time.monotonic() < end and not all(w.done for w in self.workers):
+            if not self.device_model.alive():
+                break
+            time.sleep(POLL_SECONDS / 5)
+        self._force_stop()
+
+    def _force_stop(self) -> None:
+        for worker in self.workers:
+            if not worker.done:
+                worker.stop()
+        end = time.monotonic() + FORCE_STOP_SECONDS
+        for worker in self.workers:
+            while not worker.join(0.1):
+                if time.monotonic() > end:
+                    raise MpvmmError(f"vcpu {worker.index} did not stop within {FORCE_STOP_SECONDS:g} s")
+                worker.stop()
+
+    # --- After it ran. ---
+
+    def _collect(self, status: str, seconds: float) -> RunResult:
+        device_stats = self.device_model.shutdown() if self.device_model.alive() else {}
+        result = RunResult(self.config, 0, status, seconds, device_model=device_stats,
+                           atomic_total=self.guest.atomic_total())
+        for worker in self.workers:
+            result.vcpus.append(self._vcpu_result(worker))
+        result.exit_code, result.status = self._exit_code(result, status)
+        return result
+
+    def _vcpu_result(self, worker: VcpuWorker) -> VcpuResult:
+        stats = worker.stats
+        outcome, value = worker.outcome
+        if outcome == "fault":
+            value_name = kb.EXIT_REASON_NAMES.get(value, str(value))
+            outcome = f"fault: {value_name}"
+        return VcpuResult(
+            index=worker.index,
+            outcome=outcome,
+            outcome_value=value,
+            exits={kb.EXIT_REASON_NAMES.get(reason, str(reason)): count
+                   for reason, count in enumerate(stats.exits) if count},
+            paths=dict(zip(st.PATHS, stats.paths)),
+            runs=stats.runs,
+            interrupted=stats.interrupted,
+            sync_latency_buckets=list(stats.sync_latency_buckets),
+            sync_latency_sum_seconds=stats.sync_latency_sum_ns / 1e9,
+            sleep_seconds=stats.sleep_ns / 1e9,
+            posted_stalls=stats.posted_stalls,
+            guest=self.guest.counts(worker.index),
+        )
+
+    def _exit_code(self, result: RunResult, status: str) -> tuple[int, str]:
+        """0 clean, the guest's debug-exit status where it set one, 1 for a VM failure."""
+        for worker, vcpu in zip(self.workers, result.vcpus):
+            if worker.error is not None:
+                return 1, f"vcpu {vcpu.index}: worker failed: {worker.error}"
+            if vcpu.outcome.startswith("fault") or vcpu.outcome == "error":
+                detail = vcpu.outcome if vcpu.outcome != "error" else f"error (errno {vcpu.outcome_value})"
+                result.fault_registers[vcpu.index] = self.vm.registers(vcpu.index)
+                return 1, f"vcpu {vcpu.index} {detail}"
+        if status.startswith("device model died"):
+            return 1, status
+        for vcpu in result.vcpus:
+            if vcpu.outcome == "exited" and vcpu.outcome_value:
+                return vcpu.outcome_value & 0xFF, f"{status}; vcpu {vcpu.index} exited with status {vcpu.outcome_value}"
+        return 0, status

@@ -1,0 +1,560 @@
+/*
+ * The native vCPU run loop: one call runs one vCPU until it stops, without
+ * the GIL (DESIGN.md, fact 2: Python threads cap at ~86k exits/s in total).
+ *
+ * It runs on a thread of the supervisor, because KVM only accepts KVM_RUN
+ * from the address space that created the VM (fact 1). Between KVM_RUN calls
+ * it routes each port-I/O and MMIO exit by the supervisor's route table:
+ *   native  handled here: the null port, the sleep port, the debug-exit port
+ *   posted  a write, sent to the device model; the vCPU resumes at once
+ *   sync    a read, sent to the device model; the vCPU waits for the reply
+ * It counts every exit in its vCPU's stats area (shared memory the exporter
+ * reads at scrape time), and calls no Python API while the GIL is released.
+ *
+ * Stopping and pausing: the supervisor writes `request`, sets the kvm_run
+ * page's immediate_exit and sends the kick signal to this thread. Whatever
+ * the thread is blocked in (KVM_RUN, a queue, a sleep) returns EINTR; every
+ * blocking call also has a short timeout, so a kick that lands between the
+ * check of `request` and the call is noticed within KICK_POLL_NS anyway.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <linux/kvm.h>
+#include <mqueue.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../guest/abi.h"
+
+/* ---- Shared-memory layouts (mpvmm/vcpu_worker/stats.py mirrors them and
+ * is checked against layout() below). ---- */
+
+#define STATS_EXIT_REASONS 64     /* KVM exit reasons are < 64; larger count in the last slot */
+#define LATENCY_BUCKETS 21        /* sync round trip: <= 1 us * 2^k for k < 20, then +Inf */
+#define MESSAGE_SIZE 128          /* docs/protocol.md: max size of one message */
+#define KICK_POLL_NS 100000000L   /* 100 ms: the longest a missed kick can go unseen */
+#define MAX_SLEEP_US 1000000u     /* a guest sleep request is capped at 1 s */
+
+enum route_space { SPACE_PIO = 0, SPACE_MMIO = 1 };
+enum route_action { ACTION_DEVICE = 0, ACTION_NULL = 1, ACTION_DEBUG_EXIT = 2, ACTION_SLEEP = 3 };
+enum exit_path { PATH_NATIVE = 0, PATH_POSTED = 1, PATH_SYNC = 2, PATH_COUNT = 3 };
+enum request { REQUEST_RUN = 0, REQUEST_PAUSE = 1, REQUEST_STOP = 2 };
+enum worker_state { STATE_IDLE = 0, STATE_RUNNING = 1, STATE_PAUSED = 2, STATE_DONE = 3 };
+enum outcome {
+    OUTCOME_NONE = 0,
+    OUTCOME_STOPPED = 1,   /* the supervisor asked */
+    OUTCOME_EXITED = 2,    /* the guest wrote the debug-exit port; value = status */
+    OUTCOME_FAULT = 3,     /* an exit reason the VMM cannot continue from; value = reason */
+    OUTCOME_ERROR = 4,     /* a syscall failed; value = errno */
+};
+
+/* One route: accesses to [base, base + length) in `space` get `action`.
+ * Anything no route covers goes to the device model, which owns "unmapped". */
+struct route {
+    uint64_t base;
+    uint64_t length;
+    uint32_t space;
+    uint32_t action;
+};
+
+/* One per vCPU, one page each. The worker is the only writer of everything
+ * but `request`; readers on other threads see whole 64-bit values because
+ * aligned 8-byte stores are atomic on x86-64 (the stores are relaxed atomics
+ * so the compiler keeps them whole too). */
+struct vcpu_stats {
+    uint32_t request;          /* written by the supervisor: enum request */
+    uint32_t state;            /* enum worker_state */
+    uint32_t tid;              /* the worker thread's kernel thread id */
+    uint32_t outcome;          /* enum outcome, once state is DONE */
+    uint64_t outcome_value;
+    uint64_t runs;             /* KVM_RUN calls that returned an exit */
+    uint64_t interrupted;      /* KVM_RUN calls that returned EINTR (kicks) */
+    uint64_t exits[STATS_EXIT_REASONS];
+    uint64_t paths[PATH_COUNT];
+    uint64_t sync_latency_buckets[LATENCY_BUCKETS];
+    uint64_t sync_latency_sum_ns;
+    uint64_t sleep_ns;
+    uint64_t posted_stalls;    /* posted writes that found the request queue full */
+    uint64_t stale_replies;    /* replies dropped for a wrong sequence number */
+};
+
+struct worker {
+    int vcpu_fd;
+    struct kvm_run *run;
+    struct vcpu_stats *stats;
+    const struct route *routes;
+    size_t route_count;
+    mqd_t request_mqd;
+    mqd_t reply_mqd;
+    uint64_t vcpu_index;
+    uint64_t sync_seq;
+};
+
+#define BUMP(field) __atomic_store_n(&(field), (field) + 1, __ATOMIC_RELAXED)
+#define ADD(field, n) __atomic_store_n(&(field), (field) + (n), __ATOMIC_RELAXED)
+
+static int stop_requested(const struct worker *w)
+{
+    return __atomic_load_n(&w->stats->request, __ATOMIC_ACQUIRE) == REQUEST_STOP;
+}
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+}
+
+/* Message-queue timeouts are absolute CLOCK_REALTIME times. */
+static struct timespec realtime_after(long ns)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_nsec += ns;
+    while (t.tv_nsec >= 1000000000L) {
+        t.tv_nsec -= 1000000000L;
+        t.tv_sec++;
+    }
+    return t;
+}
+
+/* ---- msgpack: the two fixed records of docs/protocol.md. ---- */
+
+static size_t put_uint(uint8_t *p, uint64_t v)
+{
+    if (v < 0x80) { p[0] = (uint8_t)v; return 1; }
+    if (v <= 0xff) { p[0] = 0xcc; p[1] = (uint8_t)v; return 2; }
+    if (v <= 0xffff) { p[0] = 0xcd; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)v; return 3; }
+    size_t width = v <= 0xffffffffull ? 4 : 8;
+    p[0] = width == 4 ? 0xce : 0xcf;
+    for (size_t i = 0; i < width; i++)
+        p[1 + i] = (uint8_t)(v >> (8 * (width - 1 - i)));
+    return 1 + width;
+}
+
+/* Reads one unsigned integer at *pos; returns -1 on anything else. */
+static int get_uint(const uint8_t *p, size_t len, size_t *pos, uint64_t *out)
+{
+    if (*pos >= len)
+        return -1;
+    uint8_t tag = p[(*pos)++];
+    size_t width;
+    if (tag < 0x80) { *out = tag; return 0; }
+    switch (tag) {
+    case 0xcc: width = 1; break;
+    case 0xcd: width = 2; break;
+    case 0xce: width = 4; break;
+    case 0xcf: width = 8; break;
+    default: return -1;
+    }
+    if (*pos + width > len)
+        return -1;
+    uint64_t v = 0;
+    for (size_t i = 0; i < width; i++)
+        v = (v << 8) | p[(*pos)++];
+    *out = v;
+    return 0;
+}
+
+static size_t encode_request(uint8_t *buf, uint64_t kind, uint64_t vcpu, uint64_t space,
+                             uint64_t address, uint64_t size, uint64_t value, uint64_t seq)
+{
+    const uint64_t fields[8] = {1, kind, vcpu, space, address, size, value, seq};
+    size_t n = 0;
+    buf[n++] = 0x98; /* fixarray of 8 */
+    for (int i = 0; i < 8; i++)
+        n += put_uint(buf + n, fields[i]);
+    return n;
+}
+
+static int decode_reply(const uint8_t *buf, size_t len, uint64_t *seq, uint64_t *value)
+{
+    size_t pos = 1;
+    uint64_t version;
+    if (len < 1 || buf[0] != 0x93) /* fixarray of 3 */
+        return -1;
+    if (get_uint(buf, len, &pos, &version) || version != 1 || get_uint(buf, len, &pos, seq) ||
+        get_uint(buf, len, &pos, value) || pos != len)
+        return -1;
+    return 0;
+}
+
+/* ---- The device-model hand-off. ---- */
+
+/* Sends one request, waiting while the queue is full; 0 once sent, -1 when
+ * a stop was requested meanwhile or the queue failed. */
+static int send_request(struct worker *w, const uint8_t *msg, size_t len)
+{
+    /* An already-expired deadline makes a full queue answer ETIMEDOUT at
+     * once, so a stall can be counted without a second syscall per send. */
+    struct timespec now = realtime_after(0);
+    if (mq_timedsend(w->request_mqd, (const char *)msg, len, 0, &now) == 0)
+        return 0;
+    if (errno == ETIMEDOUT)
+        BUMP(w->stats->posted_stalls);
+    for (;;) {
+        if (errno != ETIMEDOUT && errno != EINTR)
+            return -1;
+        if (stop_requested(w))
+            return -1;
+        struct timespec deadline = realtime_after(KICK_POLL_NS);
+        if (mq_timedsend(w->request_mqd, (const char *)msg, len, 0, &deadline) == 0)
+            return 0;
+    }
+}
+
+static void record_latency(struct worker *w, uint64_t ns)
+{
+    unsigned bucket = 0;
+    uint64_t bound = 1000; /* 1 us */
+    while (bucket < LATENCY_BUCKETS - 1 && ns > bound) {
+        bucket++;
+        bound <<= 1;
+    }
+    BUMP(w->stats->sync_latency_buckets[bucket]);
+    ADD(w->stats->sync_latency_sum_ns, ns);
+}
+
+/* A read: send it and wait for the reply carrying our sequence number. */
+static int sync_read(struct worker *w, uint64_t space, uint64_t address, uint64_t size,
+                     uint64_t *value)
+{
+    uint8_t msg[MESSAGE_SIZE];
+    uint64_t start = monotonic_ns();
+    w->sync_seq++;
+    size_t len = encode_request(msg, 1, w->vcpu_index, space, address, size, 0, w->sync_seq);
+    if (send_request(w, msg, len))
+        return -1;
+    for (;;) {
+        uint64_t seq;
+        struct timespec deadline = realtime_after(KICK_POLL_NS);
+        ssize_t n = mq_timedreceive(w->reply_mqd, (char *)msg, sizeof msg, NULL, &deadline);
+        if (n < 0) {
+            if ((errno != ETIMEDOUT && errno != EINTR) || stop_requested(w))
+                return -1;
+            continue;
+        }
+        if (decode_reply(msg, (size_t)n, &seq, value) || seq != w->sync_seq) {
+            BUMP(w->stats->stale_replies);
+            continue;
+        }
+        record_latency(w, monotonic_ns() - start);
+        return 0;
+    }
+}
+
+static int posted_write(struct worker *w, uint64_t space, uint64_t address, uint64_t size,
+                        uint64_t value)
+{
+    uint8_t msg[MESSAGE_SIZE];
+    size_t len = encode_request(msg, 0, w->vcpu_index, space, address, size, value, w->sync_seq);
+    return send_request(w, msg, len);
+}
+
+/* Sleeps in slices so that a stop is seen within KICK_POLL_NS. */
+static void guest_sleep(struct worker *w, uint64_t microseconds)
+{
+    uint64_t start = monotonic_ns();
+    uint64_t end = start + (microseconds < MAX_SLEEP_US ? microseconds : MAX_SLEEP_US) * 1000;
+    for (uint64_t now = start; now < end && !stop_requested(w); now = monotonic_ns()) {
+        uint64_t left = end - now < (uint64_t)KICK_POLL_NS ? end - now : (uint64_t)KICK_POLL_NS;
+        struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)left};
+        nanosleep(&slice, NULL);
+    }
+    ADD(w->stats->sleep_ns, monotonic_ns() - start);
+}
+
+/* ---- Exit routing. ---- */
+
+enum step { STEP_CONTINUE, STEP_STOP, STEP_EXITED };
+
+static uint32_t route_action(const struct worker *w, uint32_t space, uint64_t address)
+{
+    for (size_t i = 0; i < w->route_count; i++) {
+        const struct route *r = &w->routes[i];
+        if (r->space == space && address - r->base < r->length)
+            return r->action;
+    }
+    return ACTION_DEVICE;
+}
+
+/* Handles one access of `size` bytes at `data` (the kvm_run page's buffer). */
+static enum step handle_access(struct worker *w, uint32_t space, uint64_t address, uint32_t size,
+                               int is_write, uint8_t *data, uint64_t *exit_status)
+{
+    uint64_t value = 0;
+    if (is_write)
+        memcpy(&value, data, size); /* little-endian, as the guest stored it */
+
+    switch (route_action(w, space, address)) {
+    case ACTION_NULL:
+        BUMP(w->stats->paths[PATH_NATIVE]);
+        if (!is_write)
+            memset(data, 0, size);
+        return STEP_CONTINUE;
+    case ACTION_SLEEP:
+        BUMP(w->stats->paths[PATH_NATIVE]);
+        if (is_write)
+            guest_sleep(w, value);
+        else
+            memset(data, 0, size);
+        return STEP_CONTINUE;
+    case ACTION_DEBUG_EXIT:
+        BUMP(w->stats->paths[PATH_NATIVE]);
+        if (!is_write) {
+            memset(data, 0, size);
+            return STEP_CONTINUE;
+        }
+        *exit_status = value;
+        return STEP_EXITED;
+    default:
+        if (is_write) {
+            BUMP(w->stats->paths[PATH_POSTED]);
+            return posted_write(w, space, address, size, value) ? STEP_STOP : STEP_CONTINUE;
+        }
+        BUMP(w->stats->paths[PATH_SYNC]);
+        if (sync_read(w, space, address, size, &value))
+            return STEP_STOP;
+        memcpy(data, &value, size);
+        return STEP_CONTINUE;
+    }
+}
+
+static enum step handle_io(struct worker *w, uint64_t *exit_status)
+{
+    struct kvm_run *run = w->run;
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    int is_write = run->io.direction == KVM_EXIT_IO_OUT;
+    /* String instructions (rep outsb) hand over `count` elements at once. */
+    for (uint32_t i = 0; i < run->io.count; i++, data += run->io.size) {
+        enum step step = handle_access(w, SPACE_PIO, run->io.port, run->io.size, is_write, data,
+                                       exit_status);
+        if (step != STEP_CONTINUE)
+            return step;
+    }
+    return STEP_CONTINUE;
+}
+
+static void wait_while_paused(struct worker *w)
+{
+    __atomic_store_n(&w->stats->state, STATE_PAUSED, __ATOMIC_RELEASE);
+    while (__atomic_load_n(&w->stats->request, __ATOMIC_ACQUIRE) == REQUEST_PAUSE) {
+        struct timespec timeout = {.tv_sec = 0, .tv_nsec = KICK_POLL_NS};
+        syscall(SYS_futex, &w->stats->request, FUTEX_WAIT, REQUEST_PAUSE, &timeout, NULL, 0);
+    }
+    __atomic_store_n(&w->stats->state, STATE_RUNNING, __ATOMIC_RELEASE);
+}
+
+/* The loop itself; runs without the GIL. Returns the outcome. */
+static enum outcome run_loop(struct worker *w, uint64_t *value)
+{
+    struct vcpu_stats *stats = w->stats;
+    for (;;) {
+        uint32_t request = __atomic_load_n(&stats->request, __ATOMIC_ACQUIRE);
+        if (request == REQUEST_STOP)
+            return OUTCOME_STOPPED;
+        if (request == REQUEST_PAUSE) {
+            wait_while_paused(w);
+            continue;
+        }
+        if (ioctl(w->vcpu_fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR) {
+                /* A kick: clear the flag the supervisor set, then look at
+                 * `request` again at the top. */
+                __atomic_store_n(&w->run->immediate_exit, 0, __ATOMIC_RELAXED);
+                BUMP(stats->interrupted);
+                continue;
+            }
+            if (errno == EAGAIN)
+                continue;
+            *value = (uint64_t)errno;
+            return OUTCOME_ERROR;
+        }
+        BUMP(stats->runs);
+        uint32_t reason = w->run->exit_reason;
+        BUMP(stats->exits[reason < STATS_EXIT_REASONS ? reason : STATS_EXIT_REASONS - 1]);
+
+        enum step step;
+        switch (reason) {
+        case KVM_EXIT_IO:
+            step = handle_io(w, value);
+            break;
+        case KVM_EXIT_MMIO:
+            step = handle_access(w, SPACE_MMIO, w->run->mmio.phys_addr, w->run->mmio.len,
+                                 w->run->mmio.is_write, w->run->mmio.data, value);
+            break;
+        case KVM_EXIT_INTR: /* a signal arrived while the guest ran */
+            step = STEP_CONTINUE;
+            break;
+        default:
+            *value = reason;
+            return OUTCOME_FAULT;
+        }
+        if (step == STEP_EXITED)
+            return OUTCOME_EXITED;
+        if (step == STEP_STOP)
+            return stop_requested(w) ? OUTCOME_STOPPED : (*value = (uint64_t)errno, OUTCOME_ERROR);
+    }
+}
+
+/* ---- Python API. ---- */
+
+static PyObject *runloop_run(PyObject *self, PyObject *args)
+{
+    int vcpu_fd, request_mqd, reply_mqd;
+    unsigned long long run_address, stats_address, vcpu_index;
+    Py_buffer routes;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "iKKy*iiKs", &vcpu_fd, &run_address, &stats_address, &routes,
+                          &request_mqd, &reply_mqd, &vcpu_index, &name))
+        return NULL;
+    if (routes.len % sizeof(struct route)) {
+        PyBuffer_Release(&routes);
+        return PyErr_Format(PyExc_ValueError, "route table size %zd is not a multiple of %zu",
+                            routes.len, sizeof(struct route));
+    }
+    struct worker w = {
+        .vcpu_fd = vcpu_fd,
+        .run = (struct kvm_run *)(uintptr_t)run_address,
+        .stats = (struct vcpu_stats *)(uintptr_t)stats_address,
+        .route_count = (size_t)routes.len / sizeof(struct route),
+        .request_mqd = request_mqd,
+        .reply_mqd = reply_mqd,
+        .vcpu_index = vcpu_index,
+    };
+    /* A private copy: the table is fixed for the run and read without the GIL. */
+    struct route *table = PyMem_RawMalloc(routes.len ? (size_t)routes.len : 1);
+    if (!table) {
+        PyBuffer_Release(&routes);
+        return PyErr_NoMemory();
+    }
+    memcpy(table, routes.buf, (size_t)routes.len);
+    w.routes = table;
+    PyBuffer_Release(&routes);
+
+    uint64_t value = 0;
+    enum outcome outcome;
+    Py_BEGIN_ALLOW_THREADS
+    prctl(PR_SET_NAME, name, 0, 0, 0);
+    __atomic_store_n(&w.stats->tid, (uint32_t)syscall(SYS_gettid), __ATOMIC_RELAXED);
+    __atomic_store_n(&w.stats->state, STATE_RUNNING, __ATOMIC_RELEASE);
+    outcome = run_loop(&w, &value);
+    __atomic_store_n(&w.stats->outcome_value, value, __ATOMIC_RELAXED);
+    __atomic_store_n(&w.stats->outcome, outcome, __ATOMIC_RELAXED);
+    __atomic_store_n(&w.stats->state, STATE_DONE, __ATOMIC_RELEASE);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(table);
+    return Py_BuildValue("(iK)", (int)outcome, (unsigned long long)value);
+}
+
+static void kick_handler(int signum)
+{
+    (void)signum; /* its only job is to make blocking calls return EINTR */
+}
+
+static PyObject *runloop_install_kick_handler(PyObject *self, PyObject *args)
+{
+    int signum;
+    if (!PyArg_ParseTuple(args, "i", &signum))
+        return NULL;
+    struct sigaction action = {.sa_handler = kick_handler}; /* no SA_RESTART */
+    sigemptyset(&action.sa_mask);
+    if (sigaction(signum, &action, NULL))
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *runloop_wake(PyObject *self, PyObject *args)
+{
+    unsigned long long address;
+    if (!PyArg_ParseTuple(args, "K", &address))
+        return NULL;
+    syscall(SYS_futex, (uint32_t *)(uintptr_t)address, FUTEX_WAKE, 1, NULL, NULL, 0);
+    Py_RETURN_NONE;
+}
+
+static int add_int(PyObject *dict, const char *key, long long value)
+{
+    PyObject *number = PyLong_FromLongLong(value);
+    int failed = !number || PyDict_SetItemString(dict, key, number);
+    Py_XDECREF(number);
+    return failed;
+}
+
+#define FIELD(dict, type, field) add_int(dict, #type "." #field, (long long)offsetof(struct type, field))
+
+/* Offsets and constants of every layout above, so the Python mirrors are
+ * checked against the one definition (tests/vcpu_worker/test_layout.py). */
+static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
+{
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    if (add_int(d, "vcpu_stats.sizeof", sizeof(struct vcpu_stats)) ||
+        FIELD(d, vcpu_stats, request) || FIELD(d, vcpu_stats, state) ||
+        FIELD(d, vcpu_stats, tid) || FIELD(d, vcpu_stats, outcome) ||
+        FIELD(d, vcpu_stats, outcome_value) || FIELD(d, vcpu_stats, runs) ||
+        FIELD(d, vcpu_stats, interrupted) || FIELD(d, vcpu_stats, exits) ||
+        FIELD(d, vcpu_stats, paths) || FIELD(d, vcpu_stats, sync_latency_buckets) ||
+        FIELD(d, vcpu_stats, sync_latency_sum_ns) || FIELD(d, vcpu_stats, sleep_ns) ||
+        FIELD(d, vcpu_stats, posted_stalls) || FIELD(d, vcpu_stats, stale_replies) ||
+        add_int(d, "route.sizeof", sizeof(struct route)) || FIELD(d, route, base) ||
+        FIELD(d, route, length) || FIELD(d, route, space) || FIELD(d, route, action) ||
+        add_int(d, "mpvmm_guest_params.sizeof", sizeof(struct mpvmm_guest_params)) ||
+        FIELD(d, mpvmm_guest_params, magic) || FIELD(d, mpvmm_guest_params, abi_version) ||
+        FIELD(d, mpvmm_guest_params, cpus) || FIELD(d, mpvmm_guest_params, workload) ||
+        FIELD(d, mpvmm_guest_params, demo_sleep_us) || FIELD(d, mpvmm_guest_params, stop) ||
+        FIELD(d, mpvmm_guest_params, reports_addr) ||
+        FIELD(d, mpvmm_guest_params, report_stride) ||
+        FIELD(d, mpvmm_guest_params, shared_addr) ||
+        FIELD(d, mpvmm_guest_params, mmio_testdev_addr) ||
+        FIELD(d, mpvmm_guest_params, uart_port) || FIELD(d, mpvmm_guest_params, null_port) ||
+        FIELD(d, mpvmm_guest_params, debug_exit_port) ||
+        FIELD(d, mpvmm_guest_params, sleep_port) ||
+        FIELD(d, mpvmm_guest_params, pio_testdev_port) ||
+        add_int(d, "mpvmm_guest_report.sizeof", sizeof(struct mpvmm_guest_report)) ||
+        FIELD(d, mpvmm_guest_report, magic) || FIELD(d, mpvmm_guest_report, state) ||
+        FIELD(d, mpvmm_guest_report, status) || FIELD(d, mpvmm_guest_report, pio_write_sum) ||
+        FIELD(d, mpvmm_guest_report, mmio_write_sum) || FIELD(d, mpvmm_guest_report, ops) ||
+        add_int(d, "mpvmm_guest_shared.sizeof", sizeof(struct mpvmm_guest_shared)) ||
+        add_int(d, "STATS_EXIT_REASONS", STATS_EXIT_REASONS) ||
+        add_int(d, "LATENCY_BUCKETS", LATENCY_BUCKETS) ||
+        add_int(d, "MESSAGE_SIZE", MESSAGE_SIZE) ||
+        add_int(d, "MPVMM_OP_COUNT", MPVMM_OP_COUNT) ||
+        add_int(d, "MPVMM_GUEST_ABI_VERSION", MPVMM_GUEST_ABI_VERSION)) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+static PyMethodDef runloop_methods[] = {
+    {"run", runloop_run, METH_VARARGS,
+     "run(vcpu_fd, run_address, stats_address, routes, request_mqd, reply_mqd, vcpu_index, "
+     "thread_name) -> (outcome, value)\n\nRun one vCPU until it stops, without the GIL."},
+    {"install_kick_handler", runloop_install_kick_handler, METH_VARARGS,
+     "Install a no-op handler (no SA_RESTART) so the signal interrupts blocking calls."},
+    {"wake", runloop_wake, METH_VARARGS, "FUTEX_WAKE the worker paused on this address."},
+    {"layout", runloop_layout, METH_NOARGS, "Offsets and constants of the shared layouts."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef runloop_module = {
+    PyModuleDef_HEAD_INIT, "_runloop", "The native, GIL-free vCPU run loop.", -1,
+    runloop_methods,
+};
+
+PyMODINIT_FUNC PyInit__runloop(void)
+{
+    return PyModule_Create(&runloop_module);
+}

@@ -1,0 +1,190 @@
+"""The Python runner: the run loop of _runloop.c written in Python.
+
+It exists as the baseline that shows what the GIL costs: every exit is
+handled while holding the GIL, so vCPU threads take turns. It keeps the same
+routes, messages and stats as the native loop and passes the same tests.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import threading
+import time
+
+import posix_ipc
+
+from mpvmm.devicemodel import protocol
+from mpvmm.errors import ProtocolError
+from mpvmm.kvm import bindings as kb
+from mpvmm.kvm import ioctls
+from mpvmm.vcpu_worker import stats as st
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_PR_SET_NAME = 15
+KICK_POLL_SECONDS = 0.1  # as KICK_POLL_NS in _runloop.c
+MAX_SLEEP_US = 1_000_000
+
+
+class _Stop(Exception):
+    """A stop was requested while the loop waited on the device model."""
+
+
+class PythonLoop:
+    """The state of one vCPU's Python run loop."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.stats = worker.stats
+        self.run = worker.vcpu.kvm_run
+        self.run_address = worker.vcpu.run_address
+        self.fd = worker.vcpu.fd
+        self.requests = worker.channel.request_queue
+        self.replies = worker.channel.reply_queue
+        self.sync_seq = 0
+        self.routes = worker.routes
+        self.mmio_data_address = ctypes.addressof(self.run.mmio.data)
+
+    def stop_requested(self) -> bool:
+        return self.stats.request == st.REQUEST_STOP
+
+    def action(self, space: int, address: int) -> int:
+        for route_space, base, length, action in self.routes:
+            if route_space == space and base <= address < base + length:
+                return action
+        return st.ACTION_DEVICE
+
+    def send(self, message: bytes) -> None:
+        try:
+            self.requests.send(message, timeout=0)
+            return
+        except posix_ipc.BusyError:
+            self.stats.posted_stalls += 1
+        while True:
+            if self.stop_requested():
+                raise _Stop
+            try:
+                self.requests.send(message, timeout=KICK_POLL_SECONDS)
+                return
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                continue
+
+    def sync_read(self, space: int, address: int, size: int) -> int:
+        start = time.monotonic_ns()
+        self.sync_seq += 1
+        self.send(protocol.encode_request(protocol.KIND_READ, self.worker.index, space, address, size, 0, self.sync_seq))
+        while True:
+            try:
+                message, _ = self.replies.receive(timeout=KICK_POLL_SECONDS)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                if self.stop_requested():
+                    raise _Stop
+                continue
+            try:
+                seq, value = protocol.decode_reply(message)
+            except ProtocolError:
+                seq = None
+            if seq != self.sync_seq:
+                self.stats.stale_replies += 1
+                continue
+            elapsed = time.monotonic_ns() - start
+            self.stats.sync_latency_buckets[st.latency_bucket(elapsed / 1e9)] += 1
+            self.stats.sync_latency_sum_ns += elapsed
+            return value
+
+    def sleep(self, microseconds: int) -> None:
+        start = time.monotonic_ns()
+        end = start + min(microseconds, MAX_SLEEP_US) * 1000
+        now = start
+        while now < end and not self.stop_requested():
+            time.sleep(min(end - now, KICK_POLL_SECONDS * 1e9) / 1e9)
+            now = time.monotonic_ns()
+        self.stats.sleep_ns += time.monotonic_ns() - start
+
+    def access(self, space: int, address: int, size: int, is_write: bool, data_address: int):
+        """One access; returns the debug-exit status when the guest asked to exit."""
+        value = int.from_bytes(ctypes.string_at(data_address, size), "little") if is_write else 0
+        action = self.action(space, address)
+        paths = self.stats.paths
+        if action != st.ACTION_DEVICE:
+            paths[0] += 1
+            if not is_write:
+                ctypes.memset(data_address, 0, size)
+            elif action == st.ACTION_SLEEP:
+                self.sleep(value)
+            elif action == st.ACTION_DEBUG_EXIT:
+                return value
+            return None
+        if is_write:
+            paths[1] += 1
+            self.send(protocol.encode_request(protocol.KIND_WRITE, self.worker.index, space, address, size, value, self.sync_seq))
+            return None
+        paths[2] += 1
+        value = self.sync_read(space, address, size)
+        ctypes.memmove(data_address, value.to_bytes(size, "little"), size)
+        return None
+
+    def handle_io(self):
+        io = self.run.io
+        data = self.run_address + io.data_offset
+        is_write = io.direction == kb.KVM_EXIT_IO_OUT
+        for _ in range(io.count):
+            status = self.access(st.SPACE_PIO, io.port, io.size, is_write, data)
+            if status is not None:
+                return status
+            data += io.size
+        return None
+
+    def handle_mmio(self):
+        mmio = self.run.mmio
+        return self.access(st.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
+
+    def wait_while_paused(self) -> None:
+        self.stats.state = st.STATE_PAUSED
+        while self.stats.request == st.REQUEST_PAUSE:
+            time.sleep(0.01)
+        self.stats.state = st.STATE_RUNNING
+
+    def loop(self) -> tuple[int, int]:
+        stats, run = self.stats, self.run
+        kvm_run = ioctls.KVM_RUN
+        while True:
+            request = stats.request
+            if request == st.REQUEST_STOP:
+                return st.OUTCOME_STOPPED, 0
+            if request == st.REQUEST_PAUSE:
+                self.wait_while_paused()
+                continue
+            try:
+                fcntl.ioctl(self.fd, kvm_run, 0)
+            except OSError as err:
+                if err.errno == errno.EINTR:
+                    run.immediate_exit = 0
+                    stats.interrupted += 1
+                    continue
+                if err.errno == errno.EAGAIN:
+                    continue
+                return st.OUTCOME_ERROR, err.errno
+            stats.runs += 1
+            reason = run.exit_reason
+            stats.exits[min(reason, st.STATS_EXIT_REASONS - 1)] += 1
+            try:
+                if reason == kb.KVM_EXIT_IO:
+                    status = self.handle_io()
+                elif reason == kb.KVM_EXIT_MMIO:
+                    status = self.handle_mmio()
+                elif reason == kb.KVM_EXIT_INTR:
+                    status = None
+                else:
+                    return st.OUTCOME_FAULT, reason
+            except _Stop:
+                return st.OUTCOME_STOPPED, 0
+            if status is not None:
+                return st.OUTCOME_EXITED, status
+
+
+def run_python(worker) -> tuple[int, int]:
+    _libc.prctl(_PR_SET_NAME, f"vcpu{worker.index}".encode(), 0, 0, 0)
+    worker.stats.tid = threading.get_native_id()
+    worker.stats.state = st.STATE_RUNNING
+    return PythonLoop(worker).loop()

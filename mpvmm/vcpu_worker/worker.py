@@ -1,0 +1,100 @@
+"""One vCPU worker: a thread named ``vcpuN`` that runs a vCPU until it stops.
+
+The thread is a plain Python thread; what it runs decides whether it holds
+the GIL: the native loop (native.py) releases it for the vCPU's whole life,
+the Python loop (python_loop.py) is the GIL-bound baseline. Both read the
+same request word and write the same stats area (stats.py), so stopping,
+pausing and counting work the same for either.
+"""
+
+import signal
+import threading
+from dataclasses import dataclass
+
+from mpvmm.vcpu_worker import _runloop
+from mpvmm.vcpu_worker import stats as st
+
+# A real-time signal nobody else uses; its handler (installed in C, with no
+# SA_RESTART) does nothing but make a blocking call in the worker return EINTR.
+KICK_SIGNAL = signal.SIGRTMIN + 2
+_runloop.install_kick_handler(KICK_SIGNAL)
+
+OUTCOME_NAMES = {
+    st.OUTCOME_NONE: "none",
+    st.OUTCOME_STOPPED: "stopped",
+    st.OUTCOME_EXITED: "exited",
+    st.OUTCOME_FAULT: "fault",
+    st.OUTCOME_ERROR: "error",
+}
+
+
+@dataclass
+class WorkerChannel:
+    """What a worker needs to reach the device model: its two queues."""
+
+    request_queue: object  # posix_ipc.MessageQueue
+    reply_queue: object
+
+
+class VcpuWorker:
+    """Runs ``vcpu`` on its own thread with the loop ``loop(worker)``."""
+
+    def __init__(self, vcpu, stats_address: int, routes: list, channel: WorkerChannel, loop):
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self.stats_address = stats_address
+        self.stats = st.VcpuStats.from_address(stats_address)
+        self.routes = routes
+        self.channel = channel
+        self.error: BaseException | None = None
+        self._loop = loop
+        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            outcome, value = self._loop(self)
+        except BaseException as err:  # reported by the supervisor, never lost
+            self.error = err
+            outcome, value = st.OUTCOME_ERROR, 0
+        self.stats.outcome_value = value
+        self.stats.outcome = outcome
+        self.stats.state = st.STATE_DONE
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self.stats.state == st.STATE_DONE or not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- Control: write the request, then make sure the thread looks at it. ---
+
+    def _kick(self) -> None:
+        self.vcpu.kvm_run.immediate_exit = 1
+        ident = self._thread.ident
+        if ident is not None and self._thread.is_alive():
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # it finished meanwhile
+
+    def stop(self) -> None:
+        self.stats.request = st.REQUEST_STOP
+        _runloop.wake(self.stats_address)
+        self._kick()
+
+    def pause(self) -> None:
+        self.stats.request = st.REQUEST_PAUSE
+        self._kick()
+
+    def resume(self) -> None:
+        self.stats.request = st.REQUEST_RUN
+        _runloop.wake(self.stats_address)
+
+    @property
+    def outcome(self) -> tuple[str, int]:
+        return OUTCOME_NAMES.get(self.stats.outcome, "unknown"), self.stats.outcome_value

@@ -1,0 +1,391 @@
+"""The device-model process, end to end: real shm, real queues, a real child."""
+
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import posix_ipc
+import pytest
+
+from mpvmm.devicemodel.devices import testdev_pattern
+from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.process import Config, serve_round
+from mpvmm.devicemodel.protocol import (
+    KIND_READ,
+    KIND_WRITE,
+    MAX_MESSAGE_SIZE,
+    SPACE_MMIO,
+    SPACE_PIO,
+    decode_reply,
+    encode_request,
+)
+from mpvmm.errors import DeviceModelError
+from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 10.0
+RAM_SIZE = 1 << 20
+
+
+def queue_depth():
+    with open("/proc/sys/fs/mqueue/msg_max") as f:
+        return min(10, int(f.read()))
+
+
+class Harness:
+    """What the supervisor does: names, shm, queues, socketpair, the child."""
+
+    def __init__(self, vcpus=2):
+        self.prefix = f"/mpvmm-test-{os.getpid()}-{secrets.token_hex(4)}"
+        self.ram_name = self.prefix + "-ram"
+        self.req_names = [f"{self.prefix}-req{i}" for i in range(vcpus)]
+        self.rep_names = [f"{self.prefix}-rep{i}" for i in range(vcpus)]
+        self.shm = posix_ipc.SharedMemory(self.ram_name, posix_ipc.O_CREX, mode=0o600, size=RAM_SIZE)
+        self.shm.close_fd()
+        depth = queue_depth()
+        self.requests = [self._create_queue(name, depth) for name in self.req_names]
+        self.replies = [self._create_queue(name, depth) for name in self.rep_names]
+        self.proc = None
+        self.sock = None
+        self._unpacker = msgpack.Unpacker(raw=False)
+
+    @staticmethod
+    def _create_queue(name, depth):
+        return posix_ipc.MessageQueue(
+            name, posix_ipc.O_CREX, mode=0o600, max_messages=depth, max_message_size=MAX_MESSAGE_SIZE
+        )
+
+    def start(self, stdout=subprocess.DEVNULL):
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdout=stdout,
+            env=env,
+        )
+        child.close()
+        self.sock.settimeout(TIMEOUT)
+
+    def configure(self, console=None, **changes):
+        message = {
+            "op": "configure",
+            "version": 1,
+            "ram_name": self.ram_name,
+            "ram_size": RAM_SIZE,
+            "request_queues": self.req_names,
+            "reply_queues": self.rep_names,
+            "console": console,
+            **changes,
+        }
+        self.send(message)
+        return self.recv()
+
+    def send(self, message):
+        self.sock.sendall(msgpack.packb(message))
+
+    def recv(self):
+        while True:
+            for message in self._unpacker:
+                return message
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("device model closed the control socket")
+            self._unpacker.feed(data)
+
+    def request(self, queue, *args):
+        self.requests[queue].send(encode_request(*args))
+
+    def reply(self, queue):
+        message, _ = self.replies[queue].receive(TIMEOUT)
+        return decode_reply(message)
+
+    def stats(self):
+        self.send({"op": "stats"})
+        message = self.recv()
+        assert message["op"] == "stats"
+        return message
+
+    def unlink_names(self):
+        """What the supervisor does once the child says ready."""
+        for unlink, name in [(posix_ipc.unlink_shared_memory, self.ram_name)] + [
+            (posix_ipc.unlink_message_queue, n) for n in self.req_names + self.rep_names
+        ]:
+            try:
+                unlink(name)
+            except posix_ipc.ExistentialError:
+                pass
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.sock is not None:
+            self.sock.close()
+        for queue in self.requests + self.replies:
+            queue.close()
+        self.unlink_names()
+
+    def leftovers(self):
+        shm_left = [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(self.prefix[1:])]
+        queues_left = []
+        for name in self.req_names + self.rep_names:
+            try:
+                posix_ipc.MessageQueue(name).close()
+                queues_left.append(name)
+            except posix_ipc.ExistentialError:
+                pass
+        return shm_left + queues_left
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+    assert h.leftovers() == []
+
+
+def test_full_session(harness, tmp_path):
+    console = tmp_path / "console.log"
+    harness.start()
+    ready = harness.configure(console=str(console))
+    assert ready["op"] == "ready" and ready["pid"] == harness.proc.pid
+    # Like the supervisor: unlink every name as soon as the child has them open.
+    harness.unlink_names()
+    assert harness.leftovers() == []
+
+    for byte in b"hello\n":  # posted writes, no replies
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, COM1_PORT, 1, byte, 0)
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 5, 0)
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 1, 7, 0)
+    harness.request(0, KIND_READ, 0, SPACE_PIO, PIO_TESTDEV_PORT + 2, 2, 0, 1)
+    assert harness.reply(0) == (1, testdev_pattern(2, 2))
+    harness.request(1, KIND_READ, 1, SPACE_PIO, 0x2F8, 4, 0, 7)  # unmapped port
+    assert harness.reply(1) == (7, 0xFFFFFFFF)
+    harness.request(1, KIND_READ, 1, SPACE_MMIO, MMIO_TESTDEV_ADDR + 8, 8, 0, 8)
+    assert harness.reply(1) == (8, testdev_pattern(8, 8))
+    # A message that claims another vCPU still answers on its own queue pair.
+    harness.request(0, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, 2)
+    assert harness.reply(0) == (2, testdev_pattern(0, 1))
+    assert harness.replies[1].current_messages == 0
+
+    harness.requests[1].send(b"\xc1")  # malformed
+    harness.requests[1].send(msgpack.packb([9, 1, 1, 0, 0, 1, 0, 9]))  # bad version, a read
+    harness.requests[1].send(b"")
+    # Queues are FIFO: once this read is answered the bad ones were handled.
+    harness.request(1, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, 9)
+    assert harness.reply(1) == (9, testdev_pattern(0, 1))
+    assert harness.proc.poll() is None
+
+    reply = harness.stats()
+    stats = reply["stats"]
+    assert reply["pid"] == harness.proc.pid
+    assert stats["rejected"]["malformed"] == 1
+    assert stats["rejected"]["bad_version"] == 1
+    assert stats["rejected"]["truncated"] == 1
+    assert stats["unmapped"]["pio"] == {"read": 1, "write": 0}
+    assert stats["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 12, "reads": 3}
+    assert stats["devices"]["testdev-mmio"]["reads"] == 1
+    assert stats["requests"]["com1"]["write"] == 6
+    assert reply["process"]["received"] == [10, 6]
+    assert reply["process"]["replies_sent"] == 5
+
+    harness.send({"op": "shutdown"})
+    bye = harness.recv()
+    assert bye["op"] == "bye"
+    assert bye["stats"]["devices"]["com1"]["out_bytes"] == 6
+    assert harness.proc.wait(TIMEOUT) == 0
+    assert console.read_bytes() == b"hello\n"
+
+
+def test_shutdown_drains_posted_writes_first(harness, tmp_path):
+    console = tmp_path / "console.log"
+    console.write_bytes(b"before\n")  # appended to, not truncated
+    harness.start()
+    assert harness.configure(console=str(console))["op"] == "ready"
+    for byte in b"late\n":
+        harness.request(1, KIND_WRITE, 1, SPACE_PIO, COM1_PORT, 1, byte, 0)
+    harness.send({"op": "shutdown"})
+    assert harness.recv()["op"] == "bye"
+    assert harness.proc.wait(TIMEOUT) == 0
+    assert console.read_bytes() == b"before\nlate\n"
+
+
+def test_eof_on_control_socket_ends_the_process(harness):
+    harness.start(stdout=subprocess.PIPE)
+    assert harness.configure(console=None)["op"] == "ready"
+    for byte in b"to stdout\n":
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, COM1_PORT, 1, byte, 0)
+    harness.request(0, KIND_READ, 0, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, 1)
+    assert harness.reply(0)[0] == 1
+    harness.sock.close()
+    harness.sock = None
+    assert harness.proc.wait(TIMEOUT) == 0
+    assert harness.proc.stdout.read() == b"to stdout\n"
+    harness.proc.stdout.close()
+
+
+def test_eof_before_configure_exits_quietly(harness):
+    harness.start()
+    harness.sock.close()
+    harness.sock = None
+    assert harness.proc.wait(TIMEOUT) == 0
+
+
+def test_configure_failure_reports_and_exits_1(harness):
+    harness.start()
+    answer = harness.configure(ram_name=harness.prefix + "-missing")
+    assert answer["op"] == "error"
+    assert "missing" in answer["message"]
+    assert harness.proc.wait(TIMEOUT) == 1
+
+
+def test_configure_with_a_missing_queue_fails(harness):
+    harness.start()
+    answer = harness.configure(reply_queues=harness.rep_names[:1] + [harness.prefix + "-nope"])
+    assert answer["op"] == "error" and "nope" in answer["message"]
+    assert harness.proc.wait(TIMEOUT) == 1
+
+
+def test_sigint_is_ignored_and_unknown_ops_answered(harness):
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    harness.proc.send_signal(signal.SIGINT)
+    harness.send({"op": "frobnicate"})
+    assert harness.recv()["op"] == "error"
+    harness.send(["not", "a", "map"])
+    assert harness.recv()["op"] == "error"
+    assert harness.configure() == {"op": "error", "message": "already configured"}
+    assert harness.stats()["op"] == "stats"
+    assert harness.proc.poll() is None
+
+
+def test_full_reply_queue_drops_and_counts(harness):
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    depth = queue_depth()
+    for seq in range(depth + 1):  # one more read than the reply queue holds
+        harness.request(1, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, seq)
+    deadline = time.monotonic() + TIMEOUT
+    while harness.stats()["process"]["received"][1] < depth + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process = harness.stats()["process"]
+    assert process["replies_sent"] == depth and process["replies_dropped"] == 1
+    assert [harness.reply(1)[0] for _ in range(depth)] == list(range(depth))
+    assert harness.proc.poll() is None
+
+
+def test_usage_error_exit_2():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "mpvmm.devicemodel"], env=env, capture_output=True)
+    assert result.returncode == 2 and b"usage" in result.stderr
+
+
+# --- The pieces, without a child process. ---
+
+
+class FakeQueue:
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    def receive(self):
+        if not self.messages:
+            raise posix_ipc.BusyError("empty")
+        return self.messages.pop(0), 0
+
+
+def test_serve_round_is_fair():
+    busy = FakeQueue([b"b"] * 100)
+    quiet = FakeQueue([b"q"] * 3)
+    seen = []
+    more = serve_round([busy, quiet], [0, 1], lambda i, m: seen.append(i), batch=8)
+    assert seen == [0] * 8 + [1] * 3  # the quiet vCPU is served in the same round
+    assert more == [0]
+    assert serve_round([busy, quiet], [1], lambda i, m: None, batch=8) == []
+
+
+def test_console_buffers_until_flush(tmp_path):
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    console = Console(fd, owns_fd=True)
+    console.write(b"a\n")
+    assert path.read_bytes() == b""  # a file is not line-buffered
+    console.flush()
+    assert path.read_bytes() == b"a\n"
+    console.write(b"x" * 5000)  # a large backlog flushes by itself
+    assert path.stat().st_size == 5002
+    console.close()
+    assert console.stats() == {"written_bytes": 5002, "lost_bytes": 0}
+
+
+def test_console_on_a_tty_flushes_each_line():
+    master, slave = os.openpty()
+    try:
+        console = Console(slave, owns_fd=False)
+        console.write(b"ab")
+        os.set_blocking(master, False)
+        with pytest.raises(BlockingIOError):
+            os.read(master, 100)
+        console.write(b"\n")
+        select.select([master], [], [], TIMEOUT)
+        assert os.read(master, 100).replace(b"\r", b"") == b"ab\n"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_console_write_errors_are_counted():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    console = Console(write_end, owns_fd=True)
+    console.write(b"lost")
+    console.flush()  # EPIPE (SIGPIPE is ignored by Python)
+    assert console.stats()["lost_bytes"] == 4
+    console.close()
+
+
+GOOD_CONFIG = {
+    "op": "configure",
+    "version": 1,
+    "ram_name": "/r",
+    "ram_size": 4096,
+    "request_queues": ["/a"],
+    "reply_queues": ["/b"],
+    "console": None,
+}
+
+
+def test_config_accepts_the_documented_message():
+    config = Config.from_message(GOOD_CONFIG)
+    assert config.request_queues == ("/a",) and config.console is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"op": "stats"},
+        {"version": 2},
+        {"ram_size": 0},
+        {"ram_size": "big"},
+        {"ram_name": None},
+        {"request_queues": []},
+        {"reply_queues": ["/b", "/c"]},
+        {"request_queues": [1]},
+        {"console": 5},
+    ],
+)
+def test_config_refuses_bad_messages(change):
+    with pytest.raises(DeviceModelError):
+        Config.from_message({**GOOD_CONFIG, **change})
+    with pytest.raises(DeviceModelError):
+        Config.from_message("configure")
