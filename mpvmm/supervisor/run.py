@@ -126,6 +126,7 @@ class Supervisor:
         self.vm: VirtualMachine | None = None
         self.device_model: DeviceModelProcess | None = None
         self.guest: BuiltinGuest | None = None
+        self.stop_signal: int | None = None
 
     def run(self) -> RunResult:
         config = self.config
@@ -178,6 +179,7 @@ class Supervisor:
                 self._force_stop()
                 return "vcpu fault"
             if signals.received is not None:
+                self.stop_signal = signals.received
                 name = signal.Signals(signals.received).name
                 self._finish_guest()
                 return f"stopped by {name}"
@@ -251,6 +253,8 @@ class Supervisor:
                 return 1, f"vcpu {vcpu.index} {detail}"
         if status.startswith("device model died"):
             return 1, status
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal, status  # the shell's convention for "ended by a signal"
         for vcpu in result.vcpus:
             if vcpu.outcome == "exited" and vcpu.outcome_value:
                 return vcpu.outcome_value & 0xFF, f"{status}; vcpu {vcpu.index} exited with status {vcpu.outcome_value}"

@@ -1,7 +1,6 @@
 """The native runner: the C run loop, GIL released for the vCPU's whole life."""
 
 from mpvmm.vcpu_worker import _runloop
-from mpvmm.vcpu_worker.stats import pack_routes
 
 
 def run_native(worker) -> tuple[int, int]:
@@ -9,7 +8,7 @@ def run_native(worker) -> tuple[int, int]:
         worker.vcpu.fd,
         worker.vcpu.run_address,
         worker.stats_address,
-        pack_routes(worker.routes),
+        worker.routes.pack(),
         worker.channel.request_queue.mqd,
         worker.channel.reply_queue.mqd,
         worker.index,

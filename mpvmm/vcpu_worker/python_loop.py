@@ -18,6 +18,7 @@ from mpvmm.devicemodel import protocol
 from mpvmm.errors import ProtocolError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm import ioctls
+from mpvmm.vcpu_worker import routes
 from mpvmm.vcpu_worker import stats as st
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -47,12 +48,6 @@ class PythonLoop:
 
     def stop_requested(self) -> bool:
         return self.stats.request == st.REQUEST_STOP
-
-    def action(self, space: int, address: int) -> int:
-        for route_space, base, length, action in self.routes:
-            if route_space == space and base <= address < base + length:
-                return action
-        return st.ACTION_DEVICE
 
     def send(self, message: bytes) -> None:
         try:
@@ -104,15 +99,15 @@ class PythonLoop:
     def access(self, space: int, address: int, size: int, is_write: bool, data_address: int):
         """One access; returns the debug-exit status when the guest asked to exit."""
         value = int.from_bytes(ctypes.string_at(data_address, size), "little") if is_write else 0
-        action = self.action(space, address)
+        action = self.routes.action(space, address)
         paths = self.stats.paths
-        if action != st.ACTION_DEVICE:
+        if action != routes.ACTION_DEVICE:
             paths[0] += 1
             if not is_write:
                 ctypes.memset(data_address, 0, size)
-            elif action == st.ACTION_SLEEP:
+            elif action == routes.ACTION_SLEEP:
                 self.sleep(value)
-            elif action == st.ACTION_DEBUG_EXIT:
+            elif action == routes.ACTION_DEBUG_EXIT:
                 return value
             return None
         if is_write:
@@ -129,7 +124,7 @@ class PythonLoop:
         data = self.run_address + io.data_offset
         is_write = io.direction == kb.KVM_EXIT_IO_OUT
         for _ in range(io.count):
-            status = self.access(st.SPACE_PIO, io.port, io.size, is_write, data)
+            status = self.access(routes.SPACE_PIO, io.port, io.size, is_write, data)
             if status is not None:
                 return status
             data += io.size
@@ -137,7 +132,7 @@ class PythonLoop:
 
     def handle_mmio(self):
         mmio = self.run.mmio
-        return self.access(st.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
+        return self.access(routes.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
 
     def wait_while_paused(self) -> None:
         self.stats.state = st.STATE_PAUSED

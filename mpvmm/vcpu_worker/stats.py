@@ -6,7 +6,6 @@ summary, the report and the metrics read one format whatever ran the vCPU.
 """
 
 import ctypes
-import struct
 
 STATS_EXIT_REASONS = 64
 LATENCY_BUCKETS = 21
@@ -16,12 +15,10 @@ STATS_AREA_STRIDE = 4096  # one page per vCPU, so no two workers share a cache l
 
 PATHS = ("native", "posted", "sync")
 
-# enum request / worker_state / outcome / route_action / route_space.
+# enum request / worker_state / outcome.
 REQUEST_RUN, REQUEST_PAUSE, REQUEST_STOP = 0, 1, 2
 STATE_IDLE, STATE_RUNNING, STATE_PAUSED, STATE_DONE = 0, 1, 2, 3
 OUTCOME_NONE, OUTCOME_STOPPED, OUTCOME_EXITED, OUTCOME_FAULT, OUTCOME_ERROR = 0, 1, 2, 3, 4
-ACTION_DEVICE, ACTION_NULL, ACTION_DEBUG_EXIT, ACTION_SLEEP = 0, 1, 2, 3
-SPACE_PIO, SPACE_MMIO = 0, 1
 
 
 class VcpuStats(ctypes.Structure):
@@ -44,14 +41,6 @@ class VcpuStats(ctypes.Structure):
 
 
 assert ctypes.sizeof(VcpuStats) <= STATS_AREA_STRIDE
-
-_ROUTE = struct.Struct("<QQII")
-
-
-def pack_routes(routes: list[tuple[int, int, int, int]]) -> bytes:
-    """The route table as the run loop reads it: (space, base, length, action)."""
-    return b"".join(_ROUTE.pack(base, length, space, action) for space, base, length, action in routes)
-
 
 def latency_bucket(seconds: float) -> int:
     """The bucket a round trip of ``seconds`` falls in, as the C loop buckets it."""

@@ -39,7 +39,7 @@ class WorkerChannel:
 class VcpuWorker:
     """Runs ``vcpu`` on its own thread with the loop ``loop(worker)``."""
 
-    def __init__(self, vcpu, stats_address: int, routes: list, channel: WorkerChannel, loop):
+    def __init__(self, vcpu, stats_address: int, routes, channel: WorkerChannel, loop):
         self.vcpu = vcpu
         self.index = vcpu.index
         self.stats_address = stats_address

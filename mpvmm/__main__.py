@@ -1,0 +1,5 @@
+import sys
+
+from mpvmm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""The ``mpvmm`` command. Errors become one line on stderr and an exit code here."""
+
+import argparse
+import re
+import sys
+
+from rich.console import Console
+
+from mpvmm import __version__
+from mpvmm.errors import MpvmmError, UsageError
+from mpvmm.guest.abi import WORKLOADS
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+PAGE_SIZE = 4096
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '1GiB', '4096' -> bytes; a page-aligned positive size."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 2G, 1048576)")
+    size = int(match.group(1)) << _SIZE_SHIFTS[match.group(2).lower()]
+    if size <= 0 or size % PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive multiple of {PAGE_SIZE} bytes")
+    return size
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mpvmm", description="A KVM virtual machine monitor built for many vCPUs.")
+    parser.add_argument("--version", action="version", version=f"mpvmm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    start = commands.add_parser("start", help="run a VM with the built-in guest")
+    start.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    start.add_argument("--memory", type=parse_size, default="256M", help="guest RAM (default 256M)")
+    start.add_argument("--workload", default="demo", choices=WORKLOADS, metavar="NAME",
+                       help=f"built-in guest workload: {', '.join(WORKLOADS)} (default demo)")
+    start.add_argument("--seconds", type=float, default=None,
+                       help="stop after this many seconds (default: until Ctrl-C or the guest exits)")
+    start.add_argument("--runner", default="native", choices=("native", "python"),
+                       help="vCPU run loop: native C without the GIL, or the Python baseline")
+    start.add_argument("--console", metavar="FILE", help="write guest console output to FILE")
+    start.add_argument("--report", metavar="FILE", help="write the summary as JSON to FILE")
+    start.set_defaults(func=cmd_start)
+    return parser
+
+
+def cmd_start(args) -> int:
+    # Imported here so that `mpvmm --help` works without the native extension.
+    from mpvmm.supervisor.run import RunConfig, Supervisor
+    from mpvmm.supervisor.summary import render_summary, write_report
+
+    config = RunConfig(cpus=args.cpus, memory=args.memory, workload=args.workload,
+                       seconds=args.seconds, runner=args.runner, console=args.console)
+    if args.report:
+        _check_writable(args.report, "--report")
+    result = Supervisor(config).run()
+    # Wide enough for every column even when stdout is a pipe or a file.
+    console = Console(width=max(Console().width, 132))
+    render_summary(result, console)
+    if args.report:
+        write_report(result, args.report)
+    print(f"mpvmm: {result.status}; exit code {result.exit_code}", file=sys.stderr)
+    return result.exit_code
+
+
+def _check_writable(path: str, option: str) -> None:
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option} {path}: {err.strerror}") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MpvmmError as err:
+        print(f"mpvmm: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The end-of-run summary: a per-vCPU table for people, the same as JSON for tools."""
+
+import dataclasses
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from mpvmm import __version__
+from mpvmm.guest import abi
+from mpvmm.vcpu_worker.stats import LATENCY_BOUNDS_SECONDS, PATHS
+
+REPORT_VERSION = 1
+
+
+def latency_quantile(buckets: list[int], quantile: float) -> float | None:
+    """The upper bound of the bucket holding ``quantile`` of the round trips."""
+    total = sum(buckets)
+    if not total:
+        return None
+    seen = 0
+    for bound, count in zip(LATENCY_BOUNDS_SECONDS + (float("inf"),), buckets):
+        seen += count
+        if seen >= quantile * total:
+            return bound
+    return float("inf")
+
+
+def guest_exits(ops: dict[str, int]) -> int:
+    """Exits the guest says it caused: every op that has an exit path."""
+    return sum(ops[op] for op in abi.OP_PATHS)
+
+
+def guest_paths(ops: dict[str, int]) -> dict[str, int]:
+    paths = dict.fromkeys(PATHS, 0)
+    for op, path in abi.OP_PATHS.items():
+        paths[path] += ops[op]
+    return paths
+
+
+def _microseconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return "inf" if seconds == float("inf") else f"{seconds * 1e6:.0f}"
+
+
+def render_summary(result, console: Console) -> None:
+    table = Table(title=f"mpvmm: {result.config.cpus} vCPUs, {result.config.runner} runner, "
+                        f"{result.config.workload} workload, {result.seconds:.2f} s")
+    for column in ("vcpu", "outcome", "io", "mmio", "other", "native", "posted", "sync",
+                   "sync p50 us", "sync p99 us", "exits/s", "guest exits"):
+        table.add_column(column, justify="left" if column == "outcome" else "right")
+    for vcpu in result.vcpus:
+        io, mmio = vcpu.exits.get("io", 0), vcpu.exits.get("mmio", 0)
+        other = sum(vcpu.exits.values()) - io - mmio
+        table.add_row(
+            str(vcpu.index), vcpu.outcome, str(io), str(mmio), str(other),
+            *(str(vcpu.paths[p]) for p in PATHS),
+            _microseconds(latency_quantile(vcpu.sync_latency_buckets, 0.5)),
+            _microseconds(latency_quantile(vcpu.sync_latency_buckets, 0.99)),
+            f"{(io + mmio) / result.seconds:.0f}" if result.seconds else "-",
+            str(guest_exits(vcpu.guest.ops)),
+        )
+    console.print(table)
+    ops = {op: sum(v.guest.ops[op] for v in result.vcpus) for op in abi.OPS}
+    done = ", ".join(f"{op} {count}" for op, count in ops.items() if count)
+    console.print(f"guest ops: {done or 'none'}")
+    if ops["atomic_increments"]:
+        console.print(f"atomics: shared counters total {result.atomic_total}, "
+                      f"guest increments {ops['atomic_increments']}")
+
+
+def report_dict(result) -> dict:
+    """Everything the summary shows, as plain data (the --report JSON)."""
+    return {
+        "report_version": REPORT_VERSION,
+        "mpvmm_version": __version__,
+        "config": dataclasses.asdict(result.config),
+        "exit_code": result.exit_code,
+        "status": result.status,
+        "seconds": result.seconds,
+        "latency_bucket_bounds_seconds": list(LATENCY_BOUNDS_SECONDS) + ["+Inf"],
+        "vcpus": [
+            {
+                "index": v.index,
+                "outcome": v.outcome,
+                "outcome_value": v.outcome_value,
+                "exits": v.exits,
+                "paths": v.paths,
+                "runs": v.runs,
+                "interrupted": v.interrupted,
+                "sync_latency_buckets": v.sync_latency_buckets,
+                "sync_latency_sum_seconds": v.sync_latency_sum_seconds,
+                "sleep_seconds": v.sleep_seconds,
+                "posted_stalls": v.posted_stalls,
+                "guest": dataclasses.asdict(v.guest),
+            }
+            for v in result.vcpus
+        ],
+        "atomic_total": result.atomic_total,
+        "device_model": result.device_model,
+        "fault_registers": {str(k): v for k, v in result.fault_registers.items()},
+    }
+
+
+def write_report(result, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report_dict(result), f, indent=2)
+        f.write("\n")

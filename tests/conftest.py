@@ -1,0 +1,59 @@
+"""Shared fixtures: KVM must be there, and nothing may leak."""
+
+import os
+import subprocess
+
+import pytest
+
+MQUEUE_DIR = "/dev/mqueue"
+
+
+def pytest_configure(config):
+    # The message-queue filesystem makes leaked queues visible; mount it if
+    # we can (root in CI), as most distributions do at boot.
+    if not os.path.ismount(MQUEUE_DIR) and os.geteuid() == 0:
+        os.makedirs(MQUEUE_DIR, exist_ok=True)
+        subprocess.run(["mount", "-t", "mqueue", "none", MQUEUE_DIR], check=False)
+
+
+@pytest.fixture(scope="session")
+def kvm_available():
+    """KVM tests fail, not skip, without /dev/kvm: a silent skip would hide it."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.fail("/dev/kvm is missing: these tests need KVM (load kvm_intel/kvm_amd)")
+
+
+def ipc_objects() -> set[str]:
+    """Every mpvmm shared memory object and message queue on the host."""
+    names = set()
+    for folder in ("/dev/shm", MQUEUE_DIR):
+        if os.path.isdir(folder):
+            names |= {f"{folder}/{n}" for n in os.listdir(folder) if n.startswith("mpvmm-")}
+    return names
+
+
+def device_model_processes() -> set[int]:
+    pids = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"mpvmm.devicemodel" in f.read():
+                        pids.add(int(pid))
+            except OSError:
+                pass
+    return pids
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_leaks(kvm_available):
+    """Fails the test if it left an IPC object, a device model or an fd behind."""
+    objects, processes, fds = ipc_objects(), device_model_processes(), open_fds()
+    yield
+    assert ipc_objects() - objects == set(), "shared memory or message queues left behind"
+    assert device_model_processes() - processes == set(), "device-model process left running"
+    assert open_fds() <= fds, "file descriptors leaked"
