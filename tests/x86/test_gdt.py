@@ -93,7 +93,7 @@ def test_base_and_limit_round_trip_without_granularity():
     "raw_limit, byte_limit", [(0x0, 0xFFF), (0x1, 0x1FFF), (0x12345, 0x12345FFF), (0xFFFFF, 0xFFFFFFFF)]
 )
 def test_granular_limit_is_scaled_to_pages(raw_limit, byte_limit):
-    segment = kvm_segment_from_gdt(gdt_entry(0x8093 | 0x8000, 0, raw_limit), 0)
+    segment = kvm_segment_from_gdt(gdt_entry(0x8093, 0, raw_limit), 0)  # G=1, D/B=0
     assert segment.g == 1
     assert segment.limit == byte_limit
 
