@@ -32,15 +32,24 @@ def ipc_objects() -> set[str]:
     return names
 
 
+def _parent(pid: str) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def device_model_processes() -> set[int]:
+    """Device models that are ours (our children) or nobody's (orphans, ppid 1).
+
+    Device models of other test runs on the same host belong to neither.
+    """
     pids = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"mpvmm.devicemodel" in f.read():
+                    if b"mpvmm.devicemodel" in f.read() and _parent(pid) in (os.getpid(), 1):
                         pids.add(int(pid))
-            except OSError:
+            except (OSError, ValueError, IndexError):
                 pass
     return pids
 
