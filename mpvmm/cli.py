@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"built-in guest workload: {', '.join(WORKLOADS)} (default demo)")
     start.add_argument("--seconds", type=float, default=None,
                        help="stop after this many seconds (default: until Ctrl-C or the guest exits)")
-    start.add_argument("--runner", default="native", choices=("native", "python"),
-                       help="vCPU run loop: native C without the GIL, or the Python baseline")
+    start.add_argument("--runner", default="native", choices=("native", "python", "process"),
+                       help="vCPU workers: native C threads without the GIL (default), Python "
+                            "threads (the GIL baseline), or one process per vCPU, each with a VM of its own")
     start.add_argument("--console", metavar="FILE", help="write guest console output to FILE")
     start.add_argument("--report", metavar="FILE", help="write the summary as JSON to FILE")
     start.set_defaults(func=cmd_start)

@@ -9,6 +9,7 @@ period), or when a vCPU faults or the device model dies.
 """
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -25,11 +26,14 @@ from mpvmm.supervisor.routes import builtin_routes
 from mpvmm.supervisor.vm import VirtualMachine
 from mpvmm.vcpu_worker import stats as st
 from mpvmm.vcpu_worker.native import run_native
+from mpvmm.vcpu_worker.process_worker import ProcessWorker
 from mpvmm.vcpu_worker.python_loop import run_python
 from mpvmm.vcpu_worker.worker import VcpuWorker
 from mpvmm.x86.usermode import write_boot_structures
 
-RUNNERS = {"native": run_native, "python": run_python}
+# The loop each runner's workers run; "process" runs the Python loop in a
+# forked process per vCPU, each with a VM of its own (process_worker.py).
+RUNNERS = {"native": run_native, "python": run_python, "process": run_python}
 STOP_GRACE_SECONDS = 3.0  # how long the guest gets to finish before vCPUs are forced off
 FORCE_STOP_SECONDS = 5.0  # how long a forced worker gets to leave its loop
 POLL_SECONDS = 0.05
@@ -62,6 +66,8 @@ class VcpuResult:
     sleep_seconds: float
     posted_stalls: int
     guest: GuestCounts
+    pid: int  # the process that ran the vCPU: the supervisor, or its own worker process
+    cpu_seconds: float | None  # that worker process's CPU time (process runner only)
 
 
 @dataclass
@@ -136,23 +142,18 @@ class Supervisor:
             validate(config, kvm.max_vcpus())
             memory = stack.enter_context(GuestMemory(config.memory))
             self.guest = BuiltinGuest(memory, config.cpus, config.workload)
-            self.vm = VirtualMachine(kvm, memory, config.cpus)
-            stack.callback(self.vm.close)
             write_boot_structures(memory)
-            for index in range(config.cpus):
-                self.vm.enter_user_mode(index, *self.guest.entry_arguments(index))
+            if config.runner != "process":
+                self.vm = VirtualMachine(kvm, memory, config.cpus)
+                stack.callback(self.vm.close)
+                for index in range(config.cpus):
+                    self.vm.enter_user_mode(index, *self.guest.entry_arguments(index))
             stats_size = config.cpus * st.STATS_AREA_STRIDE
             stats_base = map_shared(-1, stats_size)
             stack.callback(unmap, stats_base, stats_size)
             self.device_model = DeviceModelProcess(memory, config.cpus, config.console)
             stack.callback(self.device_model.close)
-            routes = builtin_routes()
-            loop = RUNNERS[config.runner]
-            self.workers = [
-                VcpuWorker(vcpu, stats_base + vcpu.index * st.STATS_AREA_STRIDE, routes,
-                           self.device_model.channels[vcpu.index], loop)
-                for vcpu in self.vm.vcpus
-            ]
+            self.workers = self._create_workers(memory, stats_base)
             stack.callback(self._force_stop)
             with _StopSignals() as signals:
                 started = time.monotonic()
@@ -163,6 +164,17 @@ class Supervisor:
                 status = self._wait(signals, started)
                 seconds = time.monotonic() - started
             return self._collect(status, seconds)
+
+    def _create_workers(self, memory, stats_base: int) -> list:
+        routes = builtin_routes()
+        channels = self.device_model.channels
+        stats = [stats_base + index * st.STATS_AREA_STRIDE for index in range(self.config.cpus)]
+        if self.config.runner == "process":
+            return [ProcessWorker(index, memory, self.guest, stats[index], routes, channels[index])
+                    for index in range(self.config.cpus)]
+        loop = RUNNERS[self.config.runner]
+        return [VcpuWorker(vcpu, stats[vcpu.index], routes, channels[vcpu.index], loop)
+                for vcpu in self.vm.vcpus]
 
     # --- While it runs. ---
 
@@ -206,6 +218,9 @@ class Supervisor:
         for worker in self.workers:
             while not worker.join(0.1):
                 if time.monotonic() > end:
+                    if isinstance(worker, ProcessWorker):
+                        worker.kill()  # a process can be ended where a thread cannot
+                        continue
                     raise MpvmmError(f"vcpu {worker.index} did not stop within {FORCE_STOP_SECONDS:g} s")
                 worker.stop()
 
@@ -240,6 +255,8 @@ class Supervisor:
             sleep_seconds=stats.sleep_ns / 1e9,
             posted_stalls=stats.posted_stalls,
             guest=self.guest.counts(worker.index),
+            pid=getattr(worker, "pid", 0) or os.getpid(),
+            cpu_seconds=getattr(worker, "cpu_seconds", None),
         )
 
     def _exit_code(self, result: RunResult, status: str) -> tuple[int, str]:
@@ -249,7 +266,8 @@ class Supervisor:
                 return 1, f"vcpu {vcpu.index}: worker failed: {worker.error}"
             if vcpu.outcome.startswith("fault") or vcpu.outcome == "error":
                 detail = vcpu.outcome if vcpu.outcome != "error" else f"error (errno {vcpu.outcome_value})"
-                result.fault_registers[vcpu.index] = self.vm.registers(vcpu.index)
+                if self.vm is not None:
+                    result.fault_registers[vcpu.index] = self.vm.registers(vcpu.index)
                 return 1, f"vcpu {vcpu.index} {detail}"
         if status.startswith("device model died"):
             return 1, status

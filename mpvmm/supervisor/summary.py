@@ -47,10 +47,12 @@ def _microseconds(seconds: float | None) -> str:
 def render_summary(result, console: Console) -> None:
     table = Table(title=f"mpvmm: {result.config.cpus} vCPUs, {result.config.runner} runner, "
                         f"{result.config.workload} workload, {result.seconds:.2f} s")
+    per_process = result.config.runner == "process"
     for column in ("vcpu", "outcome", "io", "mmio", "other", "native", "posted", "sync",
-                   "sync p50 us", "sync p99 us", "exits/s", "guest exits"):
+                   "sync p50 us", "sync p99 us", "exits/s", "guest exits") + (("pid", "cpu s") if per_process else ()):
         table.add_column(column, justify="left" if column == "outcome" else "right")
     for vcpu in result.vcpus:
+        process = (str(vcpu.pid), "-" if vcpu.cpu_seconds is None else f"{vcpu.cpu_seconds:.2f}") if per_process else ()
         io, mmio = vcpu.exits.get("io", 0), vcpu.exits.get("mmio", 0)
         other = sum(vcpu.exits.values()) - io - mmio
         table.add_row(
@@ -60,6 +62,7 @@ def render_summary(result, console: Console) -> None:
             _microseconds(latency_quantile(vcpu.sync_latency_buckets, 0.99)),
             f"{(io + mmio) / result.seconds:.0f}" if result.seconds else "-",
             str(guest_exits(vcpu.guest.ops)),
+            *process,
         )
     console.print(table)
     ops = {op: sum(v.guest.ops[op] for v in result.vcpus) for op in abi.OPS}
@@ -94,6 +97,8 @@ def report_dict(result) -> dict:
                 "sleep_seconds": v.sleep_seconds,
                 "posted_stalls": v.posted_stalls,
                 "guest": dataclasses.asdict(v.guest),
+                "pid": v.pid,
+                "cpu_seconds": v.cpu_seconds,
             }
             for v in result.vcpus
         ],

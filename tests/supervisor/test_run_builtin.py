@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -78,7 +79,7 @@ def check_console(console, cpus, uart_bytes):
     assert online == list(range(cpus))
 
 
-@pytest.mark.parametrize("runner", ["native", "python"])
+@pytest.mark.parametrize("runner", ["native", "python", "process"])
 @pytest.mark.parametrize("cpus", [1, 2, 4, 8])
 @pytest.mark.parametrize("workload", abi.WORKLOADS)
 def test_counts_agree(workload, cpus, runner, tmp_path, no_leaks):
@@ -87,7 +88,7 @@ def test_counts_agree(workload, cpus, runner, tmp_path, no_leaks):
     check_console(console, cpus, total(result, "uart_bytes"))
 
 
-@pytest.mark.parametrize("runner", ["native", "python"])
+@pytest.mark.parametrize("runner", ["native", "python", "process"])
 def test_atomics_total_is_exact_under_contention(runner, tmp_path, no_leaks):
     result, _ = run(8, "atomics", runner, tmp_path, seconds=1.0)
     assert result.atomic_total == total(result, "atomic_increments") > 8 * 1000
@@ -122,7 +123,7 @@ def test_vcpu_threads_are_named_and_device_model_runs(runner, tmp_path, no_leaks
     assert all(tid > 0 and tid != os.getpid() for tid in seen["tids"].values())
 
 
-@pytest.mark.parametrize("runner", ["native", "python"])
+@pytest.mark.parametrize("runner", ["native", "python", "process"])
 def test_pause_freezes_and_resume_continues(runner, tmp_path, no_leaks):
     observed = {}
 
@@ -146,3 +147,33 @@ def test_pause_freezes_and_resume_continues(runner, tmp_path, no_leaks):
     result, _ = run(2, "pio-null", runner, tmp_path, seconds=1.5, on_started=pause_and_resume)
     assert observed == {"while_paused": True, "resumed": True}
     check_counts_agree(result, 2, "pio-null")
+
+
+def test_process_runner_runs_one_process_per_vcpu(tmp_path, no_leaks):
+    seen = {}
+
+    def look(supervisor):
+        time.sleep(0.3)
+        seen["pids"] = [w.pid for w in supervisor.workers]
+        seen["names"] = []
+        for pid in seen["pids"]:
+            with open(f"/proc/{pid}/comm") as f:
+                seen["names"].append(f.read().strip())
+
+    result, _ = run(4, "pio-null", "process", tmp_path, seconds=1.0, on_started=look)
+    check_counts_agree(result, 4, "pio-null")
+    assert len(set(seen["pids"])) == 4 and os.getpid() not in seen["pids"]
+    assert seen["names"] == [f"vcpu{i}" for i in range(4)]
+    assert [v.pid for v in result.vcpus] == seen["pids"]
+    assert all(v.cpu_seconds is not None and v.cpu_seconds > 0 for v in result.vcpus)
+
+
+def test_killed_worker_process_ends_the_vm(tmp_path, no_leaks):
+    def kill_one(supervisor):
+        time.sleep(0.3)
+        os.kill(supervisor.workers[1].pid, signal.SIGKILL)
+
+    result, _ = run(2, "pio-null", "process", tmp_path, seconds=10, on_started=kill_one)
+    assert result.exit_code == 1
+    assert "vcpu 1" in result.status and "SIGKILL" in result.status
+    assert result.seconds < 5
