@@ -83,7 +83,7 @@ class PythonLoop:
                 self.stats.stale_replies += 1
                 continue
             elapsed = time.monotonic_ns() - start
-            self.stats.sync_latency_buckets[st.latency_bucket(elapsed / 1e9)] += 1
+            self.stats.sync_latency_buckets[st.latency_bucket(elapsed)] += 1
             self.stats.sync_latency_sum_ns += elapsed
             return value
 

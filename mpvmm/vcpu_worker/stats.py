@@ -42,9 +42,8 @@ class VcpuStats(ctypes.Structure):
 
 assert ctypes.sizeof(VcpuStats) <= STATS_AREA_STRIDE
 
-def latency_bucket(seconds: float) -> int:
-    """The bucket a round trip of ``seconds`` falls in, as the C loop buckets it."""
-    ns = int(seconds * 1e9)
+def latency_bucket(ns: int) -> int:
+    """The bucket a round trip of ``ns`` nanoseconds falls in, as record_latency() buckets it."""
     bound = 1000
     for bucket in range(LATENCY_BUCKETS - 1):
         if ns <= bound:

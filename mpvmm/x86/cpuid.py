@@ -16,8 +16,9 @@ EDX_HTT = 1 << 28  # leaf 1: the logical-processor count in EBX[23:16] is valid
 def vcpu_cpuid(supported: list[kvm_cpuid_entry2], index: int, cpus: int) -> list[kvm_cpuid_entry2]:
     """Copies of ``supported`` patched for vCPU ``index`` of ``cpus``.
 
-    The APIC id is the vCPU index; the topology leaves describe one core per
-    vCPU, so the guest sees ``cpus`` single-threaded cores in one package.
+    The APIC id is the vCPU index, in leaf 1 and as the x2APIC id of the
+    topology leaves, and leaf 1 counts ``cpus`` logical processors. The rest
+    of the topology leaves (level shifts and counts) stay as KVM reports them.
     """
     entries = [copy.copy(entry) for entry in supported]
     for entry in entries:

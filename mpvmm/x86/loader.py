@@ -31,6 +31,10 @@ def load_elf(memory, image: bytes, what: str = "image") -> LoadedImage:
         low, high = None, 0
         for segment in segments:
             address, filesz, memsz = segment["p_paddr"], segment["p_filesz"], segment["p_memsz"]
+            if segment["p_offset"] + filesz > len(image):
+                raise GuestLoadError(
+                    f"{what}: segment at {address:#x} extends past the end of the file (truncated?)"
+                )
             if filesz > memsz or not memory.contains(address, memsz):
                 raise GuestLoadError(
                     f"{what}: segment at {address:#x} ({memsz} bytes) does not fit guest memory"
@@ -40,5 +44,7 @@ def load_elf(memory, image: bytes, what: str = "image") -> LoadedImage:
             low = address if low is None else min(low, address)
             high = max(high, address + memsz)
         return LoadedImage(GuestAddress(elf["e_entry"]), GuestAddress(low), GuestAddress(high))
-    except ELFError as err:
+    except (ELFError, OverflowError, ValueError, EOFError) as err:
+        # pyelftools seeks wherever the headers say: hostile offsets surface
+        # as these rather than as ELFError.
         raise GuestLoadError(f"{what} is not a valid ELF file: {err}") from err

@@ -86,6 +86,8 @@ def set_user_mode_sregs(sregs: kvm_sregs) -> None:
 
 def user_mode_regs(entry: int, stack_top: int, *arguments: int) -> kvm_regs:
     """Registers at the entry point: up to two arguments in RDI and RSI (SysV ABI)."""
+    if len(arguments) > 2:
+        raise ValueError(f"at most two entry arguments fit RDI and RSI, not {len(arguments)}")
     regs = kvm_regs(rip=entry, rsp=stack_top, rflags=RFLAGS_RESERVED | RFLAGS_IOPL3)
     for name, value in zip(("rdi", "rsi"), arguments):
         setattr(regs, name, value)

@@ -21,12 +21,17 @@ def _ours():
     return {name for name in os.listdir(SHM) if name.startswith(prefix)}
 
 
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
 @pytest.fixture
 def leftovers():
-    """Fails the test if it leaves one of our objects in /dev/shm."""
-    before = _ours()
+    """Fails the test if it leaves one of our objects in /dev/shm or an open fd."""
+    before, fds = _ours(), _open_fds()
     yield
     assert _ours() == before
+    assert _open_fds() <= fds
 
 
 @pytest.fixture
@@ -155,6 +160,18 @@ def test_close_twice_is_fine(leftovers):
     assert not os.path.exists(path)
     assert memory.host_address == 0
     memory.close()
+
+
+def test_fd_is_closed_once_mapped(memory):
+    # The mapping keeps the memory; an fd per VM would only count against RLIMIT_NOFILE.
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the fd listdir itself used
+            pass
+    assert memory.name
+    assert not any(memory.name in target for target in targets)
 
 
 def test_close_after_a_failed_constructor(leftovers):

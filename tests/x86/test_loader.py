@@ -128,11 +128,6 @@ def test_truncated_headers_are_refused(memory, guest_image, length):
     _assert_refused(memory, guest_image[:length])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: load_elf loads a PT_LOAD segment whose file bytes lie past the end of the "
-    "image (truncated ELF) without complaint, leaving part of the segment unwritten",
-)
 def test_truncated_segment_data_is_refused(memory, guest_image):
     segments, _, _ = _load_segments(guest_image)
     offset, _, filesz, _ = segments[0]
@@ -147,11 +142,6 @@ def test_truncated_segment_data_is_refused(memory, guest_image):
     assert accepted == [], f"truncated images of these lengths loaded: {accepted}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an offset >= 2**63 (p_offset or e_phoff) escapes load_elf as OverflowError "
-    "from BytesIO.seek instead of GuestLoadError",
-)
 @pytest.mark.parametrize("field", ["p_offset", "e_phoff"])
 def test_huge_file_offset_is_refused(memory, guest_image, field):
     phdr = _first_load_phdr(guest_image)
