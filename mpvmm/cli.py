@@ -9,6 +9,7 @@ from rich.console import Console
 from mpvmm import __version__
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.guest.abi import WORKLOADS
+from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
@@ -49,7 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "threads (the GIL baseline), or one process per vCPU, each with a VM of its own")
     start.add_argument("--console", metavar="FILE", help="write guest console output to FILE")
     start.add_argument("--report", metavar="FILE", help="write the summary as JSON to FILE")
+    start.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="ADDR",
+                       help=f"address to serve Prometheus /metrics on (default {DEFAULT_METRICS_ADDR})")
+    start.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, metavar="PORT",
+                       help=f"port to serve /metrics on (default {DEFAULT_METRICS_PORT}; 0: any free port)")
+    start.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     start.set_defaults(func=cmd_start)
+    top = commands.add_parser("top", help="live per-vCPU exit rates of a running VM, like kvm_stat")
+    top.add_argument("--url", default=DEFAULT_METRICS_URL,
+                     help=f"the VM's metrics endpoint (default {DEFAULT_METRICS_URL})")
+    top.add_argument("--once", action="store_true",
+                     help="scrape twice a second apart, print one table and exit (for scripts)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                     help="refresh period (default 1)")
+    top.set_defaults(func=cmd_top)
     return parser
 
 
@@ -59,7 +73,9 @@ def cmd_start(args) -> int:
     from mpvmm.supervisor.summary import render_summary, write_report
 
     config = RunConfig(cpus=args.cpus, memory=args.memory, workload=args.workload,
-                       seconds=args.seconds, runner=args.runner, console=args.console)
+                       seconds=args.seconds, runner=args.runner, console=args.console,
+                       metrics_addr=args.metrics_addr,
+                       metrics_port=None if args.no_metrics else args.metrics_port)
     if args.report:
         _check_writable(args.report, "--report")
     result = Supervisor(config).run()
@@ -69,7 +85,16 @@ def cmd_start(args) -> int:
     if args.report:
         write_report(result, args.report)
     print(f"mpvmm: {result.status}; exit code {result.exit_code}", file=sys.stderr)
+    for index, registers in result.fault_registers.items():
+        print(f"mpvmm: vcpu {index} registers: " +
+              " ".join(f"{name}={value:#x}" for name, value in registers.items()), file=sys.stderr)
     return result.exit_code
+
+
+def cmd_top(args) -> int:
+    from mpvmm.metrics.top import run_top
+
+    return run_top(args.url, once=args.once, interval=args.interval)
 
 
 def _check_writable(path: str, option: str) -> None:

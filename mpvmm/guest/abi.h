@@ -29,6 +29,8 @@ enum mpvmm_workload {
     MPVMM_WORKLOAD_MMIO = 4,
     MPVMM_WORKLOAD_UART = 5,
     MPVMM_WORKLOAD_ATOMICS = 6,
+    MPVMM_WORKLOAD_HOSTILE = 7,      /* floods and pokes everything; see builtin.c */
+    MPVMM_WORKLOAD_TRIPLE_FAULT = 8, /* executes ud2 with no IDT: the VMM must report it */
 };
 
 /* What a vCPU counts: every exit it causes falls in exactly one of the
@@ -46,6 +48,12 @@ enum mpvmm_guest_op {
     MPVMM_OP_ATOMIC_INCREMENTS,    /* no exit: locked adds to shared counters */
     MPVMM_OP_COMPUTE_ITERATIONS,   /* no exit: rounds of pure arithmetic */
     MPVMM_OP_READ_MISMATCHES,      /* no exit: device reads with a wrong value */
+    /* The hostile workload's pokes: some ports are handled inside KVM (PIC,
+     * PIT), so these are an upper bound on the exits they cause, not a count. */
+    MPVMM_OP_HOSTILE_PORT_WRITES,
+    MPVMM_OP_HOSTILE_PORT_READS,
+    MPVMM_OP_HOSTILE_MMIO_WRITES,
+    MPVMM_OP_HOSTILE_MMIO_READS,
     MPVMM_OP_COUNT
 };
 

@@ -14,7 +14,10 @@ REPORT_MAGIC = 0x545045524D56504D
 ATOMIC_COUNTERS = 8
 
 # Workload names as the CLI takes them, in abi.h's enum order.
-WORKLOADS = ("demo", "compute", "pio-null", "pio-device", "mmio", "uart", "atomics")
+WORKLOADS = ("demo", "compute", "pio-null", "pio-device", "mmio", "uart", "atomics",
+             "hostile", "triple-fault")
+# Workloads that exist to misbehave: their exit counts are not exact by design.
+MISBEHAVING_WORKLOADS = ("hostile", "triple-fault")
 
 # The guest's own counts, in abi.h's enum order.
 OPS = (
@@ -30,6 +33,10 @@ OPS = (
     "atomic_increments",
     "compute_iterations",
     "read_mismatches",
+    "hostile_port_writes",
+    "hostile_port_reads",
+    "hostile_mmio_writes",
+    "hostile_mmio_reads",
 )
 
 # Which exit path each exit-causing op takes (see the route table).

@@ -264,6 +264,63 @@ static void run_uart(struct vcpu *v)
         print_vcpu_line(v, "uart line", line, 1);
 }
 
+/* A guest that means harm: it floods the UART, writes every port in turn
+ * with small values, reads ports, and writes and reads random addresses in
+ * the MMIO hole, from every vCPU at once. It skips the paravirtual ports
+ * (0x510-0x51f) so it keeps running for the whole test, and keeps values
+ * below 0x20 so it does not ask for a reset (0xFE) or an ACPI sleep (SLP_EN,
+ * bit 13): those end a VM cleanly and are tested on their own. It stays out
+ * of the IOAPIC and local APIC pages, which KVM emulates in the kernel, so
+ * one vCPU cannot INIT another. */
+#define HOSTILE_MMIO_BASE 0xC0000000ull
+#define HOSTILE_MMIO_SIZE 0x3EC00000ull /* up to the IOAPIC at 0xFEC00000 */
+
+static uint64_t next_random(uint64_t *state)
+{
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return *state;
+}
+
+static int paravirt_port(uint16_t port)
+{
+    return port >= 0x510 && port < 0x520;
+}
+
+static void run_hostile(struct vcpu *v)
+{
+    uint64_t random = 0x9E3779B97F4A7C15ull * (v->index + 1);
+    uint16_t port = (uint16_t)(v->index * 0x1000);
+    for (uint64_t round = 0; !stopping(v); round++) {
+        for (int i = 0; i < 16; i++)
+            put_char(v, (char)('!' + (round + i) % 90));
+        for (int i = 0; i < 8; i++, port++) {
+            if (paravirt_port(port))
+                continue;
+            count(v, MPVMM_OP_HOSTILE_PORT_WRITES);
+            outb(port, (uint8_t)(round & 0x1f));
+        }
+        uint16_t read_port = (uint16_t)next_random(&random);
+        if (!paravirt_port(read_port)) {
+            count(v, MPVMM_OP_HOSTILE_PORT_READS);
+            (void)inb(read_port);
+        }
+        uint64_t address = HOSTILE_MMIO_BASE + (next_random(&random) % HOSTILE_MMIO_SIZE & ~7ull);
+        count(v, MPVMM_OP_HOSTILE_MMIO_WRITES);
+        mmio_write64(address, round);
+        count(v, MPVMM_OP_HOSTILE_MMIO_READS);
+        (void)mmio_read64(address + 8);
+    }
+}
+
+static void run_triple_fault(struct vcpu *v)
+{
+    (void)v;
+    /* #UD with no IDT to deliver it through: #DF, then a triple fault. */
+    __asm__ volatile("ud2");
+}
+
 static void run_atomics(struct vcpu *v)
 {
     for (uint64_t round = 0; !stopping(v); round++)
@@ -302,6 +359,8 @@ void guest_main(uint64_t index, volatile struct mpvmm_guest_params *block)
     case MPVMM_WORKLOAD_MMIO: run_mmio(v); break;
     case MPVMM_WORKLOAD_UART: run_uart(v); break;
     case MPVMM_WORKLOAD_ATOMICS: run_atomics(v); break;
+    case MPVMM_WORKLOAD_HOSTILE: run_hostile(v); break;
+    case MPVMM_WORKLOAD_TRIPLE_FAULT: run_triple_fault(v); break;
     default: finish(v, MPVMM_STATUS_BAD_PARAMS); return;
     }
     finish(v, v->report->ops[MPVMM_OP_READ_MISMATCHES] ? MPVMM_STATUS_READ_MISMATCH : MPVMM_STATUS_OK);

@@ -1,7 +1,8 @@
 """One run of a VM from creation to teardown: what ``mpvmm start`` does.
 
 Order of creation (undone in reverse by one ExitStack, whatever fails):
-KVM, guest RAM, the guest image, the VM and its vCPUs, the per-vCPU stats
+KVM, the metrics endpoint (bound first: a busy port creates nothing),
+guest RAM, the guest image, the VM and its vCPUs, the per-vCPU stats
 area, the device-model process and its queues, the vCPU workers. The run
 ends when every vCPU has exited, when ``--seconds`` runs out or a stop
 signal arrives (the guest is asked to finish, then forced after a grace
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
+from mpvmm.metrics.exporter import MetricsExporter
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.builtin_guest import BuiltinGuest, GuestCounts, min_memory
 from mpvmm.supervisor.device_model import DeviceModelProcess
@@ -48,6 +50,8 @@ class RunConfig:
     seconds: float | None = None
     runner: str = "native"
     console: str | None = None
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no /metrics endpoint (the CLI's default is 9477); 0: any free port
 
 
 @dataclass
@@ -125,9 +129,13 @@ class _StopSignals:
 class Supervisor:
     """Builds the VM of ``config``, runs it and returns what happened."""
 
-    def __init__(self, config: RunConfig, on_started=None):
+    def __init__(self, config: RunConfig, on_started=None, on_stopped=None):
         self.config = config
         self.on_started = on_started  # called with the Supervisor once vCPUs run
+        # Called with the Supervisor once every vCPU has stopped, before the
+        # device model shuts down and /metrics stops reading the VM.
+        self.on_stopped = on_stopped
+        self.metrics: MetricsExporter | None = None
         self.workers: list[VcpuWorker] = []
         self.vm: VirtualMachine | None = None
         self.device_model: DeviceModelProcess | None = None
@@ -140,6 +148,11 @@ class Supervisor:
             kvm = stack.enter_context(Kvm())
             kvm.require_capabilities()
             validate(config, kvm.max_vcpus())
+            if config.metrics_port is not None:
+                self.metrics = stack.enter_context(MetricsExporter(
+                    config.metrics_addr, config.metrics_port,
+                    {"cpus": str(config.cpus), "memory_bytes": str(config.memory),
+                     "runner": config.runner, "workload": config.workload}))
             memory = stack.enter_context(GuestMemory(config.memory))
             self.guest = BuiltinGuest(memory, config.cpus, config.workload)
             write_boot_structures(memory)
@@ -159,10 +172,17 @@ class Supervisor:
                 started = time.monotonic()
                 for worker in self.workers:
                     worker.start()
+                if self.metrics:
+                    self.metrics.attach(self)
+                    stack.callback(self.metrics.detach)  # runs before the stats pages are unmapped
                 if self.on_started:
                     self.on_started(self)
                 status = self._wait(signals, started)
                 seconds = time.monotonic() - started
+            if self.on_stopped:
+                self.on_stopped(self)
+            if self.metrics:
+                self.metrics.detach()  # the device model's control socket is _collect's from here
             return self._collect(status, seconds)
 
     def _create_workers(self, memory, stats_base: int) -> list:
@@ -259,13 +279,29 @@ class Supervisor:
             cpu_seconds=getattr(worker, "cpu_seconds", None),
         )
 
+    def _fault_detail(self, worker, vcpu: VcpuResult) -> str:
+        """What stopped a vCPU, in words, from its exit reason and kvm_run."""
+        if vcpu.outcome == "error":
+            return f"stopped: KVM_RUN failed: {os.strerror(vcpu.outcome_value)} (errno {vcpu.outcome_value})"
+        reason = vcpu.outcome_value
+        run = getattr(getattr(worker, "vcpu", None), "kvm_run", None)  # None for worker processes
+        if reason == kb.KVM_EXIT_SHUTDOWN:
+            return "stopped: triple fault (KVM_EXIT_SHUTDOWN)"
+        if reason == kb.KVM_EXIT_FAIL_ENTRY:
+            hardware = f" (hardware reason {run.fail_entry.hardware_entry_failure_reason:#x})" if run else ""
+            return f"stopped: VM entry failed{hardware}"
+        if reason == kb.KVM_EXIT_INTERNAL_ERROR:
+            suberror = f" (suberror {run.internal.suberror})" if run else ""
+            return f"stopped: KVM internal error{suberror}"
+        return f"stopped: unexpected exit reason {kb.EXIT_REASON_NAMES.get(reason, reason)} ({reason})"
+
     def _exit_code(self, result: RunResult, status: str) -> tuple[int, str]:
         """0 clean, the guest's debug-exit status where it set one, 1 for a VM failure."""
         for worker, vcpu in zip(self.workers, result.vcpus):
             if worker.error is not None:
                 return 1, f"vcpu {vcpu.index}: worker failed: {worker.error}"
             if vcpu.outcome.startswith("fault") or vcpu.outcome == "error":
-                detail = vcpu.outcome if vcpu.outcome != "error" else f"error (errno {vcpu.outcome_value})"
+                detail = self._fault_detail(worker, vcpu)
                 if self.vm is not None:
                     result.fault_registers[vcpu.index] = self.vm.registers(vcpu.index)
                 return 1, f"vcpu {vcpu.index} {detail}"
