@@ -49,11 +49,11 @@ enum mpvmm_guest_op {
     MPVMM_OP_COMPUTE_ITERATIONS,   /* no exit: rounds of pure arithmetic */
     MPVMM_OP_READ_MISMATCHES,      /* no exit: device reads with a wrong value */
     /* The hostile workload's pokes: some ports are handled inside KVM (PIC,
-     * PIT), so these are an upper bound on the exits they cause, not a count. */
-    MPVMM_OP_HOSTILE_PORT_WRITES,
-    MPVMM_OP_HOSTILE_PORT_READS,
-    MPVMM_OP_HOSTILE_MMIO_WRITES,
-    MPVMM_OP_HOSTILE_MMIO_READS,
+     * PIT), so these bound the exits they cause rather than count them. */
+    MPVMM_OP_HOSTILE_PORT_WRITES,  /* varies: posted, or none where KVM handles the port */
+    MPVMM_OP_HOSTILE_PORT_READS,   /* varies: sync, or none where KVM handles the port */
+    MPVMM_OP_HOSTILE_MMIO_WRITES,  /* varies: posted (the hostile workload avoids KVM's pages) */
+    MPVMM_OP_HOSTILE_MMIO_READS,   /* varies: sync (likewise) */
     MPVMM_OP_COUNT
 };
 

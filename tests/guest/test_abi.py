@@ -135,7 +135,8 @@ def _op_comments(header):
     paths = {}
     for member, comment in re.findall(r"MPVMM_OP_(\w+)(?:\s*=\s*\d+)?,\s*/\*\s*([^*]*?)\*/", _enum_body(header, "mpvmm_guest_op")):
         kind = comment.split(":", 1)[0].strip()
-        paths[member.lower()] = None if kind == "no exit" else kind
+        # "no exit" ops cause none; "varies" ops have no fixed path (hostile pokes).
+        paths[member.lower()] = None if kind in ("no exit", "varies") else kind
     return paths
 
 
