@@ -42,6 +42,7 @@ import posix_ipc
 from mpvmm.devicemodel.console import Console
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
+from mpvmm.devicemodel.sandbox import confine
 from mpvmm.errors import DeviceModelError
 
 # Messages taken from one queue before the next queue gets its turn, so one
@@ -233,6 +234,7 @@ class DeviceModelProcess:
         try:
             config = Config.from_message(message)
             self._open(config)
+            confine()  # everything is open: give up what a hostile guest would want next
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
             raise _Exit(1) from err
