@@ -66,3 +66,15 @@ def no_leaks(kvm_available):
     assert ipc_objects() - objects == set(), "shared memory or message queues left behind"
     assert device_model_processes() - processes == set(), "device-model process left running"
     assert open_fds() <= fds, "file descriptors leaked"
+
+
+def thread_names(pid="self") -> list[str]:
+    """The kernel names (comm) of every thread of a process, as `ps -eLf` shows them."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import device_model_processes, ipc_objects
+from tests.conftest import thread_names
 
 MPVMM = [sys.executable, "-m", "mpvmm"]
 
@@ -17,17 +17,6 @@ MPVMM = [sys.executable, "-m", "mpvmm"]
 def start(*args, **kwargs):
     return subprocess.Popen([*MPVMM, "start", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kwargs)
-
-
-def thread_names(pid):
-    names = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                names.add(f.read().strip())
-        except OSError:
-            pass
-    return names
 
 
 def children(pid):
@@ -51,7 +40,7 @@ def test_main_job_eight_vcpus(no_leaks):
     process = start("--cpus", "8", "--seconds", "3")
     expected = {f"vcpu{i}" for i in range(8)}
     deadline = time.monotonic() + 10
-    while not expected <= thread_names(process.pid):
+    while not expected <= set(thread_names(process.pid)):
         assert process.poll() is None and time.monotonic() < deadline, "vcpu threads never appeared"
         time.sleep(0.05)
     assert any("mpvmm.devicemodel" in c for c in children(process.pid))
@@ -83,7 +72,7 @@ def test_report_matches_guest_counts(tmp_path, no_leaks):
 def test_stop_signal_ends_cleanly_with_summary(signum, tmp_path, no_leaks):
     process = start("--cpus", "2", "--workload", "uart", "--console", str(tmp_path / "console"))
     deadline = time.monotonic() + 10
-    while not {"vcpu0", "vcpu1"} <= thread_names(process.pid):
+    while not {"vcpu0", "vcpu1"} <= set(thread_names(process.pid)):
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.3)

@@ -49,28 +49,25 @@ def check_queues(cpus: int) -> None:
             f"fs.mqueue.msgsize_max is {msgsize_max}, below the {QUEUE_MESSAGE_SIZE} bytes a message needs"
         )
     needed = queues * queue_depth() * (QUEUE_MESSAGE_SIZE + _MQUEUE_MESSAGE_OVERHEAD)
-    soft, hard = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
-    if soft != resource.RLIM_INFINITY and needed > soft:
-        if hard == resource.RLIM_INFINITY or needed <= hard:
-            resource.setrlimit(resource.RLIMIT_MSGQUEUE, (needed, hard))
-        else:
-            raise HostLimitError(
-                f"{cpus} vCPUs need about {needed} bytes of message queues but RLIMIT_MSGQUEUE is "
-                f"{hard}: raise it (`ulimit -q`, or LimitMSGQUEUE= for a service)"
-            )
+    _ensure_soft_limit(resource.RLIMIT_MSGQUEUE, needed,
+                       f"{cpus} vCPUs need about {needed} bytes of message queues",
+                       "RLIMIT_MSGQUEUE", "`ulimit -q`, or LimitMSGQUEUE= for a service")
+
+
+def _ensure_soft_limit(limit: int, needed: int, what: str, name: str, how: str) -> None:
+    """Raise the soft limit to ``needed`` where the hard limit allows; else say how."""
+    soft, hard = resource.getrlimit(limit)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise HostLimitError(f"{what} but {name} is {hard}: raise it ({how})")
+    resource.setrlimit(limit, (needed, hard))
 
 
 def check_open_files(cpus: int) -> None:
     needed = _FDS_BASE + _FDS_PER_VCPU * cpus
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and needed > soft:
-        if hard == resource.RLIM_INFINITY or needed <= hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-        else:
-            raise HostLimitError(
-                f"{cpus} vCPUs need about {needed} open files but RLIMIT_NOFILE is {hard}: "
-                f"raise it with `ulimit -n`"
-            )
+    _ensure_soft_limit(resource.RLIMIT_NOFILE, needed, f"{cpus} vCPUs need about {needed} open files",
+                       "RLIMIT_NOFILE", "`ulimit -n`")
 
 
 def _mem_available() -> int | None:

@@ -12,6 +12,7 @@ from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.supervisor.summary import guest_exits, guest_paths
 from mpvmm.vcpu_worker import stats as st
+from tests.conftest import thread_names
 
 SUM_MASK = (1 << 64) - 1
 # The op each workload exists to do; it must have happened on every vCPU.
@@ -92,17 +93,6 @@ def test_counts_agree(workload, cpus, runner, tmp_path, no_leaks):
 def test_atomics_total_is_exact_under_contention(runner, tmp_path, no_leaks):
     result, _ = run(8, "atomics", runner, tmp_path, seconds=1.0)
     assert result.atomic_total == total(result, "atomic_increments") > 8 * 1000
-
-
-def thread_names(pid="self"):
-    names = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            pass
-    return names
 
 
 @pytest.mark.parametrize("runner", ["native", "python"])
