@@ -24,11 +24,22 @@ def kvm_available():
 
 
 def ipc_objects() -> set[str]:
-    """Every mpvmm shared memory object and message queue on the host."""
+    """mpvmm shared memory objects and message queues that are leaks or ours.
+
+    Names carry their creator's pid (/mpvmm-<pid>-<random>-<role>). An object
+    whose creator is this process, or is gone, counts; one whose creator is
+    another live process (a run beside ours on the same host) is that run's.
+    """
     names = set()
     for folder in ("/dev/shm", MQUEUE_DIR):
-        if os.path.isdir(folder):
-            names |= {f"{folder}/{n}" for n in os.listdir(folder) if n.startswith("mpvmm-")}
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if not name.startswith("mpvmm-"):
+                continue
+            creator = name.split("-")[1]
+            if not creator.isdigit() or int(creator) == os.getpid() or not os.path.exists(f"/proc/{creator}"):
+                names.add(f"{folder}/{name}")
     return names
 
 
