@@ -7,6 +7,7 @@ import sys
 from rich.console import Console
 
 from mpvmm import __version__
+from mpvmm.bench.command import add_bench_command
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.guest.abi import WORKLOADS
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, metavar="PORT",
                        help=f"port to serve /metrics on (default {DEFAULT_METRICS_PORT}; 0: any free port)")
     start.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    start.add_argument("--kernel", metavar="PATH",
+                       help="boot this Linux kernel (bzImage or vmlinux) instead of the built-in guest")
+    start.add_argument("--initrd", metavar="PATH", help="initial ramdisk for --kernel")
+    start.add_argument("--cmdline", metavar="STR", help="kernel command line (default: "
+                       "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux)")
     start.set_defaults(func=cmd_start)
     top = commands.add_parser("top", help="live per-vCPU exit rates of a running VM, like kvm_stat")
     top.add_argument("--url", default=DEFAULT_METRICS_URL,
@@ -64,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                      help="refresh period (default 1)")
     top.set_defaults(func=cmd_top)
+    add_bench_command(commands)
     return parser
 
 
@@ -75,10 +82,19 @@ def cmd_start(args) -> int:
     config = RunConfig(cpus=args.cpus, memory=args.memory, workload=args.workload,
                        seconds=args.seconds, runner=args.runner, console=args.console,
                        metrics_addr=args.metrics_addr,
-                       metrics_port=None if args.no_metrics else args.metrics_port)
+                       metrics_port=None if args.no_metrics else args.metrics_port,
+                       kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline)
     if args.report:
         _check_writable(args.report, "--report")
-    result = Supervisor(config).run()
+    if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
+        raise UsageError("--initrd and --cmdline need --kernel")
+    if args.kernel is not None:
+        from mpvmm.supervisor.linux_run import LinuxSupervisor, stdin_terminal
+
+        supervisor = LinuxSupervisor(config, stdin_fd=stdin_terminal())
+    else:
+        supervisor = Supervisor(config)
+    result = supervisor.run()
     # Wide enough for every column even when stdout is a pipe or a file.
     console = Console(width=max(Console().width, 132))
     render_summary(result, console)

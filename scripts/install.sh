@@ -19,6 +19,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# The metrics tests run a real Prometheus (and its promtool) from Debian's
+# package. They start their own server on a free port and never use the
+# package's systemd service; the node exporter it recommends is not needed.
+if ! command -v prometheus >/dev/null; then
+    echo "install.sh: installing Debian package: prometheus (for the metrics tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

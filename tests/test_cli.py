@@ -96,7 +96,7 @@ BAD_INPUT = [
     (["--workload", "nope"], "invalid choice"),
     (["--seconds", "-1"], "--seconds must not be negative"),
     (["--runner", "fast"], "invalid choice"),
-    (["--kernel", "/nonexistent/bzImage"], "unrecognized arguments"),
+    (["--kernel", "/nonexistent/bzImage"], "kernel /nonexistent/bzImage: No such file"),
     (["--report", "/nonexistent/dir/report.json"], "--report"),
 ]
 

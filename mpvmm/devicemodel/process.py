@@ -40,7 +40,9 @@ import msgpack
 import posix_ipc
 
 from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
+from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
 from mpvmm.devicemodel.sandbox import confine
 from mpvmm.errors import DeviceModelError
@@ -74,6 +76,12 @@ class Config:
     request_queues: tuple[str, ...]
     reply_queues: tuple[str, ...]
     console: str | None
+    # The Linux machine (issue 5): "pc" adds RTC, i8042 and ACPI power
+    # devices; irqfds maps a device name to an inherited eventfd KVM turns
+    # into its interrupt; stdin_fd, when set, feeds the UART.
+    machine: str = "builtin"
+    irqfds: tuple[tuple[str, int], ...] = ()
+    stdin_fd: int | None = None
 
     @classmethod
     def from_message(cls, message: object) -> "Config":
@@ -98,7 +106,17 @@ class Config:
             )
         if console is not None and not isinstance(console, str):
             raise DeviceModelError("console must be a path or None")
-        return cls(ram_name, ram_size, tuple(requests), tuple(replies), console)
+        machine, irqfds, stdin_fd = message.get("machine", "builtin"), message.get("irqfds", {}), message.get("stdin_fd")
+        if machine not in ("builtin", "pc"):
+            raise DeviceModelError(f"unknown machine {machine!r}")
+        if not isinstance(irqfds, dict) or not all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in irqfds.items()
+        ):
+            raise DeviceModelError("irqfds must map device names to file descriptors")
+        if stdin_fd is not None and (type(stdin_fd) is not int or stdin_fd < 0):
+            raise DeviceModelError("stdin_fd must be a file descriptor or None")
+        return cls(ram_name, ram_size, tuple(requests), tuple(replies), console,
+                   machine, tuple(sorted(irqfds.items())), stdin_fd)
 
 
 def serve_round(
@@ -160,6 +178,7 @@ class DeviceModelProcess:
         self.replies_sent = 0
         self.replies_dropped = 0
         self.internal_errors = 0
+        self.host_input: HostInput | None = None
 
     # --- Control channel. ---
 
@@ -226,6 +245,11 @@ class DeviceModelProcess:
             },
         }
 
+    def _system_event(self, name: str) -> None:
+        """A device asked for power-off or reboot: the supervisor ends the VM."""
+        self.console.flush()
+        self._send({"op": "system_event", "event": name})
+
     # --- Configure. ---
 
     def configure(self) -> None:
@@ -273,9 +297,15 @@ class DeviceModelProcess:
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = Console(os.open(config.console, flags, 0o600), owns_fd=True)
-        self.model = DeviceModel(console_out=self.console.write)
+        if config.machine == "pc":
+            triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
+            self.model = DeviceModel(machine=build_pc_buses(self.console.write, triggers, self._system_event))
+        else:
+            self.model = DeviceModel(console_out=self.console.write)
         self._epoll = select.epoll()
         self._epoll.register(self.control.fileno(), select.EPOLLIN)
+        if config.stdin_fd is not None:
+            self.host_input = HostInput(config.stdin_fd, self.model.uart, self._epoll)
         for index, queue in enumerate(self.request_queues):
             self._epoll.register(queue.mqd, select.EPOLLIN)
             self._queue_by_fd[queue.mqd] = index
@@ -329,12 +359,16 @@ class DeviceModelProcess:
                 continue
             ready: set[int] = set()
             for fd, _mask in events:
-                if fd == control_fd:
+                if self.host_input is not None and fd == self.host_input.fd:
+                    self.host_input.on_readable()
+                elif fd == control_fd:
                     self._read_control()
                     self._process_control_messages()
                 else:
                     ready.add(self._queue_by_fd[fd])
             more = self._serve(ready) if ready else []
+            if self.host_input is not None:
+                self.host_input.rearm()
 
     def close(self) -> None:
         """Release everything opened so far; safe after a failed configure."""

@@ -31,7 +31,12 @@ class DeviceModelProcess:
     process: subprocess.Popen | None = None
     _control: socket.socket | None = None
 
-    def __init__(self, memory, cpus: int, console: str | None):
+    def __init__(self, memory, cpus: int, console: str | None, *, machine: str = "builtin",
+                 irq_fds: dict[str, int] | None = None, stdin_fd: int | None = None):
+        # machine, irq_fds (device name -> eventfd) and stdin_fd: the Linux
+        # machine's extras (process.py's Config); the fds are inherited.
+        self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd}
+        self.system_events: list[str] = []
         self.channels: list[WorkerChannel] = []
         self._queues: list[posix_ipc.MessageQueue] = []
         self._unpacker = msgpack.Unpacker(raw=False)
@@ -64,7 +69,8 @@ class DeviceModelProcess:
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(), *self._extra["irqfds"].values(),
+                          *([self._extra["stdin_fd"]] if self._extra["stdin_fd"] is not None else [])),
                 stdin=subprocess.DEVNULL,
             )
         finally:
@@ -77,6 +83,7 @@ class DeviceModelProcess:
             "request_queues": [c.request_queue.name for c in self.channels],
             "reply_queues": [c.reply_queue.name for c in self.channels],
             "console": os.path.abspath(console) if console else None,
+            **self._extra,
         })
         reply = self._receive(START_TIMEOUT_SECONDS)
         if reply.get("op") != "ready":
@@ -99,6 +106,9 @@ class DeviceModelProcess:
         while True:
             for message in self._unpacker:
                 if isinstance(message, dict):
+                    if message.get("op") == "system_event":  # unsolicited: kept for poll_events
+                        self.system_events.append(str(message.get("event")))
+                        continue
                     return message
             left = deadline - time.monotonic()
             if left <= 0:
@@ -129,6 +139,25 @@ class DeviceModelProcess:
             self.process.kill()
             self.process.wait()
         return reply.get("stats", {})
+
+    def poll_events(self) -> list[str]:
+        """Read what the device model sent unasked; the power events seen so far."""
+        if self._control is not None:
+            try:
+                self._control.setblocking(False)
+                data = self._control.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            finally:
+                self._control.setblocking(True)
+            if data:
+                self._unpacker.feed(data)
+                for message in self._unpacker:
+                    if isinstance(message, dict) and message.get("op") == "system_event":
+                        self.system_events.append(str(message.get("event")))
+        return self.system_events
 
     # --- Liveness. ---
 

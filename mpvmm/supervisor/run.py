@@ -50,6 +50,10 @@ class RunConfig:
     seconds: float | None = None
     runner: str = "native"
     console: str | None = None
+    # A Linux kernel instead of the built-in guest (linux_run.LinuxSupervisor).
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
     metrics_addr: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no /metrics endpoint (the CLI's default is 9477); 0: any free port
 

@@ -60,3 +60,33 @@ PARAVIRT_PORT_COUNT = 4
 # The device model's test device (the pio-device workload).
 PIO_TESTDEV_PORT = 0x520
 PIO_TESTDEV_PORT_COUNT = 8
+
+# --- Linux boot (issue 5): the firmware-less PC a kernel expects, as
+# Firecracker lays it out (x86-boot.md, section 3). The built-in guest's
+# regions above are not used by a Linux VM, and these not by the built-in guest.
+LINUX_GDT_ADDR = GuestAddress(0x500)  # __BOOT_CS 0x10, __BOOT_DS 0x18
+LINUX_ZERO_PAGE_ADDR = GuestAddress(0x7000)  # boot_params; RSI points here
+LINUX_BOOT_STACK_TOP = GuestAddress(0x8FF0)  # the kernel loads its own RSP at once
+LINUX_CMDLINE_ADDR = GuestAddress(0x20000)
+LINUX_CMDLINE_MAX = 4096  # the slot's size; the kernel's own limit is in its header
+# Usable RAM ends at the EBDA: the AP trampoline needs base memory below it.
+LINUX_EBDA_START = GuestAddress(0x9FC00)
+# MP floating pointer + config table at the EBDA (Linux scans it), ACPI tables
+# from 0xE0000 (the legacy RSDP scan area); [EBDA, 1 MiB) is e820-reserved.
+LINUX_MPTABLE_ADDR = LINUX_EBDA_START
+LINUX_ACPI_ADDR = GuestAddress(0xE0000)
+LINUX_ACPI_MAX = 0x10000
+LINUX_HIGH_MEMORY = GuestAddress(0x100000)  # RAM above the BIOS area
+# bzImages whose payload we cannot unpack load here (code32_start's default).
+LINUX_BZIMAGE_LOAD_ADDR = LINUX_HIGH_MEMORY
+IOAPIC_ADDR = GuestAddress(0xFEC00000)
+LAPIC_ADDR = GuestAddress(0xFEE00000)
+# Legacy PC ports a kernel uses, emulated by the device model.
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64  # 0xFE written here resets the machine
+RTC_PORT = 0x70  # index at 0x70, data at 0x71
+RTC_PORT_COUNT = 2
+# ACPI hardware-reduced sleep control/status and reset registers (FADT).
+ACPI_PM_PORT = 0x600
+ACPI_PM_PORT_COUNT = 4
+COM1_IRQ = 4

@@ -1,0 +1,250 @@
+"""The metrics of one VM, read at scrape time from what the run already counts.
+
+Nothing here runs on the exit path: the run loop keeps its counters in the
+per-vCPU stats pages whatever happens, and a scrape only reads them, KVM's
+stats fds (one ``pread`` each), the guest's reports in guest RAM, each vCPU
+thread's ``/proc`` stat and, once, the device model's counters over its
+control socket.
+
+The sources belong to the run and are torn down with it, some by unmapping
+memory: the collector reads them only between ``attach`` and ``detach``,
+under a lock, so a scrape in flight finishes before ``detach`` returns and
+no scrape ever touches an unmapped page.
+"""
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from mpvmm.errors import MpvmmError
+from mpvmm.kvm import bindings as kb
+from mpvmm.kvm.stats import StatsReader
+from mpvmm.metrics.kvm_names import KvmMetric, kvm_metrics
+from mpvmm.vcpu_worker import stats as st
+
+# Exit reasons exported for every vCPU from the start, so that their rate()
+# is right from the first exit on; any other reason is exported once some
+# vCPU has seen it (a series per vCPU for each of KVM's 40 reasons would be
+# mostly zeros).
+BASELINE_EXIT_REASONS = (
+    kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_INTR, kb.KVM_EXIT_HLT, kb.KVM_EXIT_SHUTDOWN,
+    kb.KVM_EXIT_FAIL_ENTRY, kb.KVM_EXIT_INTERNAL_ERROR, kb.KVM_EXIT_SYSTEM_EVENT,
+)
+LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in st.LATENCY_BOUNDS_SECONDS) + ("+Inf",)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def exit_reason_name(reason: int) -> str:
+    """The label of a stats-page exit slot; the same names as the --report JSON."""
+    return kb.EXIT_REASON_NAMES.get(reason, str(reason))
+
+
+@dataclass
+class VmSources:
+    """What a scrape reads. The collector owns (and closes) only the KVM readers."""
+
+    stats_pages: list[st.VcpuStats]
+    worker_pids: list[int] = field(default_factory=list)  # 0: a thread of this process
+    guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts
+    device_stats: Callable[[], dict] | None = None
+    kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)
+    kvm_vm_reader: StatsReader | None = None
+
+    def close(self) -> None:
+        for reader in [*self.kvm_vcpu_readers, self.kvm_vm_reader]:
+            if reader is not None:
+                reader.close()
+        self.kvm_vcpu_readers, self.kvm_vm_reader = [], None
+
+
+def open_kvm_reader(open_fd: Callable[[], int]) -> StatsReader | None:
+    """A reader of the stats fd ``open_fd()`` returns, or None where KVM has none."""
+    try:
+        return StatsReader(open_fd())
+    except MpvmmError:
+        return None
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of thread ``tid`` of process ``pid`` (0: this one); None once gone."""
+    try:
+        with open(f"/proc/{pid or 'self'}/task/{tid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # Fields 14 and 15 of proc(5), counted after the ")" that ends the name.
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+
+
+class VmCollector(Collector):
+    """A prometheus_client collector of one VM's metrics; ``info`` labels mpvmm_vm_info."""
+
+    def __init__(self, info: dict[str, str]):
+        self._info = info
+        self._lock = threading.Lock()
+        self._sources: VmSources | None = None
+        self._kvm_vcpu_metrics: list[KvmMetric] = []
+        self._kvm_vm_metrics: list[KvmMetric] = []
+        self._device_stats_failed = False
+
+    def attach(self, sources: VmSources) -> None:
+        with self._lock:
+            self._sources = sources
+            first_reader = next((r for r in sources.kvm_vcpu_readers if r is not None), None)
+            # Every vCPU of a VM has the same descriptors: name them once.
+            self._kvm_vcpu_metrics = (
+                kvm_metrics("mpvmm_kvm_vcpu", first_reader.descriptors) if first_reader else []
+            )
+            self._kvm_vm_metrics = (
+                kvm_metrics("mpvmm_kvm_vm", sources.kvm_vm_reader.descriptors)
+                if sources.kvm_vm_reader else []
+            )
+            self._device_stats_failed = False
+
+    def detach(self) -> None:
+        """Stop reading the run's sources; waits for a scrape in flight. Idempotent."""
+        with self._lock:
+            sources, self._sources = self._sources, None
+        if sources is not None:
+            sources.close()
+
+    def collect(self) -> list[Metric]:
+        info = GaugeMetricFamily("mpvmm_vm_info", "The running VM; always 1", labels=list(self._info))
+        info.add_metric(list(self._info.values()), 1)
+        families: list[Metric] = [info]
+        with self._lock:
+            if self._sources is not None:
+                families += self._vcpu_families(self._sources)
+                families += self._kvm_families(self._sources)
+                families += self._guest_families(self._sources)
+                families += self._device_families(self._sources)
+        return families
+
+    # --- The run loop's stats pages. ---
+
+    def _vcpu_families(self, sources: VmSources) -> list[Metric]:
+        exits = CounterMetricFamily("mpvmm_vcpu_exits", "Exits to userspace by KVM exit reason",
+                                    labels=["vcpu", "reason"])
+        routes = CounterMetricFamily("mpvmm_vcpu_exit_route", "Userspace exits by how they were handled: "
+                                     "native (in the run loop), posted or sync (to the device model)",
+                                     labels=["vcpu", "route"])
+        latency = HistogramMetricFamily("mpvmm_vcpu_sync_exit_latency_seconds",
+                                        "Round trip of sync exits to the device model", labels=["vcpu"])
+        runs = CounterMetricFamily("mpvmm_vcpu_runs", "KVM_RUN calls that returned an exit", labels=["vcpu"])
+        kicks = CounterMetricFamily("mpvmm_vcpu_kicks", "KVM_RUN calls interrupted by a stop or pause kick",
+                                    labels=["vcpu"])
+        sleep = CounterMetricFamily("mpvmm_vcpu_sleep_seconds", "Time vCPUs slept on the guest's sleep port",
+                                    labels=["vcpu"])
+        stalls = CounterMetricFamily("mpvmm_vcpu_posted_stalls", "Posted writes that waited for a full queue",
+                                     labels=["vcpu"])
+        cpu = CounterMetricFamily("mpvmm_vcpu_cpu_seconds", "CPU time of the vCPU worker thread",
+                                  labels=["vcpu", "mode"])
+        pages = sources.stats_pages
+        exit_counts = [list(page.exits) for page in pages]
+        reasons = set(BASELINE_EXIT_REASONS)
+        reasons.update(r for counts in exit_counts for r, n in enumerate(counts) if n)
+        for index, (page, counts) in enumerate(zip(pages, exit_counts)):
+            vcpu = str(index)
+            for reason in sorted(reasons):
+                exits.add_metric([vcpu, exit_reason_name(reason)], counts[reason])
+            for route, count in zip(st.PATHS, page.paths):
+                routes.add_metric([vcpu, route], count)
+            cumulative, buckets = 0, []
+            for label, count in zip(LATENCY_BUCKET_LABELS, page.sync_latency_buckets):
+                cumulative += count  # the page keeps each bucket alone; Prometheus wants le-cumulative
+                buckets.append((label, cumulative))
+            latency.add_metric([vcpu], buckets, page.sync_latency_sum_ns / 1e9)
+            runs.add_metric([vcpu], page.runs)
+            kicks.add_metric([vcpu], page.interrupted)
+            sleep.add_metric([vcpu], page.sleep_ns / 1e9)
+            stalls.add_metric([vcpu], page.posted_stalls)
+            pid = sources.worker_pids[index] if index < len(sources.worker_pids) else 0
+            times = thread_cpu_seconds(pid, page.tid) if page.tid else None
+            if times is not None:
+                cpu.add_metric([vcpu, "user"], times[0])
+                cpu.add_metric([vcpu, "system"], times[1])
+        return [exits, routes, latency, runs, kicks, sleep, stalls, cpu]
+
+    # --- KVM's binary stats. ---
+
+    def _kvm_families(self, sources: VmSources) -> list[Metric]:
+        families = {m.name: _family(m, ["vcpu"]) for m in self._kvm_vcpu_metrics}
+        for index, reader in enumerate(sources.kvm_vcpu_readers):
+            if reader is None:
+                continue
+            values = reader.read()
+            for metric in self._kvm_vcpu_metrics:
+                families[metric.name].add_metric([str(index)], values[metric.descriptor.name] * metric.scale)
+        result = list(families.values())
+        if sources.kvm_vm_reader is not None:
+            values = sources.kvm_vm_reader.read()
+            for metric in self._kvm_vm_metrics:
+                family = _family(metric, [])
+                family.add_metric([], values[metric.descriptor.name] * metric.scale)
+                result.append(family)
+        return result
+
+    # --- The guest's own reports. ---
+
+    def _guest_families(self, sources: VmSources) -> list[Metric]:
+        if sources.guest_counts is None:
+            return []
+        ops = CounterMetricFamily("mpvmm_guest_ops", "What the built-in guest says it did, by op",
+                                  labels=["vcpu", "op"])
+        for index in range(len(sources.stats_pages)):
+            for op, count in sources.guest_counts(index).ops.items():
+                ops.add_metric([str(index), op], count)
+        return [ops]
+
+    # --- The device model's counters. ---
+
+    def _device_families(self, sources: VmSources) -> list[Metric]:
+        if sources.device_stats is None or self._device_stats_failed:
+            return []
+        try:
+            stats = sources.device_stats()
+        except MpvmmError:
+            # The device model is gone or stuck: the run will notice and end;
+            # asking again would make every later scrape wait for the timeout.
+            self._device_stats_failed = True
+            return []
+        return device_families(stats)
+
+
+def device_families(stats: dict) -> list[Metric]:
+    """Metric families of a device model's ``stats`` dict (machine.DeviceModel.stats)."""
+    requests = CounterMetricFamily("mpvmm_device_requests", "Requests the device model handled, by device",
+                                   labels=["device", "op"])
+    for device, ops in stats.get("requests", {}).items():
+        for op, count in ops.items():
+            requests.add_metric([device, op], count)
+    unmapped = CounterMetricFamily("mpvmm_device_unmapped_requests",
+                                   "Requests to addresses no device claims", labels=["space", "op"])
+    for space, ops in stats.get("unmapped", {}).items():
+        for op, count in ops.items():
+            unmapped.add_metric([space, op], count)
+    rejected = CounterMetricFamily("mpvmm_device_rejected_messages",
+                                   "Malformed request messages dropped, by reason", labels=["reason"])
+    for reason, count in stats.get("rejected", {}).items():
+        rejected.add_metric([reason], count)
+    errors = CounterMetricFamily("mpvmm_device_errors", "Device emulation failures, by device",
+                                 labels=["device"])
+    for device, count in stats.get("device_errors", {}).items():
+        errors.add_metric([device], count)
+    return [requests, unmapped, rejected, errors]
+
+
+def _family(metric: KvmMetric, labels: list[str]) -> Metric:
+    if metric.kind == "counter":
+        return CounterMetricFamily(metric.name, metric.documentation, labels=labels)
+    return GaugeMetricFamily(metric.name, metric.documentation, labels=labels)

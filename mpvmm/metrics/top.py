@@ -1,0 +1,172 @@
+"""``mpvmm top``: per-vCPU exit rates of a running VM, in the spirit of kvm_stat.
+
+It reads only the VM's ``/metrics`` endpoint, so it runs as any user, on a
+VM started by someone else, and sees exactly what Prometheus sees. Rates are
+differences between two scrapes divided by the time between them.
+"""
+
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from mpvmm.errors import MpvmmError, UsageError
+from mpvmm.vcpu_worker.stats import PATHS
+
+SCRAPE_TIMEOUT_SECONDS = 3.0
+# Reasons that always get a column; any other gets one once it has happened.
+ALWAYS_SHOWN_REASONS = ("io", "mmio")
+
+
+class ScrapeError(MpvmmError):
+    """The metrics endpoint could not be reached or did not answer with metrics (exit 1)."""
+
+
+@dataclass
+class Scrape:
+    """The samples of one scrape: (name, sorted label pairs) -> value, and when."""
+
+    seconds: float  # time.monotonic() when the answer arrived
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+    def series(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {labels: value for (sample_name, labels), value in self.samples.items() if sample_name == name}
+
+    def info(self) -> dict[str, str]:
+        return dict(next(iter(self.series("mpvmm_vm_info")), ()))
+
+
+def parse(text: str, seconds: float) -> Scrape:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return Scrape(seconds, samples)
+
+
+def scrape(url: str, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> Scrape:
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url {url}: not an http:// or https:// URL")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+    except urllib.error.HTTPError as err:
+        raise ScrapeError(f"{url}: HTTP {err.code} {err.reason}") from err
+    except urllib.error.URLError as err:
+        reason = getattr(err.reason, "strerror", None) or err.reason
+        raise ScrapeError(f"cannot reach {url}: {reason} (is `mpvmm start` running?)") from err
+    except (OSError, ValueError) as err:
+        raise ScrapeError(f"cannot reach {url}: {err}") from err
+    try:
+        result = parse(text, time.monotonic())
+    except ValueError as err:
+        raise ScrapeError(f"{url} did not answer with Prometheus metrics: {err}") from err
+    if not result.series("mpvmm_vm_info"):
+        raise ScrapeError(f"{url} is not an mpvmm metrics endpoint (no mpvmm_vm_info)")
+    return result
+
+
+def _by_vcpu(scrape: Scrape, name: str, key: str | None = None) -> dict[tuple[int, str], float]:
+    """{(vcpu, value of label ``key`` or ""): sample value} for the series of ``name``."""
+    values = {}
+    for labels, value in scrape.series(name).items():
+        label_map = dict(labels)
+        if "vcpu" in label_map:
+            values[(int(label_map["vcpu"]), label_map.get(key, "") if key else "")] = value
+    return values
+
+
+def _rates(before: Scrape, after: Scrape, name: str, key: str | None = None) -> dict[tuple[int, str], float]:
+    elapsed = after.seconds - before.seconds
+    old = _by_vcpu(before, name, key)
+    rates = {}
+    for series, value in _by_vcpu(after, name, key).items():
+        delta = value - old.get(series, 0.0)
+        rates[series] = (delta if delta >= 0 else value) / elapsed  # a drop is a restart: count from 0
+    return rates
+
+
+def _interval_quantile(before: Scrape, after: Scrape, vcpu: int, quantile: float) -> float | None:
+    """The upper bound of the latency bucket holding ``quantile`` of this interval's sync exits."""
+    name = "mpvmm_vcpu_sync_exit_latency_seconds_bucket"
+    old, new = _by_vcpu(before, name, "le"), _by_vcpu(after, name, "le")
+    buckets = sorted(((float(le), count - old.get((v, le), 0.0)) for (v, le), count in new.items() if v == vcpu))
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    for bound, cumulative in buckets:
+        if cumulative >= quantile * buckets[-1][1]:
+            return bound
+    return None
+
+
+def _rate_text(value: float) -> str:
+    return f"{value:.0f}"
+
+
+def rate_table(before: Scrape, after: Scrape) -> Table:
+    """One row per vCPU and a total: exits/s by reason and by route, like kvm_stat's."""
+    info = after.info()
+    exits = _rates(before, after, "mpvmm_vcpu_exits_total", "reason")
+    routes = _rates(before, after, "mpvmm_vcpu_exit_route_total", "route")
+    kvm_exits = _rates(before, after, "mpvmm_kvm_vcpu_exits_total")
+    cpu = _rates(before, after, "mpvmm_vcpu_cpu_seconds_total", "mode")
+    totals = _by_vcpu(after, "mpvmm_vcpu_exits_total", "reason")
+    vcpus = sorted({vcpu for vcpu, _ in totals})
+    reasons = sorted({reason for (_, reason), count in totals.items() if count} | set(ALWAYS_SHOWN_REASONS))
+    elapsed = after.seconds - before.seconds
+    # No vertical lines, like kvm_stat: a 64-vCPU table still fits 80 columns.
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"mpvmm top: {info.get('cpus', '?')} vCPUs, {info.get('runner', '?')} runner, "
+                        f"{info.get('workload', '?')} workload; per second over {elapsed:.1f} s")
+    columns = ["vcpu", "exits", *reasons, *PATHS, "sync p99 us", "kvm exits", "cpu %"]
+    for column in columns:
+        # Never shorter than its longest word: "nati…" says nothing in a narrow terminal.
+        table.add_column(column, justify="right", min_width=max(len(word) for word in column.split()))
+    rate_sums = [0.0] * (1 + len(reasons) + len(PATHS))
+    kvm_sum = cpu_sum = 0.0
+    for vcpu in vcpus:
+        by_reason = [exits.get((vcpu, reason), 0.0) for reason in reasons]
+        rates = [sum(by_reason), *by_reason, *(routes.get((vcpu, route), 0.0) for route in PATHS)]
+        rate_sums = [total + rate for total, rate in zip(rate_sums, rates)]
+        kvm_rate = kvm_exits.get((vcpu, ""))
+        kvm_sum += kvm_rate or 0.0
+        cpu_percent = 100 * (cpu.get((vcpu, "user"), 0.0) + cpu.get((vcpu, "system"), 0.0))
+        cpu_sum += cpu_percent
+        p99 = _interval_quantile(before, after, vcpu, 0.99)
+        table.add_row(
+            str(vcpu), *(_rate_text(rate) for rate in rates),
+            "-" if p99 is None else ("inf" if p99 == float("inf") else f"{p99 * 1e6:.0f}"),
+            "-" if kvm_rate is None else _rate_text(kvm_rate),
+            f"{cpu_percent:.0f}",
+        )
+    table.add_section()
+    table.add_row("all", *(_rate_text(rate) for rate in rate_sums), "", _rate_text(kvm_sum), f"{cpu_sum:.0f}")
+    return table
+
+
+def run_top(url: str, once: bool = False, interval: float = 1.0, console: Console | None = None) -> int:
+    """Show rates until Ctrl-C, or (``once``) print one table from two scrapes and return."""
+    if interval <= 0:
+        raise UsageError(f"--interval must be positive, not {interval:g}")
+    before = scrape(url)
+    if once:
+        # Every column whole even when stdout is a pipe or a file (80 columns).
+        console = console or Console(width=max(Console().width, 132))
+        time.sleep(interval)
+        console.print(rate_table(before, scrape(url)))
+        return 0
+    console = console or Console()
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(max(0.0, before.seconds + interval - time.monotonic()))
+                after = scrape(url)
+                live.update(rate_table(before, after), refresh=True)
+                before = after
+    except KeyboardInterrupt:
+        return 0

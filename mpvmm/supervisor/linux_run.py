@@ -1,0 +1,165 @@
+"""``mpvmm start --kernel``: the Supervisor's run, for a Linux guest.
+
+The same lifecycle as run.py's (one ExitStack, workers, wait loop, summary)
+with what a kernel needs instead of the built-in guest: the kernel and its
+tables in RAM, the BSP at the 64-bit entry and the APs left to INIT/SIPI,
+the UART's and i8042's interrupts as irqfds, the "pc" device set, host
+input in raw mode, and the end of the run told by the guest: power-off and
+reboot from the device model (``system_event``), triple fault and
+KVM_EXIT_SYSTEM_EVENT from a vCPU.
+
+Exit codes: 0 when the guest powered off or rebooted (i8042 reset, ACPI
+reset register, a KVM reset event: ``panic=-1`` ends that way too); 1 for
+a triple fault, a crash event or any other VM failure; 128+N for signal N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+
+from mpvmm.errors import UsageError
+from mpvmm.kvm import bindings as kb
+from mpvmm.kvm.system import Kvm
+from mpvmm.supervisor.device_model import DeviceModelProcess
+from mpvmm.supervisor.linux_guest import LinuxBoot, LinuxGuestReport
+from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
+from mpvmm.supervisor.run import POLL_SECONDS, Supervisor, _StopSignals, validate
+from mpvmm.supervisor.terminal import RawTerminal
+from mpvmm.supervisor.vm import VirtualMachine
+from mpvmm.vcpu_worker import stats as st
+
+IRQ_LINES = {"com1": 4, "i8042": 1}  # device name -> GSI (ISA IRQ = IOAPIC pin, KVM's default)
+
+# How each way a guest can end reads in the status line, and its exit code.
+ENDINGS = {
+    "poweroff": ("guest powered off", 0),
+    "reboot": ("guest rebooted", 0),
+    "triple-fault": ("guest reset by a triple fault", 1),
+    "crash": ("guest reported a crash (KVM_SYSTEM_EVENT_CRASH)", 1),
+}
+_SYSTEM_EVENT_ENDINGS = {
+    kb.KVM_SYSTEM_EVENT_SHUTDOWN: "poweroff",
+    kb.KVM_SYSTEM_EVENT_RESET: "reboot",
+    kb.KVM_SYSTEM_EVENT_CRASH: "crash",
+}
+
+
+class LinuxSupervisor(Supervisor):
+    """Boots ``config.kernel`` on ``config.cpus`` vCPUs until it powers off or reboots."""
+
+    def __init__(self, config, on_started=None, on_stopped=None, stdin_fd: int | None = None):
+        super().__init__(config, on_started, on_stopped)
+        self.ending: str | None = None
+        # The terminal to read from; None: no guest input (tests, pipes).
+        self.stdin_fd = stdin_fd
+
+    def run(self):
+        config = self.config
+        if config.runner == "process":
+            raise UsageError("--runner process has no shared interrupt controller and cannot boot Linux")
+        with contextlib.ExitStack() as stack:
+            kvm = stack.enter_context(Kvm())
+            kvm.require_capabilities()
+            # Both before anything is created: bad input is one line, exit 2.
+            validate(config, kvm.max_vcpus())  # its memory minimum is the built-in guest's, far below Linux's
+            boot = LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory)
+            memory = stack.enter_context(GuestMemory(config.memory))
+            boot.load(memory)
+            self.guest = LinuxGuestReport()
+            self.vm = VirtualMachine(kvm, memory, config.cpus)
+            stack.callback(self.vm.close)
+            boot.setup_vcpus(kvm, self.vm)
+            irq_fds = {}
+            for name, gsi in IRQ_LINES.items():
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                stack.callback(os.close, fd)
+                self.vm.vm.irqfd(fd, gsi)
+                irq_fds[name] = fd
+            stats_size = config.cpus * st.STATS_AREA_STRIDE
+            stats_base = map_shared(-1, stats_size)
+            stack.callback(unmap, stats_base, stats_size)
+            terminal = stack.enter_context(RawTerminal(self.stdin_fd)) if self.stdin_fd is not None else None
+            stdin_fd = self.stdin_fd if terminal is not None and terminal.active else None
+            self.device_model = DeviceModelProcess(memory, config.cpus, config.console, machine="pc",
+                                                   irq_fds=irq_fds, stdin_fd=stdin_fd)
+            stack.callback(self.device_model.close)
+            self.workers = self._create_workers(memory, stats_base)
+            stack.callback(self._force_stop)
+            with _StopSignals() as signals:
+                started = time.monotonic()
+                for worker in self.workers:
+                    worker.start()
+                if self.on_started:
+                    self.on_started(self)
+                status = self._wait(signals, started)
+                seconds = time.monotonic() - started
+            if self.on_stopped:
+                self.on_stopped(self)
+            return self._collect(status, seconds)
+
+    # --- While it runs. ---
+
+    def _wait(self, signals: _StopSignals, started: float) -> str:
+        deadline = None if self.config.seconds is None else started + self.config.seconds
+        while True:
+            events = self.device_model.poll_events() if self.device_model.alive() else []
+            if events:
+                self.ending = events[0]
+                self._force_stop()
+                return ENDINGS[self.ending][0] if self.ending in ENDINGS else f"guest event {self.ending}"
+            for worker in self.workers:
+                ending = self._vcpu_ending(worker)
+                if ending is not None:
+                    self.ending = ending
+                    self._force_stop()
+                    return f"{ENDINGS[ending][0]} (vcpu {worker.index})"
+            if not self.device_model.alive():
+                self._force_stop()
+                return f"device model died ({self.device_model.describe_exit()})"
+            if any(w.done and w.outcome[0] in ("fault", "error") for w in self.workers):
+                self._force_stop()
+                return "vcpu fault"
+            if all(w.done for w in self.workers):
+                return "guest exited"
+            if signals.received is not None:
+                self.stop_signal = signals.received
+                self._force_stop()
+                return f"stopped by {signal.Signals(signals.received).name}"
+            if deadline is not None and time.monotonic() >= deadline:
+                self._force_stop()
+                return "time limit reached"
+            time.sleep(POLL_SECONDS)
+
+    @staticmethod
+    def _vcpu_ending(worker) -> str | None:
+        """How a vCPU that stopped on a shutdown or system event ended the guest."""
+        if not worker.done:
+            return None
+        outcome, reason = worker.outcome
+        if outcome != "fault":
+            return None
+        if reason == kb.KVM_EXIT_SHUTDOWN:
+            return "triple-fault"
+        if reason == kb.KVM_EXIT_SYSTEM_EVENT:
+            return _SYSTEM_EVENT_ENDINGS.get(worker.vcpu.kvm_run.system_event.type)
+        return None
+
+    def _finish_guest(self) -> None:
+        self._force_stop()  # a kernel has no stop flag to ask for
+
+    def _exit_code(self, result, status: str) -> tuple[int, str]:
+        if self.ending in ENDINGS:
+            return ENDINGS[self.ending][1], status
+        return super()._exit_code(result, status)
+
+
+def stdin_terminal() -> int | None:
+    """fd 0 when it is a terminal: only then does the guest get host input."""
+    try:
+        return sys.stdin.fileno() if sys.stdin is not None and os.isatty(sys.stdin.fileno()) else None
+    except (OSError, ValueError):
+        return None
