@@ -10,6 +10,7 @@ UNINITIALIZED state for the kernel's INIT/SIPI.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from mpvmm.kvm.bindings_x86 import kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_sregs
@@ -137,12 +138,24 @@ def set_lint_modes(lapic) -> None:
     _set_lvt(lapic.regs, APIC_LVT1_OFFSET, APIC_MODE_NMI)
 
 
-def linux_cpuid(supported: list[kvm_cpuid_entry2], index: int, cpus: int) -> list[kvm_cpuid_entry2]:
-    """``vcpu_cpuid`` plus the bits a Linux guest should not be shown."""
+def emulating_kvm_host() -> bool:
+    """True on a PVM-based KVM (these machines), whose ring-0 emulator lacks CMPXCHG16B."""
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
+def linux_cpuid(supported: list[kvm_cpuid_entry2], index: int, cpus: int,
+                hide_cx16: bool | None = None) -> list[kvm_cpuid_entry2]:
+    """``vcpu_cpuid`` plus the bits a Linux guest should not be shown.
+
+    CMPXCHG16B is hidden only where the host cannot run it (``hide_cx16``
+    defaults to ``emulating_kvm_host()``); hardware KVM keeps it.
+    """
+    if hide_cx16 is None:
+        hide_cx16 = emulating_kvm_host()
     entries = vcpu_cpuid(supported, index, cpus)
     for entry in entries:
         if entry.function == LEAF_FEATURES:
-            entry.ecx &= ~(ECX_PDCM | ECX_CX16)
+            entry.ecx &= ~(ECX_PDCM | (ECX_CX16 if hide_cx16 else 0))
         elif entry.function == LEAF_THERMAL:
             entry.ecx &= ~ECX_ENERGY_PERF_BIAS
     return entries

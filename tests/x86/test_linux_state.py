@@ -62,8 +62,14 @@ def test_boot_msrs_skip_what_kvm_does_not_list():
 def test_linux_cpuid_keeps_the_apic_id_and_hides_what_cannot_run():
     entries = [kvm_cpuid_entry2(function=1, ebx=0, ecx=linux.ECX_PDCM | linux.ECX_CX16 | 1, edx=0),
                kvm_cpuid_entry2(function=6, ecx=0xF)]
-    patched = linux.linux_cpuid(entries, 3, 4)
+    patched = linux.linux_cpuid(entries, 3, 4, hide_cx16=True)
     assert patched[0].ebx >> 24 == 3
     assert patched[0].ecx & (linux.ECX_PDCM | linux.ECX_CX16) == 0 and patched[0].ecx & 1
     assert patched[1].ecx == 0xF & ~linux.ECX_ENERGY_PERF_BIAS
     assert entries[0].ecx & linux.ECX_CX16  # the input is not modified
+
+
+def test_cmpxchg16b_is_kept_where_the_host_runs_it():
+    entries = [kvm_cpuid_entry2(function=1, ecx=linux.ECX_PDCM | linux.ECX_CX16)]
+    patched = linux.linux_cpuid(entries, 0, 1, hide_cx16=False)
+    assert patched[0].ecx & linux.ECX_CX16 and not patched[0].ecx & linux.ECX_PDCM
