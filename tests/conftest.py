@@ -1,6 +1,7 @@
 """Shared fixtures: KVM must be there, and nothing may leak."""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -37,8 +38,10 @@ def ipc_objects() -> set[str]:
         for name in os.listdir(folder):
             if not name.startswith("mpvmm-"):
                 continue
-            creator = name.split("-")[1]
-            if not creator.isdigit() or int(creator) == os.getpid() or not os.path.exists(f"/proc/{creator}"):
+            # Device-model tests name theirs /mpvmm-test-<pid>-...
+            match = re.match(r"mpvmm-(?:test-)?(\d+)-", name)
+            creator = int(match.group(1)) if match else None
+            if creator is None or creator == os.getpid() or not os.path.exists(f"/proc/{creator}"):
                 names.add(f"{folder}/{name}")
     return names
 

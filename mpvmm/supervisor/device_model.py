@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -37,6 +38,9 @@ class DeviceModelProcess:
         # machine's extras (process.py's Config); the fds are inherited.
         self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd}
         self.system_events: list[str] = []
+        # One conversation on the control socket at a time: a metrics scrape
+        # (its own thread) and the wait loop's poll_events share it.
+        self._lock = threading.Lock()
         self.channels: list[WorkerChannel] = []
         self._queues: list[posix_ipc.MessageQueue] = []
         self._unpacker = msgpack.Unpacker(raw=False)
@@ -126,13 +130,15 @@ class DeviceModelProcess:
 
     def stats(self) -> dict:
         """The device model's counters (devices, requests, unmapped, rejected)."""
-        self._send({"op": "stats"})
-        return self._receive(REPLY_TIMEOUT_SECONDS).get("stats", {})
+        with self._lock:
+            self._send({"op": "stats"})
+            return self._receive(REPLY_TIMEOUT_SECONDS).get("stats", {})
 
     def shutdown(self) -> dict:
         """Ask the device model to drain, flush the console and exit; its last stats."""
-        self._send({"op": "shutdown"})
-        reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        with self._lock:
+            self._send({"op": "shutdown"})
+            reply = self._receive(REPLY_TIMEOUT_SECONDS)
         try:
             self.process.wait(REPLY_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
@@ -142,6 +148,11 @@ class DeviceModelProcess:
 
     def poll_events(self) -> list[str]:
         """Read what the device model sent unasked; the power events seen so far."""
+        with self._lock:
+            self._read_unsolicited()
+        return self.system_events
+
+    def _read_unsolicited(self) -> None:
         if self._control is not None:
             try:
                 self._control.setblocking(False)
@@ -157,7 +168,6 @@ class DeviceModelProcess:
                 for message in self._unpacker:
                     if isinstance(message, dict) and message.get("op") == "system_event":
                         self.system_events.append(str(message.get("event")))
-        return self.system_events
 
     # --- Liveness. ---
 
