@@ -1,7 +1,7 @@
 """``mpvmm start --kernel``: the Supervisor's run, for a Linux guest.
 
-The same lifecycle as run.py's (one ExitStack, workers, wait loop, summary)
-with what a kernel needs instead of the built-in guest: the kernel and its
+Supervisor.run's lifecycle (one ExitStack, workers, metrics, wait loop,
+summary), with the steps a kernel needs instead of the built-in guest's: the kernel and its
 tables in RAM, the BSP at the 64-bit entry and the APs left to INIT/SIPI,
 the UART's and i8042's interrupts as irqfds, the "pc" device set, host
 input in raw mode, and the end of the run told by the guest: power-off and
@@ -15,7 +15,6 @@ a triple fault, a crash event or any other VM failure; 128+N for signal N.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -23,14 +22,10 @@ import time
 
 from mpvmm.errors import UsageError
 from mpvmm.kvm import bindings as kb
-from mpvmm.kvm.system import Kvm
-from mpvmm.supervisor.device_model import DeviceModelProcess
 from mpvmm.supervisor.linux_guest import LinuxBoot, LinuxGuestReport
-from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
-from mpvmm.supervisor.run import POLL_SECONDS, Supervisor, _StopSignals, validate
+from mpvmm.supervisor.run import POLL_SECONDS, Supervisor, _StopSignals
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vm import VirtualMachine
-from mpvmm.vcpu_worker import stats as st
 
 IRQ_LINES = {"com1": 4, "i8042": 1}  # device name -> GSI (ISA IRQ = IOAPIC pin, KVM's default)
 
@@ -57,49 +52,38 @@ class LinuxSupervisor(Supervisor):
         # The terminal to read from; None: no guest input (tests, pipes).
         self.stdin_fd = stdin_fd
 
-    def run(self):
-        config = self.config
-        if config.runner == "process":
+    # --- The steps of Supervisor.run that a kernel does differently. ---
+
+    def _check_guest(self) -> None:
+        """Read and check the kernel, initrd and command line: bad input creates nothing."""
+        if self.config.runner == "process":
             raise UsageError("--runner process has no shared interrupt controller and cannot boot Linux")
-        with contextlib.ExitStack() as stack:
-            kvm = stack.enter_context(Kvm())
-            kvm.require_capabilities()
-            # Both before anything is created: bad input is one line, exit 2.
-            validate(config, kvm.max_vcpus())  # its memory minimum is the built-in guest's, far below Linux's
-            boot = LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory)
-            memory = stack.enter_context(GuestMemory(config.memory))
-            boot.load(memory)
-            self.guest = LinuxGuestReport()
-            self.vm = VirtualMachine(kvm, memory, config.cpus)
-            stack.callback(self.vm.close)
-            boot.setup_vcpus(kvm, self.vm)
-            irq_fds = {}
-            for name, gsi in IRQ_LINES.items():
-                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                stack.callback(os.close, fd)
-                self.vm.vm.irqfd(fd, gsi)
-                irq_fds[name] = fd
-            stats_size = config.cpus * st.STATS_AREA_STRIDE
-            stats_base = map_shared(-1, stats_size)
-            stack.callback(unmap, stats_base, stats_size)
-            terminal = stack.enter_context(RawTerminal(self.stdin_fd)) if self.stdin_fd is not None else None
-            stdin_fd = self.stdin_fd if terminal is not None and terminal.active else None
-            self.device_model = DeviceModelProcess(memory, config.cpus, config.console, machine="pc",
-                                                   irq_fds=irq_fds, stdin_fd=stdin_fd)
-            stack.callback(self.device_model.close)
-            self.workers = self._create_workers(memory, stats_base)
-            stack.callback(self._force_stop)
-            with _StopSignals() as signals:
-                started = time.monotonic()
-                for worker in self.workers:
-                    worker.start()
-                if self.on_started:
-                    self.on_started(self)
-                status = self._wait(signals, started)
-                seconds = time.monotonic() - started
-            if self.on_stopped:
-                self.on_stopped(self)
-            return self._collect(status, seconds)
+        # validate()'s memory minimum is the built-in guest's, far below Linux's: from_files checks.
+        self.boot = LinuxBoot.from_files(self.config.kernel, self.config.initrd, self.config.cmdline,
+                                         self.config.cpus, self.config.memory)
+
+    def _metrics_info(self) -> dict[str, str]:
+        return {**super()._metrics_info(), "workload": "linux"}
+
+    def _build_guest(self, stack, kvm, memory) -> None:
+        """The kernel and its tables in RAM, the BSP at its entry, the interrupt lines."""
+        self.boot.load(memory)
+        self.guest = LinuxGuestReport()
+        self.vm = VirtualMachine(kvm, memory, self.config.cpus)
+        stack.callback(self.vm.close)
+        self.boot.setup_vcpus(kvm, self.vm)
+        self.irq_fds = {}
+        for name, gsi in IRQ_LINES.items():
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            stack.callback(os.close, fd)
+            self.vm.vm.irqfd(fd, gsi)
+            self.irq_fds[name] = fd
+
+    def _device_model_options(self, stack) -> dict:
+        """The PC device set, its interrupt lines, and the terminal when there is one."""
+        terminal = stack.enter_context(RawTerminal(self.stdin_fd)) if self.stdin_fd is not None else None
+        stdin_fd = self.stdin_fd if terminal is not None and terminal.active else None
+        return {"machine": "pc", "irq_fds": self.irq_fds, "stdin_fd": stdin_fd}
 
     # --- While it runs. ---
 

@@ -147,28 +147,23 @@ class Supervisor:
         self.stop_signal: int | None = None
 
     def run(self) -> RunResult:
+        """The whole run; the steps a guest kind changes are the methods below."""
         config = self.config
         with contextlib.ExitStack() as stack:
             kvm = stack.enter_context(Kvm())
             kvm.require_capabilities()
             validate(config, kvm.max_vcpus())
+            self._check_guest()
             if config.metrics_port is not None:
                 self.metrics = stack.enter_context(MetricsExporter(
-                    config.metrics_addr, config.metrics_port,
-                    {"cpus": str(config.cpus), "memory_bytes": str(config.memory),
-                     "runner": config.runner, "workload": config.workload}))
+                    config.metrics_addr, config.metrics_port, self._metrics_info()))
             memory = stack.enter_context(GuestMemory(config.memory))
-            self.guest = BuiltinGuest(memory, config.cpus, config.workload)
-            write_boot_structures(memory)
-            if config.runner != "process":
-                self.vm = VirtualMachine(kvm, memory, config.cpus)
-                stack.callback(self.vm.close)
-                for index in range(config.cpus):
-                    self.vm.enter_user_mode(index, *self.guest.entry_arguments(index))
+            self._build_guest(stack, kvm, memory)
             stats_size = config.cpus * st.STATS_AREA_STRIDE
             stats_base = map_shared(-1, stats_size)
             stack.callback(unmap, stats_base, stats_size)
-            self.device_model = DeviceModelProcess(memory, config.cpus, config.console)
+            self.device_model = DeviceModelProcess(memory, config.cpus, config.console,
+                                                   **self._device_model_options(stack))
             stack.callback(self.device_model.close)
             self.workers = self._create_workers(memory, stats_base)
             stack.callback(self._force_stop)
@@ -188,6 +183,30 @@ class Supervisor:
             if self.metrics:
                 self.metrics.detach()  # the device model's control socket is _collect's from here
             return self._collect(status, seconds)
+
+    # --- The steps a guest kind provides (LinuxSupervisor overrides them). ---
+
+    def _check_guest(self) -> None:
+        """Refuse a guest that cannot run, before anything is created."""
+
+    def _metrics_info(self) -> dict[str, str]:
+        config = self.config
+        return {"cpus": str(config.cpus), "memory_bytes": str(config.memory),
+                "runner": config.runner, "workload": config.workload}
+
+    def _build_guest(self, stack: contextlib.ExitStack, kvm, memory) -> None:
+        """Load the built-in guest and, for thread runners, the VM entering it at CPL 3."""
+        self.guest = BuiltinGuest(memory, self.config.cpus, self.config.workload)
+        write_boot_structures(memory)
+        if self.config.runner != "process":  # worker processes build VMs of their own
+            self.vm = VirtualMachine(kvm, memory, self.config.cpus)
+            stack.callback(self.vm.close)
+            for index in range(self.config.cpus):
+                self.vm.enter_user_mode(index, *self.guest.entry_arguments(index))
+
+    def _device_model_options(self, stack: contextlib.ExitStack) -> dict:
+        """Extra DeviceModelProcess arguments: the built-in guest needs none."""
+        return {}
 
     def _create_workers(self, memory, stats_base: int) -> list:
         routes = builtin_routes()
