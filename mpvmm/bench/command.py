@@ -105,7 +105,6 @@ def _check_host(args) -> None:
 
 def cmd_bench(args) -> int:
     from mpvmm.bench import report
-    from mpvmm.bench.measure import BenchRunError, measure
 
     for path, option in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
@@ -123,17 +122,41 @@ def cmd_bench(args) -> int:
     schedule = [(repeat, workload, cpus, runner)
                 for repeat in range(args.repeat) for workload in args.workload
                 for cpus in args.cpus for runner in args.runner]
+    samples, exit_code = _run_schedule(schedule, args)
+    host["load_average_after"] = list(os.getloadavg())
+    records = report.build_records(samples, host)
+    report.render_tables(records, Console(width=max(Console().width, 120)))
+    if args.json:
+        report.write_json(records, args.json)
+    if args.plot and records:
+        from mpvmm.bench.plot import write_plot
+
+        write_plot(records, args.plot)
+    if exit_code:
+        print(f"mpvmm: bench interrupted after {len(samples)} of {len(schedule)} runs", file=sys.stderr)
+    return exit_code
+
+
+def _run_schedule(schedule: list[tuple], args) -> tuple[list, int]:
+    """Measures each run in turn with a progress display; (samples, exit code).
+
+    A stop signal ends the schedule early with 128 + its number and the
+    samples so far; a run that fails otherwise fails the bench.
+    """
+    from mpvmm.bench import report
+    from mpvmm.bench.measure import BenchRunError, measure
+
     samples, exit_code = [], 0
-    errors = Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=errors, transient=True, auto_refresh=False)
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False)
     task = progress.add_task("starting", total=len(schedule))
-    last_refresh = [0.0]
+    last_refresh = 0.0
 
     def on_progress(done: int, fraction: float) -> None:
+        nonlocal last_refresh
         progress.update(task, completed=done + fraction)
-        if time.monotonic() - last_refresh[0] >= PROGRESS_REFRESH_SECONDS:
-            last_refresh[0] = time.monotonic()
+        if time.monotonic() - last_refresh >= PROGRESS_REFRESH_SECONDS:
+            last_refresh = time.monotonic()
             progress.refresh()
 
     with progress:
@@ -154,19 +177,6 @@ def cmd_bench(args) -> int:
                 break
             samples.append(sample)
             unit = report.short_unit(report.throughput_unit(workload))
-            rate = report.build_records([sample], host)[0]["throughput_per_second"]
-            progress.console.print(f"{what} (repeat {repeat + 1}): {rate:,.0f} {unit}/s")
+            progress.console.print(f"{what} (repeat {repeat + 1}): {report.sample_throughput(sample):,.0f} {unit}/s")
         progress.update(task, completed=len(samples))
-
-    host["load_average_after"] = list(os.getloadavg())
-    records = report.build_records(samples, host)
-    report.render_tables(records, Console(width=max(Console().width, 120)))
-    if args.json:
-        report.write_json(records, args.json)
-    if args.plot and records:
-        from mpvmm.bench.plot import write_plot
-
-        write_plot(records, args.plot)
-    if exit_code:
-        print(f"mpvmm: bench interrupted after {len(samples)} of {len(schedule)} runs", file=sys.stderr)
-    return exit_code
+    return samples, exit_code

@@ -5,6 +5,7 @@ through the Agg canvas directly, so no GUI backend or global pyplot state is
 touched.
 """
 
+import importlib.util
 import math
 from collections import defaultdict
 
@@ -21,10 +22,8 @@ PANEL_INCHES = (4.8, 3.6)
 
 def require_matplotlib() -> None:
     """Fail with a usage error before any run if --plot cannot be drawn."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'mpvmm[plot]'") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'mpvmm[plot]'")
 
 
 def write_plot(records: list[dict], path: str) -> None:

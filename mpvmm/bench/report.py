@@ -60,8 +60,9 @@ def _median_int(values) -> int:
     return round(statistics.median(values))
 
 
-def _throughput(workload: str, sample) -> float:
-    op = GUEST_WORK_OPS.get(workload)
+def sample_throughput(sample) -> float:
+    """One run's figure of merit per second (see throughput_unit)."""
+    op = GUEST_WORK_OPS.get(sample.workload)
     work = sample.guest_ops[op] if op else sum(sample.exits)
     return work / sample.seconds
 
@@ -88,7 +89,7 @@ def build_records(samples, host: dict) -> list[dict]:
             "exits_per_second_per_vcpu": [statistics.median(r.exits[i] / r.seconds for r in runs)
                                           for i in range(cpus)],
             "throughput_unit": throughput_unit(workload),
-            "throughput_per_second": statistics.median(_throughput(workload, r) for r in runs),
+            "throughput_per_second": statistics.median(sample_throughput(r) for r in runs),
             "guest_ops_per_second": {op: statistics.median(r.guest_ops[op] / r.seconds for r in runs)
                                      for op in runs[0].guest_ops if any(r.guest_ops[op] for r in runs)},
             "ratio_to_raw": None,

@@ -16,14 +16,12 @@ a triple fault, a crash event or any other VM failure; 128+N for signal N.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import time
 
 from mpvmm.errors import UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.supervisor.linux_guest import LinuxBoot, LinuxGuestReport
-from mpvmm.supervisor.run import POLL_SECONDS, Supervisor, _StopSignals
+from mpvmm.supervisor.run import Supervisor
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vm import VirtualMachine
 
@@ -87,36 +85,18 @@ class LinuxSupervisor(Supervisor):
 
     # --- While it runs. ---
 
-    def _wait(self, signals: _StopSignals, started: float) -> str:
-        deadline = None if self.config.seconds is None else started + self.config.seconds
-        while True:
-            events = self.device_model.poll_events() if self.device_model.alive() else []
-            if events:
-                self.ending = events[0]
-                self._force_stop()
-                return ENDINGS[self.ending][0] if self.ending in ENDINGS else f"guest event {self.ending}"
-            for worker in self.workers:
-                ending = self._vcpu_ending(worker)
-                if ending is not None:
-                    self.ending = ending
-                    self._force_stop()
-                    return f"{ENDINGS[ending][0]} (vcpu {worker.index})"
-            if not self.device_model.alive():
-                self._force_stop()
-                return f"device model died ({self.device_model.describe_exit()})"
-            if any(w.done and w.outcome[0] in ("fault", "error") for w in self.workers):
-                self._force_stop()
-                return "vcpu fault"
-            if all(w.done for w in self.workers):
-                return "guest exited"
-            if signals.received is not None:
-                self.stop_signal = signals.received
-                self._force_stop()
-                return f"stopped by {signal.Signals(signals.received).name}"
-            if deadline is not None and time.monotonic() >= deadline:
-                self._force_stop()
-                return "time limit reached"
-            time.sleep(POLL_SECONDS)
+    def _guest_ending(self) -> str | None:
+        """Power-off or reboot told by the device model, or a vCPU's shutdown or system event."""
+        events = self.device_model.poll_events() if self.device_model.alive() else []
+        if events:
+            self.ending = events[0]
+            return ENDINGS[self.ending][0] if self.ending in ENDINGS else f"guest event {self.ending}"
+        for worker in self.workers:
+            ending = self._vcpu_ending(worker)
+            if ending is not None:
+                self.ending = ending
+                return f"{ENDINGS[ending][0]} (vcpu {worker.index})"
+        return None
 
     @staticmethod
     def _vcpu_ending(worker) -> str | None:

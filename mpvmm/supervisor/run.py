@@ -225,23 +225,31 @@ class Supervisor:
         """Wait for the end of the run; returns why it ended."""
         deadline = None if self.config.seconds is None else started + self.config.seconds
         while True:
-            if all(w.done for w in self.workers):
-                return "guest exited"
+            ending = self._guest_ending()
+            if ending is not None:
+                self._force_stop()
+                return ending
             if not self.device_model.alive():
                 self._force_stop()
                 return f"device model died ({self.device_model.describe_exit()})"
             if any(w.done and w.outcome[0] in ("fault", "error") for w in self.workers):
                 self._force_stop()
                 return "vcpu fault"
+            if all(w.done for w in self.workers):
+                return "guest exited"
             if signals.received is not None:
                 self.stop_signal = signals.received
-                name = signal.Signals(signals.received).name
                 self._finish_guest()
-                return f"stopped by {name}"
+                return f"stopped by {signal.Signals(signals.received).name}"
             if deadline is not None and time.monotonic() >= deadline:
                 self._finish_guest()
                 return "time limit reached"
             time.sleep(POLL_SECONDS)
+
+    def _guest_ending(self) -> str | None:
+        """How the guest ended the run by itself, if it did (the built-in guest
+        just exits its vCPUs, which the checks in _wait see)."""
+        return None
 
     def _finish_guest(self) -> None:
         """Ask the guest to finish; force the vCPUs that do not in time."""

@@ -5,7 +5,6 @@ import os
 import pytest
 
 from mpvmm.bench.measure import measure, pin_plan
-from tests.conftest import thread_names
 
 # The snapshot reads the VMM's counters and the guest's a few microseconds
 # apart, so the two may differ by the exits made in between.

@@ -5,7 +5,6 @@ emulated): see the README's "Booting Linux". On hardware KVM the whole
 boot takes about a second.
 """
 
-import os
 import signal
 import subprocess
 import sys

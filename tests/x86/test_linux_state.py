@@ -1,6 +1,5 @@
 """The 64-bit boot protocol's vCPU state, field by field."""
 
-import ctypes
 import struct
 
 from mpvmm.kvm.bindings_x86 import kvm_cpuid_entry2, kvm_lapic_state, kvm_sregs
