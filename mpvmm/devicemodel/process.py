@@ -160,6 +160,22 @@ def _die_with_parent() -> None:
         pass  # not Linux: EOF on the control socket still ends us
 
 
+def _batch_scheduling() -> None:
+    """SCHED_BATCH: a posted write wakes us, but must not preempt the vCPU that sent it.
+
+    As an ordinary task the device model, woken by every posted write, often
+    preempted the sending vCPU thread on its own CPU (measured: ~0.5 forced
+    context switches per exit on the 2-core development VM). A batch task is
+    not given wake-up preemption; it runs when the vCPU blocks (every sync
+    read does) or at the next tick, draining several writes at once. Measured
+    there: pio-device 44.3 -> 37.8 us and uart 48.1 -> 38.6 us per exit.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass  # not Linux, or refused: ordinary scheduling still works
+
+
 class DeviceModelProcess:
     """Owns the control socket, guest RAM, the queues, the console and the model."""
 
@@ -400,6 +416,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     _die_with_parent()
     _raise_fd_limit()
+    _batch_scheduling()
     # Ctrl-C in the terminal reaches the whole process group; the supervisor
     # handles it and tells us to shut down, so we drain instead of dying.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
