@@ -11,6 +11,7 @@ from mpvmm.bench.command import add_bench_command
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.guest.abi import WORKLOADS
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
+from mpvmm.usage import check_writable
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
@@ -85,7 +86,7 @@ def cmd_start(args) -> int:
                        metrics_port=None if args.no_metrics else args.metrics_port,
                        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline)
     if args.report:
-        _check_writable(args.report, "--report")
+        check_writable(args.report, "--report")
     if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
         raise UsageError("--initrd and --cmdline need --kernel")
     if args.kernel is not None:
@@ -111,14 +112,6 @@ def cmd_top(args) -> int:
     from mpvmm.metrics.top import run_top
 
     return run_top(args.url, once=args.once, interval=args.interval)
-
-
-def _check_writable(path: str, option: str) -> None:
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as err:
-        raise UsageError(f"{option} {path}: {err.strerror}") from err
 
 
 def main(argv: list[str] | None = None) -> int:

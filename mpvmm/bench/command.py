@@ -14,7 +14,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mpvmm.errors import UsageError
+from mpvmm.usage import check_writable
 
 # Workloads with exact, steady exit streams; hostile and faulting ones are no benchmark.
 BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "compute", "atomics", "demo")
@@ -83,14 +83,6 @@ def add_bench_command(commands) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
-def _check_writable(path: str, option: str) -> None:
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as err:
-        raise UsageError(f"{option} {path}: {err.strerror}") from err
-
-
 def _check_host(args) -> None:
     """Every vCPU count must fit KVM and the host for every runner, before any run."""
     from mpvmm.kvm.system import Kvm
@@ -108,7 +100,7 @@ def cmd_bench(args) -> int:
 
     for path, option in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
-            _check_writable(path, option)
+            check_writable(path, option)
     if args.plot:
         from mpvmm.bench.plot import require_matplotlib
 

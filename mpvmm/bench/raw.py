@@ -9,7 +9,6 @@ left, and ``on_started`` is called with the run once the vCPUs are going.
 
 import contextlib
 import ctypes
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
 from mpvmm.supervisor.vm import VirtualMachine
 from mpvmm.vcpu_worker import _rawloop
 from mpvmm.vcpu_worker import stats as st
-from mpvmm.vcpu_worker.worker import KICK_SIGNAL, OUTCOME_NAMES
+from mpvmm.vcpu_worker.worker import OUTCOME_NAMES, kick
 from mpvmm.x86 import layout
 from mpvmm.x86.usermode import write_boot_structures
 
@@ -105,13 +104,7 @@ class _RawVcpu:
     def stop(self) -> None:
         """Force the loop out: the flag, then immediate_exit and the kick, as the native worker."""
         self.control.stop = 1
-        self.vcpu.kvm_run.immediate_exit = 1
-        ident = self._thread.ident
-        if ident is not None and self._thread.is_alive():
-            try:
-                signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # it finished meanwhile
+        kick(self.vcpu, self._thread)
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)

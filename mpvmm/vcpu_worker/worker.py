@@ -28,6 +28,20 @@ OUTCOME_NAMES = {
 }
 
 
+def kick(vcpu, thread: threading.Thread) -> None:
+    """Make the thread running ``vcpu`` leave KVM_RUN (or any blocking call) now.
+
+    immediate_exit covers a thread about to enter KVM_RUN; the signal one
+    already inside it or blocked on a queue.
+    """
+    vcpu.kvm_run.immediate_exit = 1
+    if thread.ident is not None and thread.is_alive():
+        try:
+            signal.pthread_kill(thread.ident, KICK_SIGNAL)
+        except ProcessLookupError:
+            pass  # it finished meanwhile
+
+
 @dataclass
 class WorkerChannel:
     """What a worker needs to reach the device model: its two queues."""
@@ -74,13 +88,7 @@ class VcpuWorker:
     # --- Control: write the request, then make sure the thread looks at it. ---
 
     def _kick(self) -> None:
-        self.vcpu.kvm_run.immediate_exit = 1
-        ident = self._thread.ident
-        if ident is not None and self._thread.is_alive():
-            try:
-                signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # it finished meanwhile
+        kick(self.vcpu, self._thread)
 
     def stop(self) -> None:
         self.stats.request = st.REQUEST_STOP
