@@ -22,13 +22,13 @@ from types import SimpleNamespace
 from mpvmm.kvm.system import Kvm
 from mpvmm.vcpu_worker import stats as st
 from mpvmm.vcpu_worker.python_loop import run_python
-from mpvmm.vcpu_worker.worker import KICK_SIGNAL, OUTCOME_NAMES
+from mpvmm.vcpu_worker.worker import KICK_SIGNAL, OUTCOME_NAMES, WorkerControl
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_PDEATHSIG = 1
 
 
-class ProcessWorker:
+class ProcessWorker(WorkerControl):
     """vCPU ``index`` as a forked process; the same control surface as VcpuWorker."""
 
     def __init__(self, index: int, memory, guest, stats_address: int, routes, channel):
@@ -122,17 +122,6 @@ class ProcessWorker:
                 os.kill(self.pid, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
-
-    def stop(self) -> None:
-        self.stats.request = st.REQUEST_STOP
-        self._kick()
-
-    def pause(self) -> None:
-        self.stats.request = st.REQUEST_PAUSE
-        self._kick()
-
-    def resume(self) -> None:
-        self.stats.request = st.REQUEST_RUN
 
     def kill(self) -> None:
         """Last resort at teardown: the process did not stop when asked."""

@@ -50,7 +50,33 @@ class WorkerChannel:
     reply_queue: object
 
 
-class VcpuWorker:
+class WorkerControl:
+    """Stop, pause and resume through the request word of the stats page.
+
+    The worker reads the word; ``_kick`` (the subclass's) makes it look now.
+    """
+
+    stats: st.VcpuStats
+    stats_address: int
+
+    def _kick(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.stats.request = st.REQUEST_STOP
+        _runloop.wake(self.stats_address)  # a paused worker waits on this word
+        self._kick()
+
+    def pause(self) -> None:
+        self.stats.request = st.REQUEST_PAUSE
+        self._kick()
+
+    def resume(self) -> None:
+        self.stats.request = st.REQUEST_RUN
+        _runloop.wake(self.stats_address)
+
+
+class VcpuWorker(WorkerControl):
     """Runs ``vcpu`` on its own thread with the loop ``loop(worker)``."""
 
     def __init__(self, vcpu, stats_address: int, routes, channel: WorkerChannel, loop):
@@ -89,19 +115,6 @@ class VcpuWorker:
 
     def _kick(self) -> None:
         kick(self.vcpu, self._thread)
-
-    def stop(self) -> None:
-        self.stats.request = st.REQUEST_STOP
-        _runloop.wake(self.stats_address)
-        self._kick()
-
-    def pause(self) -> None:
-        self.stats.request = st.REQUEST_PAUSE
-        self._kick()
-
-    def resume(self) -> None:
-        self.stats.request = st.REQUEST_RUN
-        _runloop.wake(self.stats_address)
 
     @property
     def outcome(self) -> tuple[str, int]:
