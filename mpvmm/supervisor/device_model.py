@@ -70,15 +70,22 @@ class DeviceModelProcess:
             self.channels.append(WorkerChannel(requests, replies))
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._control = parent
+        # The child's fd 0 is /dev/null (stdin=DEVNULL), so a terminal given
+        # as fd 0 travels under a number of its own.
+        terminal = os.dup(self._extra["stdin_fd"]) if self._extra["stdin_fd"] is not None else None
+        if terminal is not None:
+            self._extra["stdin_fd"] = terminal
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
                 pass_fds=(child.fileno(), *self._extra["irqfds"].values(),
-                          *([self._extra["stdin_fd"]] if self._extra["stdin_fd"] is not None else [])),
+                          *([terminal] if terminal is not None else [])),
                 stdin=subprocess.DEVNULL,
             )
         finally:
             child.close()
+            if terminal is not None:
+                os.close(terminal)
         self._send({
             "op": "configure",
             "version": 1,

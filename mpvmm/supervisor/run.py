@@ -148,6 +148,14 @@ class Supervisor:
 
     def run(self) -> RunResult:
         """The whole run; the steps a guest kind changes are the methods below."""
+        # Stop signals become a flag from the very start: one arriving while
+        # the VM is being built must not kill the supervisor between creating
+        # a name and unlinking it, or with the terminal in raw mode. The wait
+        # loop sees the flag as soon as the vCPUs run and stops them cleanly.
+        with _StopSignals() as signals:
+            return self._run(signals)
+
+    def _run(self, signals: "_StopSignals") -> RunResult:
         config = self.config
         with contextlib.ExitStack() as stack:
             kvm = stack.enter_context(Kvm())
@@ -167,17 +175,16 @@ class Supervisor:
             stack.callback(self.device_model.close)
             self.workers = self._create_workers(memory, stats_base)
             stack.callback(self._force_stop)
-            with _StopSignals() as signals:
-                started = time.monotonic()
-                for worker in self.workers:
-                    worker.start()
-                if self.metrics:
-                    self.metrics.attach(self)
-                    stack.callback(self.metrics.detach)  # runs before the stats pages are unmapped
-                if self.on_started:
-                    self.on_started(self)
-                status = self._wait(signals, started)
-                seconds = time.monotonic() - started
+            started = time.monotonic()
+            for worker in self.workers:
+                worker.start()
+            if self.metrics:
+                self.metrics.attach(self)
+                stack.callback(self.metrics.detach)  # runs before the stats pages are unmapped
+            if self.on_started:
+                self.on_started(self)
+            status = self._wait(signals, started)
+            seconds = time.monotonic() - started
             if self.on_stopped:
                 self.on_stopped(self)
             if self.metrics:

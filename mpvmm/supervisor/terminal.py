@@ -21,7 +21,6 @@ class RawTerminal:
     def __enter__(self) -> "RawTerminal":
         if os.isatty(self.fd):
             self._saved = termios.tcgetattr(self.fd)
-            mode = termios.tcgetattr(self.fd)
             tty.setraw(self.fd, termios.TCSANOW)
             mode = termios.tcgetattr(self.fd)
             mode[3] |= termios.ISIG  # lflag: keep Ctrl-C as SIGINT

@@ -72,3 +72,28 @@ def test_full_boot_to_init_sees_every_cpu_and_powers_off(debian_kernel, busybox_
     assert b"guest powered off" in process.stderr, process.stderr
     assert process.returncode == 0
     print(f"full boot to power-off in {seconds:.0f} s")
+
+
+def test_terminal_is_restored_when_a_kernel_run_is_stopped(debian_kernel, tmp_path, no_leaks):
+    """With a terminal on stdin the run puts it in raw mode; SIGTERM gives it back as it was."""
+    import os
+    import termios
+
+    leader, follower = os.openpty()
+    try:
+        before = termios.tcgetattr(follower)
+        process = subprocess.Popen(
+            [*MPVMM, "start", "--kernel", debian_kernel, "--cpus", "1", "--memory", "256M",
+             "--console", str(tmp_path / "console.log"), "--no-metrics"],
+            stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while termios.tcgetattr(follower)[3] & termios.ICANON:  # raw mode on: the VM is up
+            assert process.poll() is None and time.monotonic() < deadline, "never entered raw mode"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=60)
+        assert process.returncode == 128 + signal.SIGTERM, err
+        assert termios.tcgetattr(follower) == before
+    finally:
+        os.close(leader)
+        os.close(follower)
