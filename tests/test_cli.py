@@ -115,3 +115,16 @@ def test_no_command_is_usage_error():
     process = subprocess.run(MPVMM, capture_output=True, text=True, timeout=30)
     assert process.returncode == 2
     assert len(process.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.5, 0.8, 1.2])
+def test_stop_signal_during_start_up_leaves_nothing(delay, tmp_path, no_leaks):
+    """SIGTERM while the VM is still being built: a clean stop (or, before Python
+    has even installed its handlers, a plain death with nothing created yet)."""
+    process = start("--cpus", "4", "--workload", "pio-device", "--metrics-port", "0",
+                    "--console", str(tmp_path / "console"))
+    time.sleep(delay)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), stderr
+    assert "Traceback" not in stderr
