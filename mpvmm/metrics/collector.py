@@ -14,7 +14,7 @@ no scrape ever touches an unmapped page.
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import (
@@ -54,7 +54,7 @@ class VmSources:
     """What a scrape reads. The collector owns (and closes) only the KVM readers."""
 
     stats_pages: list[st.VcpuStats]
-    worker_pids: list[int] = field(default_factory=list)  # 0: a thread of this process
+    worker_pids: Sequence[int] = field(default_factory=list)  # 0: a thread of this process
     guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts
     device_stats: Callable[[], dict] | None = None
     kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)

@@ -63,6 +63,19 @@ def _bind(addr: str, port: int, app) -> WSGIServer:
         raise UsageError(f"--metrics-addr {addr} --metrics-port {port}: cannot listen: {err.strerror}") from err
 
 
+class _WorkerPids:
+    """Each worker's pid, read when a scrape asks: a worker process has none until it starts."""
+
+    def __init__(self, workers):
+        self._workers = workers
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __getitem__(self, index: int) -> int:
+        return getattr(self._workers[index], "pid", 0)
+
+
 class MetricsExporter:
     """Serves ``/metrics`` for one run on ``addr:port`` (port 0: any free port).
 
@@ -101,10 +114,16 @@ class MetricsExporter:
         return str(self._device_model_pid) if self._device_model_pid else "none"
 
     def attach(self, supervisor) -> None:
-        """Start exporting the VM of ``supervisor`` (its VM, workers, guest, device model)."""
+        """Start exporting the VM of ``supervisor`` (its VM, workers, guest, device model).
+
+        Call it before the workers start: opening a vCPU's stats fd is a vCPU
+        ioctl, which waits for the vCPU's mutex, and a running vCPU holds it
+        for as long as it stays in KVM_RUN (for ever, for an AP waiting for
+        its SIPI, or a halted one).
+        """
         vm = supervisor.vm
         sources = VmSources(stats_pages=[worker.stats for worker in supervisor.workers],
-                            worker_pids=[getattr(worker, "pid", 0) for worker in supervisor.workers])
+                            worker_pids=_WorkerPids(supervisor.workers))
         try:
             if vm is not None and vm.vm is not None:
                 # One fd per vCPU for the whole run: reopening per scrape would

@@ -175,12 +175,13 @@ class Supervisor:
             stack.callback(self.device_model.close)
             self.workers = self._create_workers(memory, stats_base)
             stack.callback(self._force_stop)
+            if self.metrics:
+                # Before the workers start: its vCPU ioctls would wait on running vCPUs.
+                self.metrics.attach(self)
+                stack.callback(self.metrics.detach)  # runs before the stats pages are unmapped
             started = time.monotonic()
             for worker in self.workers:
                 worker.start()
-            if self.metrics:
-                self.metrics.attach(self)
-                stack.callback(self.metrics.detach)  # runs before the stats pages are unmapped
             if self.on_started:
                 self.on_started(self)
             status = self._wait(signals, started)

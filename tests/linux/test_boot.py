@@ -97,3 +97,37 @@ def test_terminal_is_restored_when_a_kernel_run_is_stopped(debian_kernel, tmp_pa
     finally:
         os.close(leader)
         os.close(follower)
+
+
+def test_kernel_run_serves_metrics_and_stops_on_sigterm(debian_kernel, tmp_path, no_leaks):
+    """An AP waiting for its SIPI sits in KVM_RUN for good: nothing may wait on it
+    (opening its stats fd did, and then the run could never stop)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [*MPVMM, "start", "--kernel", debian_kernel, "--cpus", "2", "--memory", "256M",
+         "--console", str(tmp_path / "console.log"), "--metrics-port", str(port)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        text = ""
+        while 'mpvmm_vcpu_exits_total{reason="io",vcpu="0"}' not in text:
+            assert process.poll() is None and time.monotonic() < deadline, "no exits exported"
+            time.sleep(0.5)
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            except OSError:
+                text = ""
+        assert 'workload="linux"' in text
+        assert 'mpvmm_kvm_vcpu_exits_total{vcpu="1"}' in text  # the AP's KVM stats, while it waits
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM, err
