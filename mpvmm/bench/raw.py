@@ -21,7 +21,7 @@ from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
 from mpvmm.supervisor.vm import VirtualMachine
 from mpvmm.vcpu_worker import _rawloop
 from mpvmm.vcpu_worker import stats as st
-from mpvmm.vcpu_worker.worker import OUTCOME_NAMES, kick
+from mpvmm.vcpu_worker.worker import OUTCOME_NAMES, kick, stop_and_join
 from mpvmm.x86 import layout
 from mpvmm.x86.usermode import write_boot_structures
 
@@ -182,15 +182,7 @@ class RawRun:
 
     def _force_stop(self) -> None:
         """Stop every vCPU still running and wait for its thread (the teardown needs them gone)."""
-        for vcpu in self.vcpus:
-            if not vcpu.done:
-                vcpu.stop()
-        end = time.monotonic() + FORCE_STOP_SECONDS
-        for vcpu in self.vcpus:
-            while not vcpu.join(0.1):
-                if time.monotonic() > end:
-                    raise MpvmmError(f"raw vcpu {vcpu.index} did not stop within {FORCE_STOP_SECONDS:g} s")
-                vcpu.stop()
+        stop_and_join(self.vcpus, FORCE_STOP_SECONDS)
 
     def _collect(self, seconds: float) -> RawResult:
         result = RawResult(self.cpus, self.workload, "guest exited", seconds,

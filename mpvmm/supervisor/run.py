@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mpvmm.errors import MpvmmError, UsageError
+from mpvmm.errors import UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
 from mpvmm.metrics.exporter import MetricsExporter
@@ -30,7 +30,7 @@ from mpvmm.vcpu_worker import stats as st
 from mpvmm.vcpu_worker.native import run_native
 from mpvmm.vcpu_worker.process_worker import ProcessWorker
 from mpvmm.vcpu_worker.python_loop import run_python
-from mpvmm.vcpu_worker.worker import VcpuWorker
+from mpvmm.vcpu_worker.worker import VcpuWorker, stop_and_join
 from mpvmm.x86.usermode import write_boot_structures
 
 # The loop each runner's workers run; "process" runs the Python loop in a
@@ -270,18 +270,7 @@ class Supervisor:
         self._force_stop()
 
     def _force_stop(self) -> None:
-        for worker in self.workers:
-            if not worker.done:
-                worker.stop()
-        end = time.monotonic() + FORCE_STOP_SECONDS
-        for worker in self.workers:
-            while not worker.join(0.1):
-                if time.monotonic() > end:
-                    if isinstance(worker, ProcessWorker):
-                        worker.kill()  # a process can be ended where a thread cannot
-                        continue
-                    raise MpvmmError(f"vcpu {worker.index} did not stop within {FORCE_STOP_SECONDS:g} s")
-                worker.stop()
+        stop_and_join(self.workers, FORCE_STOP_SECONDS)
 
     # --- After it ran. ---
 

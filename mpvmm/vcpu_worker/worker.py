@@ -9,8 +9,10 @@ pausing and counting work the same for either.
 
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
+from mpvmm.errors import MpvmmError
 from mpvmm.vcpu_worker import _runloop
 from mpvmm.vcpu_worker import stats as st
 
@@ -40,6 +42,28 @@ def kick(vcpu, thread: threading.Thread) -> None:
             signal.pthread_kill(thread.ident, KICK_SIGNAL)
         except ProcessLookupError:
             pass  # it finished meanwhile
+
+
+def stop_and_join(workers, timeout: float) -> None:
+    """Stop every worker still running and wait until each is gone (teardown needs them gone).
+
+    Each is kicked again while it is waited for, in case a kick landed in the
+    window between its check of the request word and a blocking call. One
+    that outlives ``timeout`` is killed if it is a process (``kill``); a
+    thread cannot be, so that is an error naming it.
+    """
+    for worker in workers:
+        if not worker.done:
+            worker.stop()
+    end = time.monotonic() + timeout
+    for worker in workers:
+        while not worker.join(0.1):
+            if time.monotonic() > end:
+                if hasattr(worker, "kill"):
+                    worker.kill()
+                    continue
+                raise MpvmmError(f"vcpu {worker.index} did not stop within {timeout:g} s")
+            worker.stop()
 
 
 @dataclass
