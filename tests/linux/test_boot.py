@@ -33,6 +33,13 @@ def _wait_for(path, needle, process, bound):
     return None
 
 
+def _reap(process) -> None:
+    """Kill a run a failed assertion left going, so no VM outlives its test."""
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
 def test_kernel_prints_its_banner_on_the_uart(debian_kernel, tmp_path, no_leaks):
     console = tmp_path / "console.log"
     process = subprocess.Popen(
@@ -46,9 +53,7 @@ def test_kernel_prints_its_banner_on_the_uart(debian_kernel, tmp_path, no_leaks)
         process.send_signal(signal.SIGTERM)
         _out, err = process.communicate(timeout=60)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        _reap(process)
     text = console.read_bytes().decode(errors="replace")
     assert "Command line: console=ttyS0 earlyprintk=ttyS0" in text
     assert process.returncode == 128 + signal.SIGTERM, err
@@ -80,6 +85,7 @@ def test_terminal_is_restored_when_a_kernel_run_is_stopped(debian_kernel, tmp_pa
     import termios
 
     leader, follower = os.openpty()
+    process = None
     try:
         before = termios.tcgetattr(follower)
         process = subprocess.Popen(
@@ -95,6 +101,8 @@ def test_terminal_is_restored_when_a_kernel_run_is_stopped(debian_kernel, tmp_pa
         assert process.returncode == 128 + signal.SIGTERM, err
         assert termios.tcgetattr(follower) == before
     finally:
+        if process is not None:
+            _reap(process)
         os.close(leader)
         os.close(follower)
 
@@ -127,7 +135,5 @@ def test_kernel_run_serves_metrics_and_stops_on_sigterm(debian_kernel, tmp_path,
         process.send_signal(signal.SIGTERM)
         _out, err = process.communicate(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        _reap(process)
     assert process.returncode == 128 + signal.SIGTERM, err
