@@ -14,6 +14,9 @@ import pytest
 
 MPVMM = [sys.executable, "-m", "mpvmm"]
 BANNER = b"Linux version"
+# The line after the banner: waiting for it (not the banner) before SIGTERM means
+# the stop cannot race the kernel's next printk (CI once stopped it mid-line).
+COMMAND_LINE = b"Command line: console=ttyS0 earlyprintk=ttyS0"
 BANNER_BOUND_SECONDS = 180  # measured 14 s to the banner here (34 s beside another boot); generous for CI
 FULL_BOOT_BOUND_SECONDS = 1500
 
@@ -48,14 +51,14 @@ def test_kernel_prints_its_banner_on_the_uart(debian_kernel, tmp_path, no_leaks)
          "--cmdline", "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=off i8042.noaux"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        seconds = _wait_for(console, BANNER, process, BANNER_BOUND_SECONDS)
+        seconds = _wait_for(console, COMMAND_LINE, process, BANNER_BOUND_SECONDS)
         assert seconds is not None, f"no banner within {BANNER_BOUND_SECONDS} s: {console.read_bytes()[-2000:]!r}"
         process.send_signal(signal.SIGTERM)
         _out, err = process.communicate(timeout=60)
     finally:
         _reap(process)
     text = console.read_bytes().decode(errors="replace")
-    assert "Command line: console=ttyS0 earlyprintk=ttyS0" in text
+    assert text.index("Linux version") < text.index(COMMAND_LINE.decode())
     assert process.returncode == 128 + signal.SIGTERM, err
     assert b"stopped by SIGTERM" in err
     print(f"banner after {seconds:.1f} s")
