@@ -124,6 +124,35 @@ def test_sigkill_of_the_supervisor_leaves_nothing(runner, tmp_path, kvm_availabl
     assert device_model_processes() - dm_before == set()
 
 
+
+# How long after the device-model process appears the supervisor is killed:
+# 0 lands while it is still importing, before any queue can have been opened.
+START_UP_KILL_DELAYS = [0.0, 0.05, 0.15, 0.3, 0.5]
+
+
+@pytest.mark.parametrize("delay", START_UP_KILL_DELAYS)
+def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, tmp_path, kvm_available):
+    """No window in start-up where a SIGKILL strands a name in /dev/shm or /dev/mqueue."""
+    before = ipc_objects()
+    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4",
+                                "--workload", "pio-device", "--console", str(tmp_path / "console")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dm_before = device_model_processes()
+    deadline = time.monotonic() + SUPERVISOR_ALIVE_TIMEOUT
+    dm: set[int] = set()
+    while not dm:
+        assert time.monotonic() < deadline and process.poll() is None, "device model never started"
+        dm = {int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_child_dm(int(pid), process.pid)}
+        time.sleep(0.002)
+    time.sleep(delay)
+    process.kill()
+    process.wait()
+    # A device model killed mid-configure still opens and unlinks what it was sent, then leaves.
+    _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in dm),
+              SUPERVISOR_ALIVE_TIMEOUT, "device model outlived the supervisor")
+    assert ipc_objects() - before == set()
+    assert device_model_processes() - dm_before == set()
+
 def _is_child_dm(pid: int, parent: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

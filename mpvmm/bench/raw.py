@@ -134,7 +134,6 @@ class RawRun:
             if self.cpus > kvm.max_vcpus():
                 raise UsageError(f"--cpus {self.cpus} is more than KVM allows on this host ({kvm.max_vcpus()})")
             memory = stack.enter_context(GuestMemory(self.memory_size))
-            memory.unlink()  # no other process maps it: nothing to leave in /dev/shm
             self.guest = BuiltinGuest(memory, self.cpus, self.workload)
             write_boot_structures(memory)
             vm = VirtualMachine(kvm, memory, self.cpus)

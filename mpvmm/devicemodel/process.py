@@ -4,16 +4,18 @@ Start contract (the supervisor's side):
 
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc = subprocess.Popen([sys.executable, "-m", "mpvmm.devicemodel",
-                             str(child.fileno())], pass_fds=(child.fileno(),))
+                             str(child.fileno())], pass_fds=(child.fileno(), ram_fd))
     child.close()
 
 Spawn it from the supervisor's main thread: PR_SET_PDEATHSIG fires when the
 *thread* that forked the child exits, not only the process.
 
 The control socket carries a stream of msgpack maps. The supervisor sends
-``configure`` first; the process opens guest RAM and every queue by name,
-answers ``ready`` (after which the supervisor may unlink the names) or
-``error`` (and exits 1). Then ``stats`` is answered with ``stats``, and
+``configure`` first; the process maps guest RAM from the inherited fd, opens
+every queue by name and unlinks the name at once, then answers ``ready`` or
+``error`` (and exits 1). It asks to die with the supervisor only after that:
+a supervisor killed mid-start-up must not take the device model with it
+before the names it sent are gone. Then ``stats`` is answered with ``stats``, and
 ``shutdown`` with ``bye`` once the request queues are drained and the
 console flushed (exit 0). End of file means the supervisor is gone: exit 0.
 
@@ -71,7 +73,7 @@ class _Exit(Exception):
 class Config:
     """The ``configure`` message, checked."""
 
-    ram_name: str
+    ram_fd: int
     ram_size: int
     request_queues: tuple[str, ...]
     reply_queues: tuple[str, ...]
@@ -92,11 +94,11 @@ class Config:
                 f"configure asks for schema version {message.get('version')!r}, "
                 f"this device model speaks {SCHEMA_VERSION}"
             )
-        ram_name, ram_size = message.get("ram_name"), message.get("ram_size")
+        ram_fd, ram_size = message.get("ram_fd"), message.get("ram_size")
         requests, replies = message.get("request_queues"), message.get("reply_queues")
         console = message.get("console")
-        if not isinstance(ram_name, str) or type(ram_size) is not int or ram_size <= 0:
-            raise DeviceModelError("configure needs ram_name (str) and ram_size (int > 0)")
+        if type(ram_fd) is not int or ram_fd < 0 or type(ram_size) is not int or ram_size <= 0:
+            raise DeviceModelError("configure needs ram_fd (a file descriptor) and ram_size (int > 0)")
         for queues in (requests, replies):
             if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
                 raise DeviceModelError("request_queues and reply_queues must be lists of names")
@@ -115,7 +117,7 @@ class Config:
             raise DeviceModelError("irqfds must map device names to file descriptors")
         if stdin_fd is not None and (type(stdin_fd) is not int or stdin_fd < 0):
             raise DeviceModelError("stdin_fd must be a file descriptor or None")
-        return cls(ram_name, ram_size, tuple(requests), tuple(replies), console,
+        return cls(ram_fd, ram_size, tuple(requests), tuple(replies), console,
                    machine, tuple(sorted(irqfds.items())), stdin_fd)
 
 
@@ -151,13 +153,18 @@ def _raise_fd_limit() -> None:
             pass  # configure reports "Too many open files" if it comes to that
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to kill us when the supervisor goes, however it goes."""
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill us when the supervisor goes, however it goes.
+
+    If it went before we asked (we are an orphan already), leave now.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: EOF on the control socket still ends us
+    if os.getppid() != parent:
+        raise _Exit(0)
 
 
 def _batch_scheduling() -> None:
@@ -179,8 +186,9 @@ def _batch_scheduling() -> None:
 class DeviceModelProcess:
     """Owns the control socket, guest RAM, the queues, the console and the model."""
 
-    def __init__(self, control: socket.socket):
+    def __init__(self, control: socket.socket, parent: int):
         self.control = control
+        self.parent = parent
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=CONTROL_BUFFER_MAX)
         self.ram: mmap.mmap | None = None
         self.request_queues: list = []
@@ -274,6 +282,7 @@ class DeviceModelProcess:
         try:
             config = Config.from_message(message)
             self._open(config)
+            _die_with_parent(self.parent)  # only now: every name is unlinked
             confine()  # everything is open: give up what a hostile guest would want next
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
@@ -282,18 +291,16 @@ class DeviceModelProcess:
 
     def _open(self, config: Config) -> None:
         try:
-            shm = posix_ipc.SharedMemory(config.ram_name)  # open only, never create
-        except posix_ipc.Error as err:
-            raise DeviceModelError(f"cannot open guest RAM {config.ram_name!r}: {err}") from err
+            size = os.fstat(config.ram_fd).st_size
+        except OSError as err:
+            raise DeviceModelError(f"cannot use guest RAM fd {config.ram_fd}: {err.strerror}") from err
+        if size < config.ram_size:
+            raise DeviceModelError(f"guest RAM fd {config.ram_fd} holds {size} bytes, configure says {config.ram_size}")
+        # Kept mapped for the virtio devices to come; the fd is not needed.
         try:
-            if shm.size < config.ram_size:
-                raise DeviceModelError(
-                    f"guest RAM {config.ram_name!r} is {shm.size} bytes, configure says {config.ram_size}"
-                )
-            # Kept mapped for the virtio devices to come; the fd is not needed.
-            self.ram = mmap.mmap(shm.fd, config.ram_size)
+            self.ram = mmap.mmap(config.ram_fd, config.ram_size)
         finally:
-            shm.close_fd()
+            os.close(config.ram_fd)
         for names, queues, reading in (
             (config.request_queues, self.request_queues, True),
             (config.reply_queues, self.reply_queues, False),
@@ -303,6 +310,8 @@ class DeviceModelProcess:
                     queue = posix_ipc.MessageQueue(name, read=reading, write=not reading)
                 except posix_ipc.Error as err:
                     raise DeviceModelError(f"cannot open message queue {name!r}: {err}") from err
+                # We are the last to open it: no name may outlive this moment.
+                queue.unlink()
                 # Never block: an empty request queue or a full reply queue
                 # (a worker not reading) raises BusyError instead.
                 queue.block = False
@@ -414,7 +423,7 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: python -m mpvmm.devicemodel <control_fd>", file=sys.stderr)
         return 2
-    _die_with_parent()
+    parent = os.getppid()
     _raise_fd_limit()
     _batch_scheduling()
     # Ctrl-C in the terminal reaches the whole process group; the supervisor
@@ -426,4 +435,4 @@ def main(argv: Sequence[str]) -> int:
         print(f"mpvmm device model: control fd {argv[0]} is not a socket: {err}", file=sys.stderr)
         return 2
     control.setblocking(True)
-    return DeviceModelProcess(control).run()
+    return DeviceModelProcess(control, parent).run()

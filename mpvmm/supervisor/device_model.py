@@ -1,10 +1,14 @@
 """Starting, talking to and stopping the device-model process.
 
-The supervisor creates each vCPU's request and reply queue (0600, random
-names), starts ``python -m mpvmm.devicemodel`` with one end of a socketpair,
-sends it the names, and unlinks every name once the device model says it has
-opened them: from then on no other process can open them, and nothing is
-left in /dev/mqueue or /dev/shm whatever happens to either process.
+The supervisor starts ``python -m mpvmm.devicemodel`` with one end of a
+socketpair and guest RAM's file descriptor (guest RAM has no name left to
+open), then creates each vCPU's request and reply queue (0600, random names)
+and sends the names at once. The device model unlinks each name as soon as
+it has opened it, and does so even if the supervisor has died meanwhile:
+what was sent stays readable on the socket. So a name exists only for the
+few milliseconds between its creation and its opening, nothing is left in
+/dev/mqueue whatever happens to either process, and no other process can
+open a queue once the VM runs.
 """
 
 import os
@@ -63,33 +67,19 @@ class DeviceModelProcess:
         return queue
 
     def _start(self, memory, cpus: int, console: str | None) -> None:
+        self._spawn(memory.fd)
+        # The queues are created only now, with the device model already up
+        # and reading: created earlier, they would be named (and leakable by
+        # a SIGKILL) for the whole of its interpreter's start-up.
         depth = limits.queue_depth()
         for index in range(cpus):
             requests = self._create_queue(f"req{index}", depth)
             replies = self._create_queue(f"rep{index}", depth)
             self.channels.append(WorkerChannel(requests, replies))
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._control = parent
-        # The child's fd 0 is /dev/null (stdin=DEVNULL), so a terminal given
-        # as fd 0 travels under a number of its own.
-        terminal = os.dup(self._extra["stdin_fd"]) if self._extra["stdin_fd"] is not None else None
-        if terminal is not None:
-            self._extra["stdin_fd"] = terminal
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-                pass_fds=(child.fileno(), *self._extra["irqfds"].values(),
-                          *([terminal] if terminal is not None else [])),
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            child.close()
-            if terminal is not None:
-                os.close(terminal)
         self._send({
             "op": "configure",
             "version": 1,
-            "ram_name": memory.name,
+            "ram_fd": memory.fd,
             "ram_size": memory.size,
             "request_queues": [c.request_queue.name for c in self.channels],
             "reply_queues": [c.reply_queue.name for c in self.channels],
@@ -100,9 +90,26 @@ class DeviceModelProcess:
         if reply.get("op") != "ready":
             raise DeviceModelError(f"device model failed to start: {reply.get('message', reply)}")
         self.pid = reply.get("pid", self.process.pid)
-        # Everyone who needs the names has opened them: remove them now.
-        self._unlink_queues()
-        memory.unlink()
+
+    def _spawn(self, ram_fd: int) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._control = parent
+        # The child's fd 0 is /dev/null (stdin=DEVNULL), so a terminal given
+        # as fd 0 travels under a number of its own.
+        terminal = os.dup(self._extra["stdin_fd"]) if self._extra["stdin_fd"] is not None else None
+        if terminal is not None:
+            self._extra["stdin_fd"] = terminal
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
+                pass_fds=(child.fileno(), ram_fd, *self._extra["irqfds"].values(),
+                          *([terminal] if terminal is not None else [])),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+            if terminal is not None:
+                os.close(terminal)
 
     # --- The control channel. ---
 
@@ -201,7 +208,7 @@ class DeviceModelProcess:
                 pass
 
     def close(self) -> None:
-        """Kill the process if still running, close and unlink every queue. Idempotent."""
+        """Kill the process if still running, close every queue and unlink what is named. Idempotent."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()

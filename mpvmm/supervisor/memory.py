@@ -1,9 +1,10 @@
 """Guest RAM: one POSIX shared memory object, mapped into every process that needs it.
 
-The object is created 0600 under an unguessable name, mapped here, handed
-to the device model by name, and unlinked as soon as the device model has
-mapped it (``unlink``), so nothing stays in /dev/shm even if the supervisor
-is killed later. RAM runs from guest address 0 up to the MMIO hole at 3 GiB;
+The object is created 0600 under an unguessable name and unlinked the
+moment it is mapped: from then on it is reachable only through its file
+descriptor (``fd``), which the device model inherits, so there is no window
+in which a SIGKILL of the supervisor could leave a name in /dev/shm, and no
+unrelated process can ever open it. RAM runs from guest address 0 up to the MMIO hole at 3 GiB;
 the rest of it sits above 4 GiB, as on a PC.
 """
 
@@ -57,26 +58,25 @@ class GuestMemory:
     # Class-level defaults: close() works even after a failed constructor.
     host_address = 0
     size = 0
-    name = ""
+    fd = -1
     _shm = None
 
     def __init__(self, size: int):
         if size <= 0 or size % layout.PAGE_SIZE:
             raise ValueError(f"guest memory size {size} is not a positive multiple of the page size")
-        name = unique_name("ram")
         try:
-            self._shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+            self._shm = posix_ipc.SharedMemory(unique_name("ram"), posix_ipc.O_CREX, mode=0o600, size=size)
         except (posix_ipc.Error, OSError) as err:
             raise HostLimitError(f"cannot create {size} bytes of guest memory in /dev/shm: {err}") from err
-        self.name = name
+        # Nameless from here on: the fd (passed to the device model) is the only way in.
+        self._shm.unlink()
+        self.fd = self._shm.fd
         try:
-            self.host_address = map_shared(self._shm.fd, size)
+            self.host_address = map_shared(self.fd, size)
         except MpvmmError:
             self.close()
             raise
         self.size = size
-        # The fd is not needed once mapped; the name stays until unlink().
-        self._shm.close_fd()
         # Guest RAM in a core dump of the supervisor would only bloat it.
         _libc.madvise(self.host_address, size, _MADV_DONTDUMP)
 
@@ -113,18 +113,8 @@ class GuestMemory:
 
     # --- Lifetime. ---
 
-    def unlink(self) -> None:
-        """Remove the name; the memory lives on while any process maps it."""
-        if self.name:
-            try:
-                posix_ipc.unlink_shared_memory(self.name)
-            except posix_ipc.ExistentialError:
-                pass
-            self.name = ""
-
     def close(self) -> None:
-        """Unmap and unlink. Safe to call twice and after a failed constructor."""
-        self.unlink()
+        """Unmap and close the fd. Safe to call twice and after a failed constructor."""
         if self.host_address:
             unmap(self.host_address, self.size)
             self.host_address = 0
@@ -134,6 +124,7 @@ class GuestMemory:
             except posix_ipc.Error:
                 pass
             self._shm = None
+            self.fd = -1
 
     def __enter__(self):
         return self

@@ -44,11 +44,11 @@ class Harness:
 
     def __init__(self, vcpus=2):
         self.prefix = f"/mpvmm-test-{os.getpid()}-{secrets.token_hex(4)}"
-        self.ram_name = self.prefix + "-ram"
         self.req_names = [f"{self.prefix}-req{i}" for i in range(vcpus)]
         self.rep_names = [f"{self.prefix}-rep{i}" for i in range(vcpus)]
-        self.shm = posix_ipc.SharedMemory(self.ram_name, posix_ipc.O_CREX, mode=0o600, size=RAM_SIZE)
-        self.shm.close_fd()
+        # Like GuestMemory: nameless at once, handed over as an fd.
+        self.shm = posix_ipc.SharedMemory(self.prefix + "-ram", posix_ipc.O_CREX, mode=0o600, size=RAM_SIZE)
+        self.shm.unlink()
         depth = queue_depth()
         self.requests = [self._create_queue(name, depth) for name in self.req_names]
         self.replies = [self._create_queue(name, depth) for name in self.rep_names]
@@ -68,7 +68,7 @@ class Harness:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-            pass_fds=(child.fileno(),),
+            pass_fds=(child.fileno(), self.shm.fd),
             stdout=stdout,
             env=env,
         )
@@ -79,7 +79,7 @@ class Harness:
         message = {
             "op": "configure",
             "version": 1,
-            "ram_name": self.ram_name,
+            "ram_fd": self.shm.fd,
             "ram_size": RAM_SIZE,
             "request_queues": self.req_names,
             "reply_queues": self.rep_names,
@@ -115,12 +115,10 @@ class Harness:
         return message
 
     def unlink_names(self):
-        """What the supervisor does once the child says ready."""
-        for unlink, name in [(posix_ipc.unlink_shared_memory, self.ram_name)] + [
-            (posix_ipc.unlink_message_queue, n) for n in self.req_names + self.rep_names
-        ]:
+        """What the supervisor's close() does with names a failed start left."""
+        for name in self.req_names + self.rep_names:
             try:
-                unlink(name)
+                posix_ipc.unlink_message_queue(name)
             except posix_ipc.ExistentialError:
                 pass
 
@@ -133,6 +131,7 @@ class Harness:
         for queue in self.requests + self.replies:
             queue.close()
         self.unlink_names()
+        self.shm.close_fd()
 
     def leftovers(self):
         shm_left = [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(self.prefix[1:])]
@@ -159,8 +158,7 @@ def test_full_session(harness, tmp_path):
     harness.start()
     ready = harness.configure(console=str(console))
     assert ready["op"] == "ready" and ready["pid"] == harness.proc.pid
-    # Like the supervisor: unlink every name as soon as the child has them open.
-    harness.unlink_names()
+    # The device model unlinked every queue name as it opened it.
     assert harness.leftovers() == []
 
     for byte in b"hello\n":  # posted writes, no replies
@@ -243,9 +241,16 @@ def test_eof_before_configure_exits_quietly(harness):
 
 def test_configure_failure_reports_and_exits_1(harness):
     harness.start()
-    answer = harness.configure(ram_name=harness.prefix + "-missing")
+    answer = harness.configure(ram_fd=999)  # not an fd the child inherited
     assert answer["op"] == "error"
-    assert "missing" in answer["message"]
+    assert "guest RAM fd 999" in answer["message"]
+    assert harness.proc.wait(TIMEOUT) == 1
+
+
+def test_configure_with_too_small_ram_fails(harness):
+    harness.start()
+    answer = harness.configure(ram_size=RAM_SIZE * 2)
+    assert answer["op"] == "error" and f"holds {RAM_SIZE} bytes" in answer["message"]
     assert harness.proc.wait(TIMEOUT) == 1
 
 
@@ -357,7 +362,7 @@ def test_console_write_errors_are_counted():
 GOOD_CONFIG = {
     "op": "configure",
     "version": 1,
-    "ram_name": "/r",
+    "ram_fd": 3,
     "ram_size": 4096,
     "request_queues": ["/a"],
     "reply_queues": ["/b"],
@@ -377,7 +382,9 @@ def test_config_accepts_the_documented_message():
         {"version": 2},
         {"ram_size": 0},
         {"ram_size": "big"},
-        {"ram_name": None},
+        {"ram_fd": None},
+        {"ram_fd": -1},
+        {"ram_fd": "/r"},
         {"request_queues": []},
         {"reply_queues": ["/b", "/c"]},
         {"request_queues": [1]},

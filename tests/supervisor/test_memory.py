@@ -1,6 +1,7 @@
 """GuestMemory: a private /dev/shm object, mapped, split around the MMIO hole."""
 
 import ctypes
+import mmap
 import os
 import re
 import stat
@@ -41,9 +42,16 @@ def memory(leftovers):
     memory.close()
 
 
-def test_object_is_private_and_unguessable(memory):
-    assert re.fullmatch(rf"/mpvmm-{os.getpid()}-[0-9a-f]{{16}}-ram", memory.name)
-    info = os.stat(SHM + memory.name)
+def _link(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def test_object_is_private_unguessable_and_nameless(memory):
+    # Unlinked the moment it was mapped: reachable only through the fd.
+    assert re.fullmatch(rf"/dev/shm/mpvmm-{os.getpid()}-[0-9a-f]{{16}}-ram \(deleted\)", _link(memory.fd))
+    assert _ours() == set()
+    info = os.fstat(memory.fd)
+    assert info.st_nlink == 0
     assert stat.S_IMODE(info.st_mode) == 0o600
     assert info.st_uid == os.getuid()
     assert info.st_size == SIZE
@@ -51,8 +59,7 @@ def test_object_is_private_and_unguessable(memory):
 
 def test_two_memories_get_different_names(leftovers):
     with GuestMemory(SIZE) as first, GuestMemory(SIZE) as second:
-        assert first.name != second.name
-        random_part = [m.name.split("-")[2] for m in (first, second)]
+        random_part = [_link(m.fd).split("-")[2] for m in (first, second)]
         assert random_part[0] != random_part[1]
 
 
@@ -141,37 +148,23 @@ def test_exactly_3_gib_is_one_region():
     ]
 
 
-def test_unlink_removes_the_name_but_keeps_the_mapping(memory):
-    path = SHM + memory.name
-    memory.write(0x3000, b"still here")
-    memory.unlink()
-    assert not os.path.exists(path)
-    assert memory.name == ""
-    assert memory.read(0x3000, 10) == b"still here"
-    memory.write(0x4000, b"and writable")
-    assert memory.read(0x4000, 12) == b"and writable"
-    memory.unlink()  # a second unlink is harmless
+def test_the_fd_maps_the_same_memory(memory):
+    # What the device model does with the fd it inherits.
+    memory.write(0x3000, b"shared")
+    with mmap.mmap(memory.fd, SIZE) as other:
+        assert other[0x3000:0x3006] == b"shared"
+        other[0x4000:0x4005] = b"back!"
+    assert memory.read(0x4000, 5) == b"back!"
 
 
 def test_close_twice_is_fine(leftovers):
     memory = GuestMemory(SIZE)
-    path = SHM + memory.name
+    fd = memory.fd
     memory.close()
-    assert not os.path.exists(path)
-    assert memory.host_address == 0
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert memory.host_address == 0 and memory.fd == -1
     memory.close()
-
-
-def test_fd_is_closed_once_mapped(memory):
-    # The mapping keeps the memory; an fd per VM would only count against RLIMIT_NOFILE.
-    targets = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:  # the fd listdir itself used
-            pass
-    assert memory.name
-    assert not any(memory.name in target for target in targets)
 
 
 def test_close_after_a_failed_constructor(leftovers):
@@ -184,6 +177,6 @@ def test_close_after_a_failed_constructor(leftovers):
 
 def test_context_manager_leaves_nothing_in_dev_shm(leftovers):
     with GuestMemory(SIZE) as memory:
-        path = SHM + memory.name
-        assert os.path.exists(path)
-    assert not os.path.exists(path)
+        assert _ours() == set()
+        memory.write(0, b"x")
+    assert memory.fd == -1
