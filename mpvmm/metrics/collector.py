@@ -29,7 +29,7 @@ from prometheus_client.utils import floatToGoString
 from mpvmm.errors import MpvmmError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.stats import StatsReader
-from mpvmm.metrics.kvm_names import KvmMetric, kvm_metrics
+from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, kvm_histograms, kvm_metrics
 from mpvmm.vcpu_worker import stats as st
 
 # Exit reasons exported for every vCPU from the start, so that their rate()
@@ -95,6 +95,7 @@ class VmCollector(Collector):
         self._sources: VmSources | None = None
         self._kvm_vcpu_metrics: list[KvmMetric] = []
         self._kvm_vm_metrics: list[KvmMetric] = []
+        self._kvm_histograms: list[KvmHistogram] = []
         self._device_stats_failed = False
 
     def attach(self, sources: VmSources) -> None:
@@ -104,6 +105,9 @@ class VmCollector(Collector):
             # Every vCPU of a VM has the same descriptors: name them once.
             self._kvm_vcpu_metrics = (
                 kvm_metrics("mpvmm_kvm_vcpu", first_reader.descriptors) if first_reader else []
+            )
+            self._kvm_histograms = (
+                kvm_histograms("mpvmm_kvm_vcpus", first_reader.descriptors) if first_reader else []
             )
             self._kvm_vm_metrics = (
                 kvm_metrics("mpvmm_kvm_vm", sources.kvm_vm_reader.descriptors)
@@ -159,11 +163,8 @@ class VmCollector(Collector):
                 exits.add_metric([vcpu, exit_reason_name(reason)], counts[reason])
             for route, count in zip(st.PATHS, page.paths):
                 routes.add_metric([vcpu, route], count)
-            cumulative, buckets = 0, []
-            for label, count in zip(LATENCY_BUCKET_LABELS, page.sync_latency_buckets):
-                cumulative += count  # the page keeps each bucket alone; Prometheus wants le-cumulative
-                buckets.append((label, cumulative))
-            latency.add_metric([vcpu], buckets, page.sync_latency_sum_ns / 1e9)
+            latency.add_metric([vcpu], cumulative_buckets(LATENCY_BUCKET_LABELS, page.sync_latency_buckets),
+                               page.sync_latency_sum_ns / 1e9)
             runs.add_metric([vcpu], page.runs)
             kicks.add_metric([vcpu], page.interrupted)
             sleep.add_metric([vcpu], page.sleep_ns / 1e9)
@@ -179,13 +180,17 @@ class VmCollector(Collector):
 
     def _kvm_families(self, sources: VmSources) -> list[Metric]:
         families = {m.name: _family(m, ["vcpu"]) for m in self._kvm_vcpu_metrics}
+        per_vcpu = []
         for index, reader in enumerate(sources.kvm_vcpu_readers):
             if reader is None:
                 continue
             values = reader.read()
+            per_vcpu.append(values)
             for metric in self._kvm_vcpu_metrics:
                 families[metric.name].add_metric([str(index)], values[metric.descriptor.name] * metric.scale)
         result = list(families.values())
+        if per_vcpu:
+            result += [histogram_family(h, per_vcpu) for h in self._kvm_histograms]
         if sources.kvm_vm_reader is not None:
             values = sources.kvm_vm_reader.read()
             for metric in self._kvm_vm_metrics:
@@ -242,6 +247,28 @@ def device_families(stats: dict) -> list[Metric]:
     for device, count in stats.get("device_errors", {}).items():
         errors.add_metric([device], count)
     return [requests, unmapped, rejected, errors]
+
+
+def cumulative_buckets(labels: Sequence[str], counts: Sequence[int]) -> list[tuple[str, int]]:
+    """(le, count) pairs: each bucket kept alone, as Prometheus wants them, le-cumulative."""
+    buckets, cumulative = [], 0
+    for label, count in zip(labels, counts):
+        cumulative += count
+        buckets.append((label, cumulative))
+    return buckets
+
+
+def histogram_family(histogram: KvmHistogram, per_vcpu: Sequence[dict]) -> Metric:
+    """One KVM histogram summed over the vCPUs' stats (StatsReader.read() of each)."""
+    name = histogram.descriptor.name
+    counts = [sum(bucket) for bucket in zip(*(values[name] for values in per_vcpu))]
+    total = None
+    if histogram.total is not None:
+        desc = histogram.total
+        total = sum(values[desc.name] for values in per_vcpu) * float(desc.base) ** desc.exponent
+    family = HistogramMetricFamily(histogram.name, histogram.documentation)
+    family.add_metric([], cumulative_buckets(histogram.bucket_labels, counts), total)
+    return family
 
 
 def _family(metric: KvmMetric, labels: list[str]) -> Metric:

@@ -115,6 +115,13 @@ def panels() -> list[dict]:
                    "ops", stacked=True),
         timeseries("In-kernel exits per vCPU", "KVM's exits minus userspace exits, per vCPU",
                    [target(f"clamp_min({in_kernel}, 0)", "vcpu{{vcpu}}")], "ops"),
+        timeseries("vCPU halts (KVM histograms)",
+                   "How long halted vCPUs waited, and polled before a wake-up, from KVM's own log "
+                   "histograms; summed over every vCPU, so the vCPU filter does not apply. The built-in "
+                   "guest runs at CPL 3 and never halts; a Linux guest does",
+                   [target(f"histogram_quantile({q}, sum by (le) "
+                           f"(rate(mpvmm_kvm_vcpus_{name}_seconds_bucket[{RATE}])))", f"{name} p{int(q * 100)}")
+                    for name in ("halt_wait", "halt_poll_success") for q in (0.5, 0.99)], "s"),
         timeseries("KVM exit statistics", "KVM's own per-vCPU counters, all selected vCPUs",
                    [target(f"sum({_rate(f'mpvmm_kvm_vcpu_{name}_total')})", name) for name in KVM_EXIT_STATS],
                    "ops"),

@@ -8,6 +8,8 @@ hard-coded list: a newer kernel's new statistics appear on their own.
 import re
 from dataclasses import dataclass
 
+from prometheus_client.utils import floatToGoString
+
 from mpvmm.kvm.stats import StatsDescriptor
 
 # KVM names its time statistics by their scale ("halt_wait_ns"); once the
@@ -31,11 +33,10 @@ class KvmMetric:
 def kvm_metric(prefix: str, desc: StatsDescriptor) -> KvmMetric | None:
     """The metric for ``desc``, or None for a statistic that is not exported.
 
-    Histograms are not exported: each is 32 buckets per vCPU (the series of a
-    64-vCPU VM would be dominated by them) and every one KVM has today comes
-    with a cumulative total of the same time (``halt_wait_hist`` beside
-    ``halt_wait_ns``), which is exported. Statistics of a type or unit this
-    reader does not know are skipped rather than exported with a wrong unit.
+    Histograms are not exported per vCPU (32 buckets each would dominate the
+    series of a 64-vCPU VM); ``kvm_histograms`` exports them summed over the
+    vCPUs. Statistics of a type or unit this reader does not know are skipped
+    rather than exported with a wrong unit.
     """
     if desc.is_histogram or desc.size != 1 or desc.base == 0:
         return None
@@ -45,15 +46,9 @@ def kvm_metric(prefix: str, desc: StatsDescriptor) -> KvmMetric | None:
         kind = "gauge"
     else:
         return None
-    if desc.unit not in ("none", "boolean") and desc.unit not in _UNIT_SUFFIXES:
+    if not _known_unit(desc):
         return None
-    base = _INVALID_NAME_CHARS.sub("_", desc.name)
-    suffix = _UNIT_SUFFIXES.get(desc.unit, "")
-    if desc.unit == "seconds":
-        for scale_suffix in _SCALE_SUFFIXES:
-            base = base.removesuffix(scale_suffix)
-    if suffix and base.endswith(suffix):
-        base = base.removesuffix(suffix)
+    base, suffix = _stem(desc.name, desc.unit), _UNIT_SUFFIXES.get(desc.unit, "")
     if kind == "counter":
         base = base.removesuffix("_total")  # the exposition adds it back exactly once
     unit_text = f", {desc.unit}" if desc.unit != "none" else ""
@@ -66,6 +61,20 @@ def kvm_metric(prefix: str, desc: StatsDescriptor) -> KvmMetric | None:
     )
 
 
+def _known_unit(desc: StatsDescriptor) -> bool:
+    return desc.unit in ("none", "boolean") or desc.unit in _UNIT_SUFFIXES
+
+
+def _stem(name: str, unit: str) -> str:
+    """A statistic's name without the scale and unit suffixes its metric name replaces."""
+    stem = _INVALID_NAME_CHARS.sub("_", name)
+    if unit == "seconds":
+        for scale_suffix in _SCALE_SUFFIXES:
+            stem = stem.removesuffix(scale_suffix)
+    suffix = _UNIT_SUFFIXES.get(unit)
+    return stem.removesuffix(suffix) if suffix else stem
+
+
 def kvm_metrics(prefix: str, descriptors: list[StatsDescriptor]) -> list[KvmMetric]:
     """Every exported statistic of one stats fd, the first of any two with one name."""
     metrics, names = [], set()
@@ -75,3 +84,58 @@ def kvm_metrics(prefix: str, descriptors: list[StatsDescriptor]) -> list[KvmMetr
             names.add(metric.name)
             metrics.append(metric)
     return metrics
+
+
+@dataclass(frozen=True)
+class KvmHistogram:
+    """How one of KVM's per-vCPU histograms is exported: summed over every vCPU."""
+
+    name: str
+    documentation: str
+    bucket_labels: tuple[str, ...]  # the ``le`` of every bucket, "+Inf" last
+    descriptor: StatsDescriptor
+    # The cumulative statistic that totals the same samples (KVM adds each
+    # sample to both: halt_wait_ns beside halt_wait_hist): the histogram's _sum.
+    total: StatsDescriptor | None
+
+
+def bucket_upper_bounds(desc: StatsDescriptor) -> list[int] | None:
+    """The largest sample each bucket but the last can hold, in the statistic's unit.
+
+    KVM's samples are integers and its buckets half-open (api.rst): a log
+    histogram's are [0, 1), [1, 2), [2, 4) ... [2**(size-2), +Inf), a linear
+    one's [0, b), [b, 2b) ... [b*(size-1), +Inf). Prometheus's ``le`` is
+    inclusive, so bucket [lo, hi) has le = hi - 1 exactly.
+    """
+    if desc.type == "log-hist":
+        return [(1 << i) - 1 for i in range(desc.size - 1)]
+    if desc.type == "linear-hist" and desc.bucket_size > 0:
+        return [desc.bucket_size * (i + 1) - 1 for i in range(desc.size - 1)]
+    return None
+
+
+def kvm_histograms(prefix: str, descriptors: list[StatsDescriptor]) -> list[KvmHistogram]:
+    """Every histogram of a vCPU stats fd that can be exported, with its total where KVM keeps one."""
+    totals = {(_stem(d.name, d.unit), d.unit, d.base, d.exponent): d
+              for d in descriptors if d.type == "cumulative" and d.size == 1}
+    histograms = []
+    for desc in descriptors:
+        bounds = bucket_upper_bounds(desc) if desc.is_histogram else None
+        if not bounds or desc.base == 0 or not _known_unit(desc):
+            continue
+        stem = _stem(desc.name.removesuffix("_hist"), desc.unit)
+        histograms.append(KvmHistogram(
+            name=f"{prefix}_{stem}{_UNIT_SUFFIXES.get(desc.unit, '')}",
+            documentation=f"KVM statistic {desc.name} ({desc.type}, {desc.unit}), summed over every vCPU",
+            bucket_labels=tuple(floatToGoString(_in_base_units(bound, desc)) for bound in bounds) + ("+Inf",),
+            descriptor=desc,
+            total=totals.get((stem, desc.unit, desc.base, desc.exponent)),
+        ))
+    return histograms
+
+
+def _in_base_units(value: int, desc: StatsDescriptor) -> float:
+    # Dividing by 10**9 rather than multiplying by 1e-9 keeps 3 ns at 3e-09, not 3.0000000000000004e-09.
+    if desc.exponent < 0:
+        return value / float(desc.base) ** -desc.exponent
+    return value * float(desc.base) ** desc.exponent

@@ -105,15 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus", type=int, default=2, help="vCPUs of the pio-null runs (default 2)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each run (default 5)")
-    parser.add_argument("--repeats", type=int, default=3, help="off/on pairs (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="off/on pairs (default 3; 0: scrape cost only)")
     parser.add_argument("--scrape-cpus", type=int, default=64,
                         help="vCPUs of the VM whose scrape cost is timed (default 64; 0: skip)")
     args = parser.parse_args(argv)
+    if args.repeats < 0 or args.cpus < 1 or args.scrape_cpus < 0 or args.seconds <= 0:
+        parser.error("--repeats and --scrape-cpus must not be negative, --cpus and --seconds must be positive")
     with tempfile.NamedTemporaryFile(prefix="mpvmm-overhead-console-") as console:
         rates = {False: [], True: []}
         scrape_durations = []
-        print(f"pio-null, {args.cpus} vCPUs, {args.seconds:g} s runs; metrics on = scraped every "
-              f"{SCRAPE_PERIOD_SECONDS:g} s over HTTP")
+        if args.repeats:
+            print(f"pio-null, {args.cpus} vCPUs, {args.seconds:g} s runs; metrics on = scraped every "
+                  f"{SCRAPE_PERIOD_SECONDS:g} s over HTTP")
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)
             for metrics in order:
@@ -121,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 rates[metrics].append(rate)
                 scrape_durations += durations
                 print(f"  repeat {repeat + 1}: metrics {'on ' if metrics else 'off'}  {rate:12,.0f} exits/s")
-        off, on = statistics.median(rates[False]), statistics.median(rates[True])
-        print(f"median exits/s: off {off:,.0f}, on {on:,.0f}; on/off = {on / off:.3f}")
+        if args.repeats:
+            off, on = statistics.median(rates[False]), statistics.median(rates[True])
+            print(f"median exits/s: off {off:,.0f}, on {on:,.0f}; on/off = {on / off:.3f}")
         if scrape_durations:
             print(f"scrapes during the runs: {len(scrape_durations)}, median "
                   f"{statistics.median(scrape_durations) * 1e3:.1f} ms, max {max(scrape_durations) * 1e3:.1f} ms")

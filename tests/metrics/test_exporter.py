@@ -109,6 +109,13 @@ def test_exported_counts_equal_guest_and_report(runner, tmp_path, no_leaks):
 
     if runner != "process":
         assert series(samples, "mpvmm_kvm_vm_pages_4k")
+        # KVM's halt-wait histogram, summed over the vCPUs: its _sum is their halt_wait_ns.
+        buckets = value_by(samples, "mpvmm_kvm_vcpus_halt_wait_seconds_bucket", "le")
+        counts = [buckets[le] for le in sorted(buckets, key=float)]
+        assert len(counts) == 32 and counts == sorted(counts)
+        assert list(series(samples, "mpvmm_kvm_vcpus_halt_wait_seconds_count").values()) == [counts[-1]]
+        waited = sum(series(samples, "mpvmm_kvm_vcpu_halt_wait_seconds_total").values())
+        assert list(series(samples, "mpvmm_kvm_vcpus_halt_wait_seconds_sum").values()) == [pytest.approx(waited)]
 
 
 def test_exposition_passes_promtool_lint(tmp_path, no_leaks):
