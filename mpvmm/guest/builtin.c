@@ -207,12 +207,18 @@ static uint64_t compute_chunk(struct vcpu *v, uint64_t state)
     return state;
 }
 
-/* --- Workloads: loop until the supervisor asks to stop. */
+/* --- Workloads: loop until the supervisor asks to stop.
+ *
+ * Each runs at least one round before it looks at the stop flag: a vCPU
+ * that comes online late (eight worker processes starting on two host
+ * CPUs) may find the stop already set, and must still have done, and
+ * counted, some of its work. */
 
 static void run_demo(struct vcpu *v)
 {
     uint64_t state = v->index + 1;
-    for (uint64_t round = 0; !stopping(v); round++) {
+    uint64_t round = 0;
+    do {
         for (int i = 0; i < 4; i++)
             null_write(v, (uint32_t)round);
         pio_device_write(v, (uint32_t)round);
@@ -226,45 +232,52 @@ static void run_demo(struct vcpu *v)
         if (round % DEMO_LINE_EVERY == DEMO_LINE_EVERY - 1)
             print_vcpu_line(v, "demo round", round + 1, 1);
         sleep_us(v, v->params->demo_sleep_us);
-    }
+    } while (round++, !stopping(v));
 }
 
 static void run_compute(struct vcpu *v)
 {
     uint64_t state = v->index + 1;
-    while (!stopping(v))
+    do
         state = compute_chunk(v, state);
+    while (!stopping(v));
 }
 
 static void run_pio_null(struct vcpu *v)
 {
-    for (uint32_t value = 0; !stopping(v); value++)
-        null_write(v, value);
+    uint32_t value = 0;
+    do
+        null_write(v, value++);
+    while (!stopping(v));
 }
 
 /* Four posted writes, then one sync read of the value pattern. */
 static void run_pio_device(struct vcpu *v)
 {
-    for (uint32_t round = 0; !stopping(v); round++) {
+    uint32_t round = 0;
+    do {
         for (uint32_t i = 0; i < 4; i++)
             pio_device_write(v, round * 4 + i);
         pio_device_read(v, (round & 1) * 4);
-    }
+    } while (round++, !stopping(v));
 }
 
 static void run_mmio(struct vcpu *v)
 {
-    for (uint64_t round = 0; !stopping(v); round++) {
+    uint64_t round = 0;
+    do {
         for (uint64_t i = 0; i < 4; i++)
             mmio_write(v, ((round * 4 + i) * 8) & 0xff8, (v->index << 32) | (round * 4 + i));
         mmio_read(v, (round * 8) & 0xff8);
-    }
+    } while (round++, !stopping(v));
 }
 
 static void run_uart(struct vcpu *v)
 {
-    for (uint64_t line = 1; !stopping(v); line++)
-        print_vcpu_line(v, "uart line", line, 1);
+    uint64_t line = 1;
+    do
+        print_vcpu_line(v, "uart line", line++, 1);
+    while (!stopping(v));
 }
 
 /* A guest that means harm: it floods the UART, writes every port in turn
@@ -295,7 +308,8 @@ static void run_hostile(struct vcpu *v)
 {
     uint64_t random = 0x9E3779B97F4A7C15ull * (v->index + 1);
     uint16_t port = (uint16_t)(v->index * 0x1000);
-    for (uint64_t round = 0; !stopping(v); round++) {
+    uint64_t round = 0;
+    do {
         for (int i = 0; i < 16; i++)
             put_char(v, (char)('!' + (round + i) % 90));
         for (int i = 0; i < 8; i++, port++) {
@@ -314,7 +328,7 @@ static void run_hostile(struct vcpu *v)
         mmio_write64(address, round);
         count(v, MPVMM_OP_HOSTILE_MMIO_READS);
         (void)mmio_read64(address + 8);
-    }
+    } while (round++, !stopping(v));
 }
 
 static void run_triple_fault(struct vcpu *v)
@@ -326,8 +340,10 @@ static void run_triple_fault(struct vcpu *v)
 
 static void run_atomics(struct vcpu *v)
 {
-    for (uint64_t round = 0; !stopping(v); round++)
-        atomic_increment(v, round);
+    uint64_t round = 0;
+    do
+        atomic_increment(v, round++);
+    while (!stopping(v));
 }
 
 static void finish(struct vcpu *v, uint64_t status)
