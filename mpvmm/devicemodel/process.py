@@ -35,12 +35,12 @@ import select
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import msgpack
 import posix_ipc
 
+from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.console import Console
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
@@ -67,58 +67,6 @@ class _Exit(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
-
-
-@dataclass(frozen=True)
-class Config:
-    """The ``configure`` message, checked."""
-
-    ram_fd: int
-    ram_size: int
-    request_queues: tuple[str, ...]
-    reply_queues: tuple[str, ...]
-    console: str | None
-    # The Linux machine (issue 5): "pc" adds RTC, i8042 and ACPI power
-    # devices; irqfds maps a device name to an inherited eventfd KVM turns
-    # into its interrupt; stdin_fd, when set, feeds the UART.
-    machine: str = "builtin"
-    irqfds: tuple[tuple[str, int], ...] = ()
-    stdin_fd: int | None = None
-
-    @classmethod
-    def from_message(cls, message: object) -> "Config":
-        if not isinstance(message, dict) or message.get("op") != "configure":
-            raise DeviceModelError(f"expected a configure message first, got {message!r:.200}")
-        if message.get("version") != SCHEMA_VERSION:
-            raise DeviceModelError(
-                f"configure asks for schema version {message.get('version')!r}, "
-                f"this device model speaks {SCHEMA_VERSION}"
-            )
-        ram_fd, ram_size = message.get("ram_fd"), message.get("ram_size")
-        requests, replies = message.get("request_queues"), message.get("reply_queues")
-        console = message.get("console")
-        if type(ram_fd) is not int or ram_fd < 0 or type(ram_size) is not int or ram_size <= 0:
-            raise DeviceModelError("configure needs ram_fd (a file descriptor) and ram_size (int > 0)")
-        for queues in (requests, replies):
-            if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
-                raise DeviceModelError("request_queues and reply_queues must be lists of names")
-        if not requests or len(requests) != len(replies):
-            raise DeviceModelError(
-                f"need one reply queue per request queue, got {len(requests)} and {len(replies)}"
-            )
-        if console is not None and not isinstance(console, str):
-            raise DeviceModelError("console must be a path or None")
-        machine, irqfds, stdin_fd = message.get("machine", "builtin"), message.get("irqfds", {}), message.get("stdin_fd")
-        if machine not in ("builtin", "pc"):
-            raise DeviceModelError(f"unknown machine {machine!r}")
-        if not isinstance(irqfds, dict) or not all(
-            isinstance(k, str) and type(v) is int and v >= 0 for k, v in irqfds.items()
-        ):
-            raise DeviceModelError("irqfds must map device names to file descriptors")
-        if stdin_fd is not None and (type(stdin_fd) is not int or stdin_fd < 0):
-            raise DeviceModelError("stdin_fd must be a file descriptor or None")
-        return cls(ram_fd, ram_size, tuple(requests), tuple(replies), console,
-                   machine, tuple(sorted(irqfds.items())), stdin_fd)
 
 
 def serve_round(

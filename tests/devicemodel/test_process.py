@@ -16,7 +16,8 @@ import pytest
 
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.console import Console
-from mpvmm.devicemodel.process import Config, serve_round
+from mpvmm.devicemodel.config import Config
+from mpvmm.devicemodel.process import serve_round
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
