@@ -1,7 +1,7 @@
 """Thin objects over the KVM file descriptors, one method per ioctl.
 
-Like rust-vmm's kvm-ioctls: ``Kvm`` wraps /dev/kvm, ``Vm`` a VM fd, ``Vcpu`` a
-vCPU fd and its mmapped ``kvm_run`` page. A failed ioctl raises
+Like rust-vmm's kvm-ioctls: ``Kvm`` wraps /dev/kvm, ``Vm`` a VM fd, and
+``Vcpu`` (vcpu.py) a vCPU fd and its mmapped ``kvm_run`` page. A failed ioctl raises
 ``KvmIoctlError`` naming it; the one exception is ``Vcpu.run()``, which lets
 EINTR through as ``InterruptedError`` (see there). Each object owns its fd,
 closes it in ``close()`` or at the end of a ``with`` block, and can be closed
@@ -10,14 +10,14 @@ twice or after a failed constructor, like CPython's ``SharedMemory``.
 
 import ctypes
 import errno
-import fcntl
-import mmap
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from mpvmm.errors import KvmError, KvmIoctlError
 from mpvmm.kvm import bindings as b
 from mpvmm.kvm import ioctls
+from mpvmm.kvm.call import ioctl as _ioctl
+from mpvmm.kvm.vcpu import Vcpu
 
 # What mpvmm cannot run without, by the kernel's name (Kvm.require_capabilities).
 REQUIRED_CAPABILITIES: dict[str, int] = {
@@ -37,49 +37,6 @@ REQUIRED_CAPABILITIES: dict[str, int] = {
 # retry doubles the buffer up to this bound in case that ever grows.
 _CPUID_ENTRIES_LIMIT = 4096
 _MSR_INDEX_LIMIT = 65536
-
-# fcntl.ioctl passes an int argument as a C int, too narrow for values such
-# as KVM_SET_TSS_ADDR's 0xfffbd000; those go through libc's ioctl as an
-# unsigned long. CDLL (not PyDLL) calls release the GIL like fcntl does.
-_C_INT_MIN, _C_INT_MAX = -(2**31), 2**31 - 1
-_libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
-_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-_libc_ioctl.restype = ctypes.c_int
-
-
-def _ioctl(fd: int, name: str, request: int, arg=0, *, interruptible: bool = False) -> int:
-    """Issue one ioctl and return its result; a failure raises KvmIoctlError(name).
-
-    ``arg`` is an int passed by value or a ctypes object passed by reference
-    (fcntl copies one of up to 1 KiB through a buffer and back). With
-    ``interruptible``, EINTR is raised as-is as ``InterruptedError``.
-    """
-    try:
-        if isinstance(arg, int) and not _C_INT_MIN <= arg <= _C_INT_MAX:
-            result = _libc_ioctl(fd, request, arg)
-            if result < 0:
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code))
-            return result
-        return fcntl.ioctl(fd, request, arg)
-    except OSError as err:
-        if interruptible and err.errno == errno.EINTR:
-            raise  # an InterruptedError, by OSError's errno mapping
-        raise KvmIoctlError(name, err.errno, err.strerror) from err
-
-
-def host_address(buffer) -> int:
-    """The host address of a writable buffer's first byte (an mmap, a bytearray).
-
-    Holds no export of the buffer, so it can still be closed: the caller keeps
-    it alive and mapped for as long as KVM or C code uses the address.
-    """
-    view = ctypes.c_char.from_buffer(buffer)
-    try:
-        return ctypes.addressof(view)
-    finally:
-        del view
-
 
 class Kvm:
     """/dev/kvm: the API version, capabilities, supported CPUID, new VMs."""
@@ -278,153 +235,6 @@ class Vm:
             os.close(fd)
 
     def __enter__(self) -> "Vm":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-class Vcpu:
-    """A vCPU fd and its shared kvm_run page.
-
-    ``run_mmap`` is the MAP_SHARED mapping of the vCPU fd and ``kvm_run`` a
-    ``bindings.kvm_run`` view of it (``kvm_run.from_buffer(run_mmap)``);
-    ``run_address`` is the page's host address, for C code.
-    """
-
-    fd = -1
-    index = -1
-    run_mmap: mmap.mmap | None = None
-    kvm_run: b.kvm_run | None = None
-
-    def __init__(self, fd: int, index: int, mmap_size: int):
-        """Own ``fd`` (closed again if mapping kvm_run fails)."""
-        self.fd = fd
-        self.index = index
-        try:
-            self.run_mmap = mmap.mmap(
-                fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
-        except OSError as err:
-            self.close()
-            raise KvmError(f"cannot map the kvm_run page of vcpu {index}: {err.strerror}") from err
-        self.kvm_run = b.kvm_run.from_buffer(self.run_mmap)
-
-    @property
-    def run_address(self) -> int:
-        return ctypes.addressof(self.kvm_run)
-
-    def run(self) -> int:
-        """Run the guest until its next exit and return ``kvm_run.exit_reason``.
-
-        EINTR (a signal, or ``kvm_run.immediate_exit`` set) is raised unwrapped
-        as ``InterruptedError``: the caller treats it as "interrupted", clears
-        immediate_exit and carries on. A Python signal handler runs before that
-        and, if it raises, its exception comes out instead. Any other failure is
-        a KvmIoctlError for KVM_RUN whose ``errno`` tells EAGAIN from the fatal.
-        """
-        _ioctl(self.fd, "KVM_RUN", ioctls.KVM_RUN, 0, interruptible=True)
-        return self.kvm_run.exit_reason
-
-    def get_regs(self) -> b.kvm_regs:
-        regs = b.kvm_regs()
-        _ioctl(self.fd, "KVM_GET_REGS", ioctls.KVM_GET_REGS, regs)
-        return regs
-
-    def set_regs(self, regs: b.kvm_regs) -> None:
-        _ioctl(self.fd, "KVM_SET_REGS", ioctls.KVM_SET_REGS, regs)
-
-    def get_sregs(self) -> b.kvm_sregs:
-        sregs = b.kvm_sregs()
-        _ioctl(self.fd, "KVM_GET_SREGS", ioctls.KVM_GET_SREGS, sregs)
-        return sregs
-
-    def set_sregs(self, sregs: b.kvm_sregs) -> None:
-        _ioctl(self.fd, "KVM_SET_SREGS", ioctls.KVM_SET_SREGS, sregs)
-
-    def get_fpu(self) -> b.kvm_fpu:
-        fpu = b.kvm_fpu()
-        _ioctl(self.fd, "KVM_GET_FPU", ioctls.KVM_GET_FPU, fpu)
-        return fpu
-
-    def set_fpu(self, fpu: b.kvm_fpu) -> None:
-        _ioctl(self.fd, "KVM_SET_FPU", ioctls.KVM_SET_FPU, fpu)
-
-    def set_cpuid2(self, entries: Sequence[b.kvm_cpuid_entry2]) -> None:
-        """The CPUID leaves this vCPU's guest sees."""
-        cpuid = b.cpuid2_type(len(entries))()
-        cpuid.nent = len(entries)
-        for i, entry in enumerate(entries):
-            cpuid.entries[i] = entry
-        _ioctl(self.fd, "KVM_SET_CPUID2", ioctls.KVM_SET_CPUID2, cpuid)
-
-    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
-        """MSR index -> value; KvmError names the first MSR KVM would not read."""
-        indices = list(indices)
-        msrs = b.msrs_type(len(indices))()
-        msrs.nmsrs = len(indices)
-        for entry, index in zip(msrs.entries, indices):
-            entry.index = index
-        done = _ioctl(self.fd, "KVM_GET_MSRS", ioctls.KVM_GET_MSRS, msrs)
-        if done < len(indices):  # KVM stops at the first MSR it cannot read
-            raise KvmError(f"KVM_GET_MSRS cannot read MSR {indices[done]:#x} on vcpu {self.index}")
-        return {entry.index: entry.data for entry in msrs.entries}
-
-    def set_msrs(self, values: Mapping[int, int]) -> None:
-        """Write MSRs; KvmError names the first MSR KVM would not write."""
-        items = list(values.items())
-        msrs = b.msrs_type(len(items))()
-        msrs.nmsrs = len(items)
-        for entry, (index, data) in zip(msrs.entries, items):
-            entry.index, entry.data = index, data
-        done = _ioctl(self.fd, "KVM_SET_MSRS", ioctls.KVM_SET_MSRS, msrs)
-        if done < len(items):
-            index = items[done][0]
-            raise KvmError(f"KVM_SET_MSRS cannot write MSR {index:#x} on vcpu {self.index}")
-
-    def get_mp_state(self) -> int:
-        """One of bindings.KVM_MP_STATE_*."""
-        state = b.kvm_mp_state()
-        _ioctl(self.fd, "KVM_GET_MP_STATE", ioctls.KVM_GET_MP_STATE, state)
-        return state.mp_state
-
-    def set_mp_state(self, mp_state: int) -> None:
-        state = b.kvm_mp_state(mp_state=mp_state)
-        _ioctl(self.fd, "KVM_SET_MP_STATE", ioctls.KVM_SET_MP_STATE, state)
-
-    def get_lapic(self) -> b.kvm_lapic_state:
-        """The local APIC's register page (needs the in-kernel irqchip)."""
-        lapic = b.kvm_lapic_state()
-        _ioctl(self.fd, "KVM_GET_LAPIC", ioctls.KVM_GET_LAPIC, lapic)
-        return lapic
-
-    def set_lapic(self, lapic: b.kvm_lapic_state) -> None:
-        _ioctl(self.fd, "KVM_SET_LAPIC", ioctls.KVM_SET_LAPIC, lapic)
-
-    def stats_fd(self) -> int:
-        """A new fd for this vCPU's binary statistics (read with stats.StatsReader)."""
-        return _ioctl(self.fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
-
-    def close(self) -> None:
-        """Unmap kvm_run and close the fd; safe twice and after a failed __init__.
-
-        Our ``kvm_run`` view goes first, since an mmap with a ctypes view on it
-        cannot close. If a caller still holds a view of its own, close() leaves
-        the mapping to be unmapped when the last such view is freed (each view
-        keeps the mmap alive), so no view is ever left dangling.
-        """
-        self.kvm_run = None
-        if self.run_mmap is not None:
-            run_mmap, self.run_mmap = self.run_mmap, None
-            try:
-                run_mmap.close()
-            except BufferError:
-                pass  # views still exported: unmapped when they are freed
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> "Vcpu":
         return self
 
     def __exit__(self, *exc_info) -> None:

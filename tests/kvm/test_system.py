@@ -16,7 +16,9 @@ from mpvmm.errors import KvmError, KvmIoctlError
 from mpvmm.kvm import bindings as b
 from mpvmm.kvm import system
 from mpvmm.kvm.stats import StatsReader
-from mpvmm.kvm.system import REQUIRED_CAPABILITIES, Kvm, Vcpu, host_address
+from mpvmm.kvm.call import host_address
+from mpvmm.kvm.system import REQUIRED_CAPABILITIES, Kvm
+from mpvmm.kvm.vcpu import Vcpu
 
 pytestmark = pytest.mark.skipif(
     not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs read-write /dev/kvm"
