@@ -29,7 +29,7 @@ from prometheus_client.utils import floatToGoString
 from mpvmm.errors import MpvmmError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.stats import StatsReader
-from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, kvm_histograms, kvm_metrics
+from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, in_base_units, kvm_histograms, kvm_metrics
 from mpvmm.vcpu_worker import stats as st
 
 # Exit reasons exported for every vCPU from the start, so that their rate()
@@ -264,8 +264,7 @@ def histogram_family(histogram: KvmHistogram, per_vcpu: Sequence[dict]) -> Metri
     counts = [sum(bucket) for bucket in zip(*(values[name] for values in per_vcpu))]
     total = None
     if histogram.total is not None:
-        desc = histogram.total
-        total = sum(values[desc.name] for values in per_vcpu) * float(desc.base) ** desc.exponent
+        total = in_base_units(sum(values[histogram.total.name] for values in per_vcpu), histogram.total)
     family = HistogramMetricFamily(histogram.name, histogram.documentation)
     family.add_metric([], cumulative_buckets(histogram.bucket_labels, counts), total)
     return family

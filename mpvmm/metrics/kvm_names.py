@@ -127,14 +127,15 @@ def kvm_histograms(prefix: str, descriptors: list[StatsDescriptor]) -> list[KvmH
         histograms.append(KvmHistogram(
             name=f"{prefix}_{stem}{_UNIT_SUFFIXES.get(desc.unit, '')}",
             documentation=f"KVM statistic {desc.name} ({desc.type}, {desc.unit}), summed over every vCPU",
-            bucket_labels=tuple(floatToGoString(_in_base_units(bound, desc)) for bound in bounds) + ("+Inf",),
+            bucket_labels=tuple(floatToGoString(in_base_units(bound, desc)) for bound in bounds) + ("+Inf",),
             descriptor=desc,
             total=totals.get((stem, desc.unit, desc.base, desc.exponent)),
         ))
     return histograms
 
 
-def _in_base_units(value: int, desc: StatsDescriptor) -> float:
+def in_base_units(value: int, desc: StatsDescriptor) -> float:
+    """A raw value of ``desc`` in its base unit (nanoseconds to seconds, pages to bytes)."""
     # Dividing by 10**9 rather than multiplying by 1e-9 keeps 3 ns at 3e-09, not 3.0000000000000004e-09.
     if desc.exponent < 0:
         return value / float(desc.base) ** -desc.exponent
