@@ -58,7 +58,6 @@ class GuestMemory:
     # Class-level defaults: close() works even after a failed constructor.
     host_address = 0
     size = 0
-    fd = -1
     _shm = None
 
     def __init__(self, size: int):
@@ -70,7 +69,6 @@ class GuestMemory:
             raise HostLimitError(f"cannot create {size} bytes of guest memory in /dev/shm: {err}") from err
         # Nameless from here on: the fd (passed to the device model) is the only way in.
         self._shm.unlink()
-        self.fd = self._shm.fd
         try:
             self.host_address = map_shared(self.fd, size)
         except MpvmmError:
@@ -79,6 +77,11 @@ class GuestMemory:
         self.size = size
         # Guest RAM in a core dump of the supervisor would only bloat it.
         _libc.madvise(self.host_address, size, _MADV_DONTDUMP)
+
+    @property
+    def fd(self) -> int:
+        """The object's file descriptor (-1 once closed): the only way to it, as it has no name."""
+        return self._shm.fd if self._shm is not None else -1
 
     # --- The guest-physical view. ---
 
@@ -124,7 +127,6 @@ class GuestMemory:
             except posix_ipc.Error:
                 pass
             self._shm = None
-            self.fd = -1
 
     def __enter__(self):
         return self
