@@ -108,12 +108,8 @@ def test_sigkill_of_the_supervisor_leaves_nothing(runner, tmp_path, kvm_availabl
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()
-
-    def device_model_children():
-        return {int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_child_dm(int(pid), process.pid)}
-
-    _wait_for(lambda: device_model_children(), SUPERVISOR_ALIVE_TIMEOUT, "device model never started")
-    dm = device_model_children()
+    _wait_for(lambda: _child_device_models(process.pid), SUPERVISOR_ALIVE_TIMEOUT, "device model never started")
+    dm = _child_device_models(process.pid)
     time.sleep(0.5)
     process.kill()
     process.wait()
@@ -142,7 +138,7 @@ def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, tmp_pat
     dm: set[int] = set()
     while not dm:
         assert time.monotonic() < deadline and process.poll() is None, "device model never started"
-        dm = {int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_child_dm(int(pid), process.pid)}
+        dm = _child_device_models(process.pid)
         time.sleep(0.002)
     time.sleep(delay)
     process.kill()
@@ -152,6 +148,10 @@ def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, tmp_pat
               SUPERVISOR_ALIVE_TIMEOUT, "device model outlived the supervisor")
     assert ipc_objects() - before == set()
     assert device_model_processes() - dm_before == set()
+
+def _child_device_models(parent: int) -> set[int]:
+    return {int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_child_dm(int(pid), parent)}
+
 
 def _is_child_dm(pid: int, parent: int) -> bool:
     try:
