@@ -46,7 +46,7 @@ from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
-from mpvmm.devicemodel.sandbox import confine
+from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, restrict
 from mpvmm.errors import DeviceModelError
 
 # Messages taken from one queue before the next queue gets its turn, so one
@@ -115,6 +115,22 @@ def _die_with_parent(parent: int) -> None:
         raise _Exit(0)
 
 
+def _map_guest_ram(fd: int, size: int, writable: bool) -> mmap.mmap:
+    """Guest RAM, read-only unless this device model writes guest memory.
+
+    Read-only through a descriptor of our own opened read-only: the inherited
+    one is read-write, and with it a later mprotect could make the mapping
+    writable again; with this one the kernel refuses (EACCES).
+    """
+    if writable:
+        return mmap.mmap(fd, size)
+    read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(read_only, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(read_only)
+
+
 def _batch_scheduling() -> None:
     """SCHED_BATCH: a posted write wakes us, but must not preempt the vCPU that sent it.
 
@@ -151,6 +167,7 @@ class DeviceModelProcess:
         self.replies_dropped = 0
         self.internal_errors = 0
         self.host_input: HostInput | None = None
+        self.confinement: Confinement | None = None
 
     # --- Control channel. ---
 
@@ -230,12 +247,16 @@ class DeviceModelProcess:
         try:
             config = Config.from_message(message)
             self._open(config)
+            # Everything is open: give up what a hostile guest would want next
+            # (sandbox.py). The uid first: changing it clears the parent-death signal.
+            confinement = drop_privileges()
             _die_with_parent(self.parent)  # only now: every name is unlinked
-            confine()  # everything is open: give up what a hostile guest would want next
+            self.confinement = restrict(confinement)
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
             raise _Exit(1) from err
-        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION})
+        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION,
+                    "sandbox": self.confinement.as_message()})
 
     def _open(self, config: Config) -> None:
         try:
@@ -246,7 +267,7 @@ class DeviceModelProcess:
             raise DeviceModelError(f"guest RAM fd {config.ram_fd} holds {size} bytes, configure says {config.ram_size}")
         # Kept mapped for the virtio devices to come; the fd is not needed.
         try:
-            self.ram = mmap.mmap(config.ram_fd, config.ram_size)
+            self.ram = _map_guest_ram(config.ram_fd, config.ram_size, config.ram_writable)
         finally:
             os.close(config.ram_fd)
         for names, queues, reading in (
