@@ -17,6 +17,7 @@ import subprocess
 import time
 import tty
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,12 @@ def test_vm_run_calls_only_allowed_syscalls(runner, tmp_path, no_leaks):
     assert_allowed(calls)
     assert {"epoll_wait", "mq_timedreceive", "mq_timedsend", "write", "recvfrom", "sendto",
             "exit_group"} <= set(calls)
+
+
+def test_allow_list_is_documented():
+    """docs/security.md's table names exactly the syscalls the filter allows."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    table = text.split("<!-- allow-list:", 1)[1].split("<!-- end of allow-list -->", 1)[0]
+    documented = re.findall(r"^\| `([a-z0-9_]+)` \|", table, re.M)
+    assert sorted(documented) == sorted(ALLOWED_SYSCALLS)
+    assert f"It has {len(ALLOWED_SYSCALLS)} entries" in text
