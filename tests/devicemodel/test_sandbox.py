@@ -162,7 +162,7 @@ def test_sandboxed_process_has_no_privileges(sandboxed):
         assert status["Gid"].split() == [str(NOBODY)] * 4
         assert status["Groups"].strip() == ""
     ready = sandboxed["ready"]["sandbox"]
-    assert ready["uid"] == os.geteuid() if not IS_ROOT else NOBODY
+    assert ready["uid"] == (NOBODY if IS_ROOT else os.geteuid())
     assert ready["landlock_abi"] == landlock.abi_version()
 
 
