@@ -46,7 +46,7 @@ from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
-from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, restrict
+from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
 
 # Messages taken from one queue before the next queue gets its turn, so one
@@ -113,22 +113,6 @@ def _die_with_parent(parent: int) -> None:
         pass  # not Linux: EOF on the control socket still ends us
     if os.getppid() != parent:
         raise _Exit(0)
-
-
-def _map_guest_ram(fd: int, size: int, writable: bool) -> mmap.mmap:
-    """Guest RAM, read-only unless this device model writes guest memory.
-
-    Read-only through a descriptor of our own opened read-only: the inherited
-    one is read-write, and with it a later mprotect could make the mapping
-    writable again; with this one the kernel refuses (EACCES).
-    """
-    if writable:
-        return mmap.mmap(fd, size)
-    read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return mmap.mmap(read_only, size, prot=mmap.PROT_READ)
-    finally:
-        os.close(read_only)
 
 
 def _batch_scheduling() -> None:
@@ -267,7 +251,7 @@ class DeviceModelProcess:
             raise DeviceModelError(f"guest RAM fd {config.ram_fd} holds {size} bytes, configure says {config.ram_size}")
         # Kept mapped for the virtio devices to come; the fd is not needed.
         try:
-            self.ram = _map_guest_ram(config.ram_fd, config.ram_size, config.ram_writable)
+            self.ram = map_guest_ram(config.ram_fd, config.ram_size, config.ram_writable)
         finally:
             os.close(config.ram_fd)
         for names, queues, reading in (

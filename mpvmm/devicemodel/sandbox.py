@@ -23,8 +23,9 @@ crosvm's minijail do for their device processes, in two steps:
     sent outside the process), where the kernel has it; then the seccomp
     allow-list (syscall_filter.py), which also denies io_uring.
 
-Guest RAM is mapped read-only through a read-only descriptor by process.py
-before this, so not even ``mprotect`` could make it writable.
+Before both, ``map_guest_ram`` maps guest RAM read-only through a
+read-only descriptor (unless the device model writes guest memory), so not
+even ``mprotect`` could make it writable.
 The result, with a note for each thing this host could not do, is returned
 as a ``Confinement`` and reported in the ``ready`` message.
 """
@@ -32,6 +33,7 @@ as a ``Confinement`` and reported in the ``ready`` message.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import pwd
 from dataclasses import asdict, dataclass, field
@@ -111,7 +113,23 @@ def _check_no_capabilities(sets: tuple[str, ...]) -> None:
         status = dict(line.split(":", 1) for line in f if ":" in line)
     left = [name for name in sets if int(status.get(name, "0"), 16)]
     if left:
-        raise SandboxError(0, f"capabilities left after dropping them: {', '.join(left)}")
+        raise SandboxError(f"capabilities left after dropping them: {', '.join(left)}")
+
+
+def map_guest_ram(fd: int, size: int, writable: bool) -> mmap.mmap:
+    """Guest RAM, read-only unless this device model writes guest memory.
+
+    Read-only through a descriptor of our own opened read-only: the inherited
+    one is read-write, and with it a later mprotect could make the mapping
+    writable again; with this one the kernel refuses (EACCES).
+    """
+    if writable:
+        return mmap.mmap(fd, size)
+    read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(read_only, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(read_only)
 
 
 def drop_privileges() -> Confinement:
