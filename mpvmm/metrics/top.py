@@ -87,23 +87,21 @@ def _fetch(parts: urllib.parse.SplitResult, deadline_seconds: float) -> bytes:
     a timer shuts the socket down at the deadline, which ends whatever read
     is waiting, and the body is read a chunk at a time against the cap.
     """
-    deadline = time.monotonic() + deadline_seconds
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_class(parts.hostname, parts.port, timeout=deadline_seconds)
     expired = threading.Event()
+    timer = threading.Timer(deadline_seconds, _cut, (connection, expired))
+    timer.start()
     try:
-        connection.connect()  # bounded by the timeout; the timer needs the socket
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (connection.sock, expired))
-        timer.start()
-        try:
-            body = _read_body(connection, parts, expired)
-        finally:
-            timer.cancel()
+        # A TLS handshake happens in connect, so the timer runs from before it.
+        connection.connect()
+        body = _read_body(connection, parts, expired)
     except (OSError, http.client.HTTPException):
         if expired.is_set():
             raise ScrapeError(f"no complete answer within {deadline_seconds:g} s") from None
         raise
     finally:
+        timer.cancel()
         connection.close()
     if expired.is_set():  # the cut looked like the end of the body
         raise ScrapeError(f"no complete answer within {deadline_seconds:g} s")
@@ -112,6 +110,8 @@ def _fetch(parts: urllib.parse.SplitResult, deadline_seconds: float) -> bytes:
 
 def _read_body(connection: http.client.HTTPConnection, parts: urllib.parse.SplitResult,
                expired: threading.Event) -> bytes:
+    if expired.is_set():  # the deadline passed while connecting, before the timer could cut anything
+        raise ScrapeError("connecting took the whole deadline")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connection.request("GET", path)
     response = connection.getresponse()
@@ -127,13 +127,15 @@ def _read_body(connection: http.client.HTTPConnection, parts: urllib.parse.Split
     return bytes(body)
 
 
-def _cut(sock: socket.socket, expired: threading.Event) -> None:
+def _cut(connection: http.client.HTTPConnection, expired: threading.Event) -> None:
     """At the deadline: end the read in progress (it returns end of file or an error)."""
     expired.set()
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    sock = connection.sock  # None while still connecting: connect has its own timeout
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _by_vcpu(scrape: Scrape, name: str, key: str | None = None) -> dict[tuple[int, str], float]:
