@@ -1,19 +1,22 @@
 """The seccomp allow-list against what real device models call, recorded with strace.
 
-strace attaches to a device model once it is sandboxed (after ``ready``),
-so what it records is exactly what the filter sees. The runs exercise what
-a device model does: every device of the Linux machine with terminal input
-(including the FIFO filling up) and irqfds, malformed messages, power
-events, stats, shutdown; and a real VM with a hostile guest while
-/metrics is scraped. A syscall the device model starts to need shows up
-here as a failure naming it, not as an EPERM in someone's run.
+The device model runs under strace from its first instruction (no ptrace
+attach, so no capability is needed and its uid change does not matter),
+and what it calls after its filter is loaded is exactly what the filter
+sees. The runs exercise what a device model does: every device of the
+Linux machine with terminal input (including the FIFO filling up) and
+irqfds, malformed messages, power events, stats, shutdown; and a real VM
+with a hostile guest while /metrics is scraped. A syscall the device model
+starts to need shows up here as a failure naming it, not as an EPERM in
+someone's run.
 """
 
 import collections
 import os
 import re
 import shutil
-import subprocess
+import stat
+import sys
 import time
 import tty
 import urllib.request
@@ -29,52 +32,30 @@ from mpvmm.x86.layout import (ACPI_PM_PORT, COM1_PORT, I8042_COMMAND_PORT, I8042
 from tests.devicemodel.test_process import Harness
 
 SYSCALL = re.compile(r"^\d+\s+([a-z0-9_]+)\(")
-ATTACH_TIMEOUT = 10.0
+# libseccomp loads the filter with seccomp(2), or prctl(2) on old kernels.
+FILTER_LOADED = re.compile(r"^\d+\s+(seccomp\(SECCOMP_SET_MODE_FILTER, 0,|prctl\(PR_SET_SECCOMP, SECCOMP_MODE_FILTER).* = 0$")
 UART_IER, UART_IIR, UART_LSR = 1, 2, 5
 
 
-def strace() -> str:
+def strace_prefix(output: Path) -> list[str]:
+    """The command prefix that runs a program under strace, following forks, into ``output``."""
     path = shutil.which("strace")
     if path is None:
         pytest.fail("strace is not installed: run scripts/install.sh (Debian package strace)")
-    return path
+    return [path, "-f", "-qq", "-o", str(output)]
 
 
-class Recording:
-    """strace on ``pid`` from now until it exits; ``calls`` counts syscalls by name."""
-
-    def __init__(self, pid: int, output):
-        self.pid = pid
-        self.output = output
-        self.process = subprocess.Popen([strace(), "-f", "-qq", "-o", str(output), "-p", str(pid)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
-        deadline = time.monotonic() + ATTACH_TIMEOUT
-        while self._tracer() != self.process.pid:
-            assert self.process.poll() is None, f"strace failed: {self.process.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "strace did not attach"
-            time.sleep(0.01)
-
-    def _tracer(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("TracerPid:"))
-
-    def finish(self) -> collections.Counter:
-        """Wait for strace to see the device model exit; the syscalls it recorded."""
-        try:
-            self.process.wait(ATTACH_TIMEOUT)
-        finally:
-            if self.process.poll() is None:
-                self.process.terminate()  # detaches
-                self.process.wait()
-            self.process.stderr.close()
-        calls = collections.Counter()
-        with open(self.output) as f:
-            for line in f:
-                match = SYSCALL.match(line)
-                if match:
-                    calls[match.group(1)] += 1
-        return calls
+def sandboxed_calls(output: Path) -> collections.Counter:
+    """The syscalls in an strace log after the last seccomp filter was loaded, by name."""
+    lines = output.read_text().splitlines()
+    loaded = [index for index, line in enumerate(lines) if FILTER_LOADED.match(line)]
+    assert loaded, "the device model never loaded its seccomp filter"
+    calls = collections.Counter()
+    for line in lines[loaded[-1] + 1:]:
+        match = SYSCALL.match(line)
+        if match:
+            calls[match.group(1)] += 1
+    return calls
 
 
 def assert_allowed(calls: collections.Counter) -> None:
@@ -89,10 +70,9 @@ def test_linux_machine_calls_only_allowed_syscalls(tmp_path):
     terminal, follower = os.openpty()
     tty.setraw(follower)  # as the supervisor leaves a terminal: bytes, not lines
     try:
-        harness.start(pass_fds=(*irqfds.values(), follower))
+        harness.start(pass_fds=(*irqfds.values(), follower), prefix=strace_prefix(tmp_path / "strace.txt"))
         ready = harness.configure(console=str(tmp_path / "console"), machine="pc", irqfds=irqfds, stdin_fd=follower)
         assert ready["op"] == "ready", ready
-        recording = Recording(harness.proc.pid, tmp_path / "strace.txt")
         sequence = iter(range(1, 1 << 30))
 
         def write(port, value, space=SPACE_PIO, size=1):
@@ -129,12 +109,12 @@ def test_linux_machine_calls_only_allowed_syscalls(tmp_path):
         harness.send({"op": "shutdown"})
         answers = [harness.recv() for _ in range(4)]
         assert [answer["op"] for answer in answers] == ["system_event", "system_event", "error", "bye"], answers
-        assert harness.proc.wait(10) == 0
-        calls = recording.finish()
+        assert harness.proc.wait(10) == 0  # strace's status is the device model's
     finally:
         harness.close()
         for fd in (*irqfds.values(), terminal, follower):
             os.close(fd)
+    calls = sandboxed_calls(tmp_path / "strace.txt")
     assert_allowed(calls)
     # The recording saw the device model at work, not an idle process.
     assert {"epoll_wait", "epoll_ctl", "mq_timedreceive", "mq_timedsend", "read", "write",
@@ -142,12 +122,16 @@ def test_linux_machine_calls_only_allowed_syscalls(tmp_path):
 
 
 @pytest.mark.parametrize("runner", ["native", "process"])
-def test_vm_run_calls_only_allowed_syscalls(runner, tmp_path, no_leaks):
+def test_vm_run_calls_only_allowed_syscalls(runner, tmp_path, monkeypatch, no_leaks):
     """A hostile guest's flood while /metrics asks the device model for its stats."""
-    recordings = []
+    # The supervisor starts `sys.executable -m mpvmm.devicemodel`: here, under strace.
+    output = tmp_path / "strace.txt"
+    wrapper = tmp_path / "python-under-strace"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join([*strace_prefix(output), sys.executable]) + ' "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(sys, "executable", str(wrapper))
 
-    def record_and_scrape(supervisor):
-        recordings.append(Recording(supervisor.device_model.pid, tmp_path / "strace.txt"))
+    def scrape(supervisor):
         for _ in range(3):
             time.sleep(0.3)
             with urllib.request.urlopen(supervisor.metrics.url, timeout=10) as response:
@@ -155,9 +139,9 @@ def test_vm_run_calls_only_allowed_syscalls(runner, tmp_path, no_leaks):
 
     config = RunConfig(cpus=2, memory=64 << 20, workload="hostile", seconds=1.5, runner=runner,
                        console=str(tmp_path / "console"), metrics_port=0)
-    result = Supervisor(config, on_started=record_and_scrape).run()
+    result = Supervisor(config, on_started=scrape).run()
     assert result.exit_code == 0, result.status
-    calls = recordings[0].finish()
+    calls = sandboxed_calls(output)
     assert_allowed(calls)
     assert {"epoll_wait", "mq_timedreceive", "mq_timedsend", "write", "recvfrom", "sendto",
             "exit_group"} <= set(calls)
