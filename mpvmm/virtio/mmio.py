@@ -30,53 +30,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from mpvmm.virtio import mmio_registers as registers
 from mpvmm.virtio import spec
 from mpvmm.virtio.device import VirtioDevice
 from mpvmm.virtio.errors import GuestMemoryError, VirtqueueError
 from mpvmm.virtio.memory import GuestRam
 from mpvmm.virtio.queue import SplitQueue
-
-# --- Register offsets (spec 4.2.2, table "MMIO Device Register Layout"); all 32-bit. ---
-MAGIC_VALUE = 0x000  # R: "virt"
-VERSION = 0x004  # R: 2, the non-legacy interface
-DEVICE_ID = 0x008  # R: the virtio device type; 0 would mean "no device here"
-VENDOR_ID = 0x00C  # R
-DEVICE_FEATURES = 0x010  # R: 32 feature bits, chosen by DEVICE_FEATURES_SEL
-DEVICE_FEATURES_SEL = 0x014  # W
-DRIVER_FEATURES = 0x020  # W: the driver's accepted bits, word DRIVER_FEATURES_SEL
-DRIVER_FEATURES_SEL = 0x024  # W
-QUEUE_SEL = 0x030  # W: which queue the QUEUE_* registers below address
-QUEUE_NUM_MAX = 0x034  # R: the selected queue's largest size; 0 = no such queue
-QUEUE_NUM = 0x038  # W: the size the driver chose
-QUEUE_READY = 0x044  # RW: the selected queue is configured and in use
-QUEUE_NOTIFY = 0x050  # W: the index of a queue with new buffers (the "kick")
-INTERRUPT_STATUS = 0x060  # R: why the interrupt was raised
-INTERRUPT_ACK = 0x064  # W: clears those bits
-STATUS = 0x070  # RW: device status; 0 resets
-QUEUE_DESC_LOW = 0x080  # W: descriptor table address, low and high halves
-QUEUE_DESC_HIGH = 0x084
-QUEUE_DRIVER_LOW = 0x090  # W: available ring address
-QUEUE_DRIVER_HIGH = 0x094
-QUEUE_DEVICE_LOW = 0x0A0  # W: used ring address
-QUEUE_DEVICE_HIGH = 0x0A4
-SHM_SEL = 0x0AC  # W: shared memory region: we have none
-SHM_LEN_LOW = 0x0B0  # R: all ones for "no such region"
-SHM_LEN_HIGH = 0x0B4
-SHM_BASE_LOW = 0x0B8
-SHM_BASE_HIGH = 0x0BC
-CONFIG_GENERATION = 0x0FC  # R: changes whenever the config space may have changed
-CONFIG = 0x100  # the device-specific configuration space starts here
-
-MAGIC = 0x74726976  # "virt" in little-endian
-MMIO_VERSION = 2
-VENDOR = int.from_bytes(b"MPVM", "little")
-# One page per device: Linux maps the window with ioremap, and a page of its
-# own lets an ioeventfd or a memory slot sit on it alone.
-WINDOW_SIZE = 0x1000
-
-# --- InterruptStatus bits. ---
-INTERRUPT_USED_BUFFER = 1  # a queue's used ring has news
-INTERRUPT_CONFIG_CHANGE = 2  # the config space (or DEVICE_NEEDS_RESET) changed
 
 # Offered by every device on top of its own bits.
 TRANSPORT_FEATURES = (
@@ -91,6 +50,27 @@ _STATUS_STEPS = (
     (spec.STATUS_FEATURES_OK, spec.STATUS_DRIVER),
     (spec.STATUS_DRIVER_OK, spec.STATUS_FEATURES_OK),
 )
+
+
+# The 64-bit ring addresses, written as two 32-bit halves: (SplitQueue attribute, shift).
+_RING_ADDRESS_HALVES = {
+    registers.QUEUE_DESC_LOW: ("desc_table", 0),
+    registers.QUEUE_DESC_HIGH: ("desc_table", 32),
+    registers.QUEUE_DRIVER_LOW: ("avail_ring", 0),
+    registers.QUEUE_DRIVER_HIGH: ("avail_ring", 32),
+    registers.QUEUE_DEVICE_LOW: ("used_ring", 0),
+    registers.QUEUE_DEVICE_HIGH: ("used_ring", 32),
+}
+# Registers that read as a constant.
+_CONSTANT_REGISTERS = {
+    registers.MAGIC_VALUE: registers.MAGIC,
+    registers.VERSION: registers.MMIO_VERSION,
+    registers.VENDOR_ID: registers.VENDOR,
+    registers.SHM_LEN_LOW: _ALL_ONES,
+    registers.SHM_LEN_HIGH: _ALL_ONES,
+    registers.SHM_BASE_LOW: _ALL_ONES,
+    registers.SHM_BASE_HIGH: _ALL_ONES,
+}
 
 
 @dataclass
@@ -162,34 +142,29 @@ class MmioTransport:
     def read(self, offset: int, size: int) -> int:
         """A guest read of ``size`` bytes at ``offset`` into the window."""
         self.stats.register_reads += 1
-        if offset >= CONFIG:
-            return self._read_config(offset - CONFIG, size)
+        if offset >= registers.CONFIG:
+            return self._read_config(offset - registers.CONFIG, size)
         if size != 4 or offset % 4:
             self.stats.bad_accesses += 1
             return 0
-        if offset == DEVICE_FEATURES:
+        if offset == registers.DEVICE_FEATURES:
             return (self.offered_features() >> (32 * self._device_features_sel)) & _ALL_ONES
-        if offset == QUEUE_NUM_MAX:
+        if offset == registers.QUEUE_NUM_MAX:
             queue = self._selected_queue()
             return queue.max_size if queue else 0
-        if offset == QUEUE_READY:
+        if offset == registers.QUEUE_READY:
             queue = self._selected_queue()
             return int(bool(queue and queue.ready))
-        fixed = {
-            MAGIC_VALUE: MAGIC,
-            VERSION: MMIO_VERSION,
-            DEVICE_ID: self.device.device_id,
-            VENDOR_ID: VENDOR,
-            INTERRUPT_STATUS: self.interrupt_status,
-            STATUS: self.status,
-            CONFIG_GENERATION: self.config_generation,
-            SHM_LEN_LOW: _ALL_ONES,
-            SHM_LEN_HIGH: _ALL_ONES,
-            SHM_BASE_LOW: _ALL_ONES,
-            SHM_BASE_HIGH: _ALL_ONES,
-        }
-        if offset in fixed:
-            return fixed[offset]
+        if offset == registers.INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == registers.STATUS:
+            return self.status
+        if offset == registers.CONFIG_GENERATION:
+            return self.config_generation
+        if offset == registers.DEVICE_ID:
+            return self.device.device_id
+        if offset in _CONSTANT_REGISTERS:
+            return _CONSTANT_REGISTERS[offset]
         self.stats.bad_accesses += 1  # write-only or no register: reads as 0
         return 0
 
@@ -208,29 +183,29 @@ class MmioTransport:
     def write(self, offset: int, size: int, value: int) -> None:
         """A guest write of ``size`` bytes at ``offset`` into the window."""
         self.stats.register_writes += 1
-        if offset >= CONFIG:
-            self.device.write_config(offset - CONFIG, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        if offset >= registers.CONFIG:
+            self.device.write_config(offset - registers.CONFIG, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
             return
         if size != 4 or offset % 4:
             self.stats.bad_accesses += 1
             return
         value &= _ALL_ONES
-        if offset == STATUS:
+        if offset == registers.STATUS:
             self._write_status(value)
-        elif offset == QUEUE_NOTIFY:
+        elif offset == registers.QUEUE_NOTIFY:
             self.stats.mmio_notifications += 1
             (self._on_notify or self.notify)(value & 0xFFFF)
-        elif offset == INTERRUPT_ACK:
+        elif offset == registers.INTERRUPT_ACK:
             self.interrupt_status &= ~value
-        elif offset == DEVICE_FEATURES_SEL:
+        elif offset == registers.DEVICE_FEATURES_SEL:
             self._device_features_sel = value
-        elif offset == DRIVER_FEATURES_SEL:
+        elif offset == registers.DRIVER_FEATURES_SEL:
             self._driver_features_sel = value
-        elif offset == DRIVER_FEATURES:
+        elif offset == registers.DRIVER_FEATURES:
             self._write_driver_features(value)
-        elif offset == QUEUE_SEL:
+        elif offset == registers.QUEUE_SEL:
             self._queue_sel = value
-        elif offset == QUEUE_READY:
+        elif offset == registers.QUEUE_READY:
             self._write_queue_ready(value & 1)
         elif not self._write_queue_field(offset, value):
             self.stats.bad_accesses += 1
@@ -254,21 +229,13 @@ class MmioTransport:
         return queue
 
     def _write_queue_field(self, offset: int, value: int) -> bool:
-        fields = {
-            QUEUE_DESC_LOW: ("desc_table", 0),
-            QUEUE_DESC_HIGH: ("desc_table", 32),
-            QUEUE_DRIVER_LOW: ("avail_ring", 0),
-            QUEUE_DRIVER_HIGH: ("avail_ring", 32),
-            QUEUE_DEVICE_LOW: ("used_ring", 0),
-            QUEUE_DEVICE_HIGH: ("used_ring", 32),
-        }
         queue = self._configurable_queue()
-        if queue is None or (offset not in fields and offset != QUEUE_NUM):
+        if queue is None or (offset not in _RING_ADDRESS_HALVES and offset != registers.QUEUE_NUM):
             return False
-        if offset == QUEUE_NUM:
+        if offset == registers.QUEUE_NUM:
             queue.size = value
             return True
-        name, shift = fields[offset]
+        name, shift = _RING_ADDRESS_HALVES[offset]
         setattr(queue, name, (getattr(queue, name) & ~(_ALL_ONES << shift)) | (value << shift))
         return True
 
@@ -354,7 +321,7 @@ class MmioTransport:
         for queue in self.queues:
             queue.detach()
         if self.status & spec.STATUS_DRIVER_OK:
-            self._interrupt(INTERRUPT_CONFIG_CHANGE)
+            self._interrupt(registers.INTERRUPT_CONFIG_CHANGE)
 
     # --- Queues and interrupts. ---
 
@@ -379,6 +346,7 @@ class MmioTransport:
         queue = self.queues[index]
         if not self.running or not queue.attached:
             return
+        problem = None
         try:
             while True:
                 queue.suppress_notifications()
@@ -386,22 +354,25 @@ class MmioTransport:
                 more = queue.enable_notifications()
                 if not (completed and more):
                     break
-            if queue.needs_interrupt():
-                queue.stats.interrupts += 1
-                self._interrupt(INTERRUPT_USED_BUFFER)
         except (VirtqueueError, GuestMemoryError) as err:
-            self.set_needs_reset(f"queue {index}: {err}")
+            problem = f"queue {index}: {err}"
+        # Chains completed before a broken one are the driver's: it hears of them.
+        if queue.needs_interrupt():
+            queue.stats.interrupts += 1
+            self._interrupt(registers.INTERRUPT_USED_BUFFER)
+        if problem:
+            self.set_needs_reset(problem)
 
     def config_changed(self) -> None:
         """The device's configuration space changed (a resized disk): tell the driver."""
         self.config_generation = (self.config_generation + 1) & _ALL_ONES
         if self.status & spec.STATUS_DRIVER_OK:
-            self._interrupt(INTERRUPT_CONFIG_CHANGE)
+            self._interrupt(registers.INTERRUPT_CONFIG_CHANGE)
 
     def _interrupt(self, reason: int) -> None:
         self.interrupt_status |= reason
         self.stats.interrupts += 1
-        if reason == INTERRUPT_CONFIG_CHANGE:
+        if reason == registers.INTERRUPT_CONFIG_CHANGE:
             self.stats.config_interrupts += 1
         try:
             self._trigger()

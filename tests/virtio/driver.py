@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 from mpvmm.virtio import mmio, spec
+from mpvmm.virtio import mmio_registers as registers
 from mpvmm.virtio.memory import GuestRam
 from mpvmm.x86 import layout
 
@@ -130,7 +131,7 @@ class DriverQueue:
                 return False
         self.kicks_sent += 1
         if via_register:
-            self.driver.write(mmio.QUEUE_NOTIFY, self.index)
+            self.driver.write(registers.QUEUE_NOTIFY, self.index)
         else:
             self.driver.transport.notify(self.index)
         return True
@@ -188,44 +189,44 @@ class Driver:
 
     @property
     def status(self) -> int:
-        return self.read(mmio.STATUS)
+        return self.read(registers.STATUS)
 
     @property
     def event_idx(self) -> bool:
         return bool(self.features & spec.feature_bit(spec.F_EVENT_IDX))
 
     def add_status(self, bit: int) -> None:
-        self.write(mmio.STATUS, self.status | bit)
+        self.write(registers.STATUS, self.status | bit)
 
     def negotiate(self, refuse: int = 0) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, accept every offered feature but ``refuse``; FEATURES_OK read back."""
-        assert self.read(mmio.MAGIC_VALUE) == 0x74726976 and self.read(mmio.VERSION) == 2
-        self.write(mmio.STATUS, 0)
+        assert self.read(registers.MAGIC_VALUE) == 0x74726976 and self.read(registers.VERSION) == 2
+        self.write(registers.STATUS, 0)
         self.add_status(spec.STATUS_ACKNOWLEDGE)
         self.add_status(spec.STATUS_DRIVER)
         offered = 0
         for word in (0, 1):
-            self.write(mmio.DEVICE_FEATURES_SEL, word)
-            offered |= self.read(mmio.DEVICE_FEATURES) << (32 * word)
+            self.write(registers.DEVICE_FEATURES_SEL, word)
+            offered |= self.read(registers.DEVICE_FEATURES) << (32 * word)
         self.features = offered & ~refuse
         for word in (0, 1):
-            self.write(mmio.DRIVER_FEATURES_SEL, word)
-            self.write(mmio.DRIVER_FEATURES, (self.features >> (32 * word)) & 0xFFFFFFFF)
+            self.write(registers.DRIVER_FEATURES_SEL, word)
+            self.write(registers.DRIVER_FEATURES, (self.features >> (32 * word)) & 0xFFFFFFFF)
         self.add_status(spec.STATUS_FEATURES_OK)
         return offered
 
     def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
         """vm_setup_vq: select, check not ready, size, ring addresses, ready."""
-        self.write(mmio.QUEUE_SEL, index)
-        assert self.read(mmio.QUEUE_READY) == 0
-        size = size or self.read(mmio.QUEUE_NUM_MAX)
+        self.write(registers.QUEUE_SEL, index)
+        assert self.read(registers.QUEUE_READY) == 0
+        size = size or self.read(registers.QUEUE_NUM_MAX)
         queue = DriverQueue(self, index, size)
-        self.write(mmio.QUEUE_NUM, size)
-        for low, address in ((mmio.QUEUE_DESC_LOW, queue.desc), (mmio.QUEUE_DRIVER_LOW, queue.avail),
-                             (mmio.QUEUE_DEVICE_LOW, queue.used)):  # fmt: skip
+        self.write(registers.QUEUE_NUM, size)
+        for low, address in ((registers.QUEUE_DESC_LOW, queue.desc), (registers.QUEUE_DRIVER_LOW, queue.avail),
+                             (registers.QUEUE_DEVICE_LOW, queue.used)):  # fmt: skip
             self.write(low, address & 0xFFFFFFFF)
             self.write(low + 4, address >> 32)
-        self.write(mmio.QUEUE_READY, 1)
+        self.write(registers.QUEUE_READY, 1)
         return queue
 
     def probe(self, refuse: int = 0, queue_size: int | None = None) -> list[DriverQueue]:
@@ -238,8 +239,8 @@ class Driver:
 
     def take_interrupt(self) -> int:
         """vm_interrupt: read the reason, acknowledge it."""
-        reason = self.read(mmio.INTERRUPT_STATUS)
-        self.write(mmio.INTERRUPT_ACK, reason)
+        reason = self.read(registers.INTERRUPT_STATUS)
+        self.write(registers.INTERRUPT_ACK, reason)
         return reason
 
     @property
