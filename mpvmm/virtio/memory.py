@@ -57,7 +57,10 @@ class GuestRam:
             raise
         self._view = view
         self._regions = ordered
+        # The hot path (every ring and descriptor access) looks regions up in these.
         self._starts = [region.guest_address for region in ordered]
+        self._ends = [region.end for region in ordered]
+        self._offsets = [region.offset for region in ordered]
         # A lock's acquire and release are locked instructions: on x86 a full
         # barrier, the only one pure Python can reach (see fence()).
         self._fence_lock = threading.Lock()
@@ -82,14 +85,11 @@ class GuestRam:
 
     def _resolve(self, address: int, length: int) -> list[tuple[int, int]]:
         """The (buffer offset, size) pieces of a guest range, or GuestMemoryError."""
-        if address < 0 or length < 0:
-            raise GuestMemoryError(f"guest range {address:#x}+{length:#x} is not RAM")
         index = bisect.bisect_right(self._starts, address) - 1
-        if index < 0 or address > self._regions[index].end:
-            raise GuestMemoryError(f"guest address {address:#x} is not RAM")
-        region = self._regions[index]
-        if address + length <= region.end:  # the common case: one region
-            return [(region.offset + address - region.guest_address, length)] if length else []
+        if index < 0 or address < 0 or length < 0 or address > self._ends[index]:
+            raise GuestMemoryError(f"guest range {address:#x}+{length:#x} is not RAM")
+        if address + length <= self._ends[index]:  # the common case: one region
+            return [(self._offsets[index] + address - self._starts[index], length)] if length else []
         pieces = []
         position, remaining = address, length
         while remaining:
