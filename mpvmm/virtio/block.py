@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from mpvmm.virtio import spec
 from mpvmm.virtio.descriptors import DescriptorChain
@@ -65,6 +66,20 @@ MAX_DISCARD_SEGMENTS = 16
 MAX_WRITE_ZEROES_SECTORS = 1 << 21
 MAX_WRITE_ZEROES_SEGMENTS = 1
 DISCARD_SECTOR_ALIGNMENT = 8  # 4 KiB, the page the host frees
+
+
+class _RangeCommand(NamedTuple):
+    """What differs between discard and write-zeroes."""
+
+    feature: int
+    max_segments: int
+    max_sectors: int
+    allowed_flags: int
+
+
+# Discard takes no flag, not even unmap (spec 5.2.6.2: UNSUPP if it is set).
+_DISCARD = _RangeCommand(F_DISCARD, MAX_DISCARD_SEGMENTS, MAX_DISCARD_SECTORS, 0)
+_WRITE_ZEROES = _RangeCommand(F_WRITE_ZEROES, MAX_WRITE_ZEROES_SEGMENTS, MAX_WRITE_ZEROES_SECTORS, WRITE_ZEROES_FLAG_UNMAP)
 
 _HEADER = struct.Struct("<IIQ")
 _RANGE = struct.Struct("<QII")
@@ -216,43 +231,38 @@ class Block(VirtioDevice):
         return S_OK, written
 
     def _discard(self, chain: DescriptorChain, sector: int, out_length: int, in_length: int) -> tuple[int, int]:
-        if not self.negotiated(F_DISCARD):
-            return S_UNSUPP, 0
-        ranges = self._ranges(chain, out_length, in_length, MAX_DISCARD_SEGMENTS, MAX_DISCARD_SECTORS)
-        if isinstance(ranges, int):
-            return ranges, 0
-        if any(flags for _, _, flags in ranges):
-            return S_UNSUPP, 0  # spec 5.2.6.2: discard has no flags, unmap included
-        for start, count, _ in ranges:
-            self.disk.punch_hole(start * SECTOR_SIZE, count * SECTOR_SIZE)
-        self._write_through()
-        self.stats.discards += 1
-        return S_OK, 0
+        def punch(offset: int, length: int, flags: int) -> None:
+            self.disk.punch_hole(offset, length)
+
+        status = self._ranged(chain, out_length, in_length, _DISCARD, punch)
+        self.stats.discards += status == S_OK
+        return status, 0
 
     def _write_zeroes(self, chain: DescriptorChain, sector: int, out_length: int, in_length: int) -> tuple[int, int]:
-        if not self.negotiated(F_WRITE_ZEROES):
-            return S_UNSUPP, 0
-        ranges = self._ranges(chain, out_length, in_length, MAX_WRITE_ZEROES_SEGMENTS, MAX_WRITE_ZEROES_SECTORS)
-        if isinstance(ranges, int):
-            return ranges, 0
-        if any(flags & ~WRITE_ZEROES_FLAG_UNMAP for _, _, flags in ranges):
-            return S_UNSUPP, 0
-        for start, count, flags in ranges:
-            self.disk.write_zeroes(start * SECTOR_SIZE, count * SECTOR_SIZE, bool(flags & WRITE_ZEROES_FLAG_UNMAP))
-        self._write_through()
-        self.stats.write_zeroes += 1
-        return S_OK, 0
+        def zero(offset: int, length: int, flags: int) -> None:
+            self.disk.write_zeroes(offset, length, unmap=bool(flags & WRITE_ZEROES_FLAG_UNMAP))
 
-    def _ranges(self, chain: DescriptorChain, out_length: int, in_length: int, max_segments: int, max_sectors: int):
-        """The (sector, count, flags) segments of a discard or write-zeroes request, or an error status."""
+        status = self._ranged(chain, out_length, in_length, _WRITE_ZEROES, zero)
+        self.stats.write_zeroes += status == S_OK
+        return status, 0
+
+    def _ranged(self, chain: DescriptorChain, out_length: int, in_length: int, command: _RangeCommand, apply) -> int:
+        """Carry out a discard or write-zeroes: its (sector, count, flags) segments follow the header."""
+        if not self.negotiated(command.feature):
+            return S_UNSUPP
         count = out_length // _RANGE.size
-        if in_length or out_length % _RANGE.size or not 1 <= count <= max_segments:
+        if in_length or out_length % _RANGE.size or not 1 <= count <= command.max_segments:
             return S_IOERR
         data = chain.read(self.memory, _HEADER.size, out_length)
         ranges = [_RANGE.unpack_from(data, i * _RANGE.size) for i in range(count)]
-        if any(n > max_sectors or not self._in_range(start, n) for start, n, _ in ranges):
+        if any(flags & ~command.allowed_flags for _, _, flags in ranges):
+            return S_UNSUPP
+        if any(n > command.max_sectors or not self._in_range(start, n) for start, n, _ in ranges):
             return S_IOERR
-        return ranges
+        for start, n, flags in ranges:
+            apply(start * SECTOR_SIZE, n * SECTOR_SIZE, flags)
+        self._write_through()
+        return S_OK
 
     def _write_through(self) -> None:
         if not self.negotiated(F_FLUSH):
