@@ -261,7 +261,9 @@ class MmioTransport:
             self.reset()
             return
         if value & spec.STATUS_FAILED:
-            self.status |= spec.STATUS_FAILED
+            self.status |= spec.STATUS_FAILED  # the driver gave up: leave guest memory alone
+            for queue in self.queues:
+                queue.detach()
         # DEVICE_NEEDS_RESET is the device's bit: the driver's copy is ignored.
         current = self.status & _DRIVER_STATUS_BITS
         wanted = value & _DRIVER_STATUS_BITS

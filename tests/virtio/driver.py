@@ -165,11 +165,12 @@ def write_descriptor(memory: GuestRam, address: int, buffer: int, length: int, f
 class Driver:
     """The driver side of one virtio-mmio device: probes it, owns its queues, takes its interrupts."""
 
-    def __init__(self, device, memory: GuestRam | None = None, buffer: bytearray | None = None):
+    def __init__(self, device, memory: GuestRam | None = None, buffer: bytearray | None = None, trigger=None):
         if memory is None:
             buffer, memory = make_ram()
         self.buffer, self.memory = buffer, memory
         self.interrupts = 0
+        self._also_trigger = trigger  # what the irqfd write does, if the test wants it to do something
         self.transport = mmio.MmioTransport(device, memory, trigger=self._trigger)
         self.device = device
         self.rings = Allocator(RING_AREA, DATA_AREA)
@@ -180,6 +181,8 @@ class Driver:
 
     def _trigger(self) -> None:
         self.interrupts += 1
+        if self._also_trigger:
+            self._also_trigger()
 
     def read(self, offset: int) -> int:
         return self.transport.read(offset, 4)

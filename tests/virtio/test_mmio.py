@@ -234,18 +234,12 @@ def test_interrupt_status_and_ack():
 
 
 def test_a_failing_trigger_is_counted_not_raised():
-    _, memory = make_ram()
-
     def trigger():
         raise OSError("irqfd gone")
 
-    transport = mmio.MmioTransport(Entropy(), memory, trigger=trigger)
-    transport.write(registers.STATUS, 4, spec.STATUS_ACKNOWLEDGE)
-    transport.write(registers.STATUS, 4, spec.STATUS_ACKNOWLEDGE | spec.STATUS_DRIVER)
-    transport.write(registers.DRIVER_FEATURES_SEL, 4, 1)
-    transport.write(registers.DRIVER_FEATURES, 4, 1)
-    transport.write(registers.STATUS, 4, 0b1011)
-    transport.write(registers.STATUS, 4, 0b1111)
+    driver = Driver(Entropy(), trigger=trigger)
+    driver.probe()
+    transport = driver.transport
     transport.config_changed()
     assert transport.stats.trigger_errors == 1
     assert transport.interrupt_status == registers.INTERRUPT_CONFIG_CHANGE
@@ -259,6 +253,7 @@ def test_failed_stops_the_device():
     queue.kick()
     assert driver.device.stats.requests == 0
     assert not driver.transport.running
+    assert not driver.transport.queues[0].attached
 
 
 def test_config_space_reads():
