@@ -79,7 +79,11 @@ class SplitQueue:
         self.indirect = False
         self.next_avail = 0
         self.next_used = 0
-        self._signalled_used = 0  # the used index at the last interrupt check
+        # The used index at the last interrupt check. A fresh ring starts at
+        # 0 with nothing used, so the driver has had every interrupt it asked
+        # for (vhost, which may take over a running ring, must instead
+        # interrupt once when in doubt).
+        self._signalled_used = 0
         self._unchecked_used = 0  # entries pushed since that check
         self._kicks_suppressed = False
 
@@ -112,10 +116,6 @@ class SplitQueue:
             raise VirtqueueError(problem)
         self.detach()
         self._memory = memory
-        # A fresh ring: nothing was used before index 0, so the driver has
-        # had every interrupt it asked for (unlike vhost, which may take over
-        # a running ring and so must interrupt once when in doubt).
-        self._signalled_used = self.next_used
         self.event_idx = bool(features & spec.feature_bit(spec.F_EVENT_IDX))
         self.indirect = bool(features & spec.feature_bit(spec.F_INDIRECT_DESC))
 
