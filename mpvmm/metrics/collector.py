@@ -28,7 +28,7 @@ from prometheus_client.utils import floatToGoString
 
 from mpvmm.errors import MpvmmError
 from mpvmm.kvm import bindings as kb
-from mpvmm.kvm.stats import StatsReader
+from mpvmm.kvm.binary_stats import StatsReader
 from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, in_base_units, kvm_histograms, kvm_metrics
 from mpvmm.vcpu_worker import stats as st
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from mpvmm.kvm.stats import StatsDescriptor, StatsReader
+from mpvmm.kvm.binary_stats import StatsDescriptor, StatsReader
 from mpvmm.kvm.system import Kvm
 from mpvmm.metrics.collector import histogram_family
 from mpvmm.metrics.kvm_names import bucket_upper_bounds, kvm_histograms, kvm_metric, kvm_metrics
