@@ -20,7 +20,7 @@ from mpvmm.supervisor.builtin_guest import BuiltinGuest, GuestCounts, min_memory
 from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
 from mpvmm.supervisor.vm import VirtualMachine
 from mpvmm.vcpu_worker import _rawloop
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 from mpvmm.vcpu_worker.worker import OUTCOME_NAMES, kick, stop_and_join
 from mpvmm.x86 import layout
 from mpvmm.x86.usermode import write_boot_structures
@@ -191,7 +191,7 @@ class RawRun:
                 raise MpvmmError(f"raw vcpu {vcpu.index} failed: {vcpu.error}") from vcpu.error
             outcome, value, io_exits, mmio_exits = vcpu.result
             name = OUTCOME_NAMES.get(outcome, "unknown")
-            if outcome != st.OUTCOME_EXITED:
+            if outcome != stats_page.OUTCOME_EXITED:
                 result.status = f"vcpu {vcpu.index} {name} ({value})"
             result.vcpus.append(RawVcpuResult(vcpu.index, name, value, io_exits, mmio_exits,
                                               self.guest.counts(vcpu.index)))

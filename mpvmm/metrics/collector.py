@@ -30,7 +30,7 @@ from mpvmm.errors import MpvmmError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.binary_stats import StatsReader
 from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, in_base_units, kvm_histograms, kvm_metrics
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 
 # Exit reasons exported for every vCPU from the start, so that their rate()
 # is right from the first exit on; any other reason is exported once some
@@ -40,7 +40,7 @@ BASELINE_EXIT_REASONS = (
     kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_INTR, kb.KVM_EXIT_HLT, kb.KVM_EXIT_SHUTDOWN,
     kb.KVM_EXIT_FAIL_ENTRY, kb.KVM_EXIT_INTERNAL_ERROR, kb.KVM_EXIT_SYSTEM_EVENT,
 )
-LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in st.LATENCY_BOUNDS_SECONDS) + ("+Inf",)
+LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in stats_page.LATENCY_BOUNDS_SECONDS) + ("+Inf",)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,7 +53,7 @@ def exit_reason_name(reason: int) -> str:
 class VmSources:
     """What a scrape reads. The collector owns (and closes) only the KVM readers."""
 
-    stats_pages: list[st.VcpuStats]
+    stats_pages: list[stats_page.VcpuStats]
     worker_pids: Sequence[int] = field(default_factory=list)  # 0: a thread of this process
     guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts
     device_stats: Callable[[], dict] | None = None
@@ -161,7 +161,7 @@ class VmCollector(Collector):
             vcpu = str(index)
             for reason in sorted(reasons):
                 exits.add_metric([vcpu, exit_reason_name(reason)], counts[reason])
-            for route, count in zip(st.PATHS, page.paths):
+            for route, count in zip(stats_page.PATHS, page.paths):
                 routes.add_metric([vcpu, route], count)
             latency.add_metric([vcpu], cumulative_buckets(LATENCY_BUCKET_LABELS, page.sync_latency_buckets),
                                page.sync_latency_sum_ns / 1e9)

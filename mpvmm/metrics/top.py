@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from mpvmm.errors import MpvmmError, UsageError
-from mpvmm.vcpu_worker.stats import PATHS
+from mpvmm.vcpu_worker.stats_page import PATHS
 
 SCRAPE_TIMEOUT_SECONDS = 3.0
 # Reasons that always get a column; any other gets one once it has happened.

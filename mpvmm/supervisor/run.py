@@ -24,9 +24,9 @@ from mpvmm.supervisor import limits
 from mpvmm.supervisor.builtin_guest import BuiltinGuest, GuestCounts, min_memory
 from mpvmm.supervisor.device_model import DeviceModelProcess
 from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
-from mpvmm.supervisor.routes import builtin_routes
+from mpvmm.vcpu_worker.route_table import paravirt_routes
 from mpvmm.supervisor.vm import VirtualMachine
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 from mpvmm.vcpu_worker.native import run_native
 from mpvmm.vcpu_worker.process_worker import ProcessWorker
 from mpvmm.vcpu_worker.python_loop import run_python
@@ -167,7 +167,7 @@ class Supervisor:
                     config.metrics_addr, config.metrics_port, self._metrics_info()))
             memory = stack.enter_context(GuestMemory(config.memory))
             self._build_guest(stack, kvm, memory)
-            stats_size = config.cpus * st.STATS_AREA_STRIDE
+            stats_size = config.cpus * stats_page.STATS_AREA_STRIDE
             stats_base = map_shared(-1, stats_size)
             stack.callback(unmap, stats_base, stats_size)
             self.device_model = DeviceModelProcess(memory, config.cpus, config.console,
@@ -217,9 +217,9 @@ class Supervisor:
         return {}
 
     def _create_workers(self, memory, stats_base: int) -> list:
-        routes = builtin_routes()
+        routes = paravirt_routes()
         channels = self.device_model.channels
-        stats = [stats_base + index * st.STATS_AREA_STRIDE for index in range(self.config.cpus)]
+        stats = [stats_base + index * stats_page.STATS_AREA_STRIDE for index in range(self.config.cpus)]
         if self.config.runner == "process":
             return [ProcessWorker(index, memory, self.guest, stats[index], routes, channels[index])
                     for index in range(self.config.cpus)]
@@ -295,7 +295,7 @@ class Supervisor:
             outcome_value=value,
             exits={kb.EXIT_REASON_NAMES.get(reason, str(reason)): count
                    for reason, count in enumerate(stats.exits) if count},
-            paths=dict(zip(st.PATHS, stats.paths)),
+            paths=dict(zip(stats_page.PATHS, stats.paths)),
             runs=stats.runs,
             interrupted=stats.interrupted,
             sync_latency_buckets=list(stats.sync_latency_buckets),

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from mpvmm import __version__
 from mpvmm.guest import abi
-from mpvmm.vcpu_worker.stats import LATENCY_BOUNDS_SECONDS, PATHS
+from mpvmm.vcpu_worker.stats_page import LATENCY_BOUNDS_SECONDS, PATHS
 
 REPORT_VERSION = 1
 

@@ -20,7 +20,7 @@ import time
 from types import SimpleNamespace
 
 from mpvmm.kvm.system import Kvm
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 from mpvmm.vcpu_worker.python_loop import run_python
 from mpvmm.vcpu_worker.worker import KICK_SIGNAL, OUTCOME_NAMES, WorkerControl
 
@@ -36,7 +36,7 @@ class ProcessWorker(WorkerControl):
         self.memory = memory
         self.guest = guest
         self.stats_address = stats_address
-        self.stats = st.VcpuStats.from_address(stats_address)
+        self.stats = stats_page.VcpuStats.from_address(stats_address)
         self.routes = routes
         self.channel = channel
         self.pid = 0
@@ -81,7 +81,7 @@ class ProcessWorker(WorkerControl):
                 self.stats.outcome_value = value
                 self.stats.outcome = outcome
             finally:
-                self.stats.state = st.STATE_DONE
+                self.stats.state = stats_page.STATE_DONE
                 vm.close()
         return 0
 
@@ -131,7 +131,7 @@ class ProcessWorker(WorkerControl):
 
     @property
     def outcome(self) -> tuple[str, int]:
-        if self.error and self.stats.state != st.STATE_DONE:
+        if self.error and self.stats.state != stats_page.STATE_DONE:
             return "error", 0
         return OUTCOME_NAMES.get(self.stats.outcome, "unknown"), self.stats.outcome_value
 

@@ -18,8 +18,8 @@ from mpvmm.devicemodel import protocol
 from mpvmm.errors import ProtocolError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm import ioctls
-from mpvmm.vcpu_worker import routes
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import route_table
+from mpvmm.vcpu_worker import stats_page
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_NAME = 15
@@ -47,7 +47,7 @@ class PythonLoop:
         self.mmio_data_address = ctypes.addressof(self.run.mmio.data)
 
     def stop_requested(self) -> bool:
-        return self.stats.request == st.REQUEST_STOP
+        return self.stats.request == stats_page.REQUEST_STOP
 
     def send(self, message: bytes) -> None:
         try:
@@ -83,7 +83,7 @@ class PythonLoop:
                 self.stats.stale_replies += 1
                 continue
             elapsed = time.monotonic_ns() - start
-            self.stats.sync_latency_buckets[st.latency_bucket(elapsed)] += 1
+            self.stats.sync_latency_buckets[stats_page.latency_bucket(elapsed)] += 1
             self.stats.sync_latency_sum_ns += elapsed
             return value
 
@@ -101,13 +101,13 @@ class PythonLoop:
         value = int.from_bytes(ctypes.string_at(data_address, size), "little") if is_write else 0
         action = self.routes.action(space, address)
         paths = self.stats.paths
-        if action != routes.ACTION_DEVICE:
+        if action != route_table.ACTION_DEVICE:
             paths[0] += 1
             if not is_write:
                 ctypes.memset(data_address, 0, size)
-            elif action == routes.ACTION_SLEEP:
+            elif action == route_table.ACTION_SLEEP:
                 self.sleep(value)
-            elif action == routes.ACTION_DEBUG_EXIT:
+            elif action == route_table.ACTION_DEBUG_EXIT:
                 return value
             return None
         if is_write:
@@ -124,7 +124,7 @@ class PythonLoop:
         data = self.run_address + io.data_offset
         is_write = io.direction == kb.KVM_EXIT_IO_OUT
         for _ in range(io.count):
-            status = self.access(routes.SPACE_PIO, io.port, io.size, is_write, data)
+            status = self.access(route_table.SPACE_PIO, io.port, io.size, is_write, data)
             if status is not None:
                 return status
             data += io.size
@@ -132,22 +132,22 @@ class PythonLoop:
 
     def handle_mmio(self):
         mmio = self.run.mmio
-        return self.access(routes.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
+        return self.access(route_table.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
 
     def wait_while_paused(self) -> None:
-        self.stats.state = st.STATE_PAUSED
-        while self.stats.request == st.REQUEST_PAUSE:
+        self.stats.state = stats_page.STATE_PAUSED
+        while self.stats.request == stats_page.REQUEST_PAUSE:
             time.sleep(0.01)
-        self.stats.state = st.STATE_RUNNING
+        self.stats.state = stats_page.STATE_RUNNING
 
     def loop(self) -> tuple[int, int]:
         stats, run = self.stats, self.run
         kvm_run = ioctls.KVM_RUN
         while True:
             request = stats.request
-            if request == st.REQUEST_STOP:
-                return st.OUTCOME_STOPPED, 0
-            if request == st.REQUEST_PAUSE:
+            if request == stats_page.REQUEST_STOP:
+                return stats_page.OUTCOME_STOPPED, 0
+            if request == stats_page.REQUEST_PAUSE:
                 self.wait_while_paused()
                 continue
             try:
@@ -159,10 +159,10 @@ class PythonLoop:
                     continue
                 if err.errno == errno.EAGAIN:
                     continue
-                return st.OUTCOME_ERROR, err.errno
+                return stats_page.OUTCOME_ERROR, err.errno
             stats.runs += 1
             reason = run.exit_reason
-            stats.exits[min(reason, st.STATS_EXIT_REASONS - 1)] += 1
+            stats.exits[min(reason, stats_page.STATS_EXIT_REASONS - 1)] += 1
             try:
                 if reason == kb.KVM_EXIT_IO:
                     status = self.handle_io()
@@ -171,15 +171,15 @@ class PythonLoop:
                 elif reason == kb.KVM_EXIT_INTR:
                     status = None
                 else:
-                    return st.OUTCOME_FAULT, reason
+                    return stats_page.OUTCOME_FAULT, reason
             except _Stop:
-                return st.OUTCOME_STOPPED, 0
+                return stats_page.OUTCOME_STOPPED, 0
             if status is not None:
-                return st.OUTCOME_EXITED, status
+                return stats_page.OUTCOME_EXITED, status
 
 
 def run_python(worker) -> tuple[int, int]:
     _libc.prctl(_PR_SET_NAME, f"vcpu{worker.index}".encode(), 0, 0, 0)
     worker.stats.tid = threading.get_native_id()
-    worker.stats.state = st.STATE_RUNNING
+    worker.stats.state = stats_page.STATE_RUNNING
     return PythonLoop(worker).loop()

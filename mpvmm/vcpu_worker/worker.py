@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mpvmm.errors import MpvmmError
 from mpvmm.vcpu_worker import _runloop
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 
 # A real-time signal nobody else uses; its handler (installed in C, with no
 # SA_RESTART) does nothing but make a blocking call in the worker return EINTR.
@@ -22,11 +22,11 @@ KICK_SIGNAL = signal.SIGRTMIN + 2
 _runloop.install_kick_handler(KICK_SIGNAL)
 
 OUTCOME_NAMES = {
-    st.OUTCOME_NONE: "none",
-    st.OUTCOME_STOPPED: "stopped",
-    st.OUTCOME_EXITED: "exited",
-    st.OUTCOME_FAULT: "fault",
-    st.OUTCOME_ERROR: "error",
+    stats_page.OUTCOME_NONE: "none",
+    stats_page.OUTCOME_STOPPED: "stopped",
+    stats_page.OUTCOME_EXITED: "exited",
+    stats_page.OUTCOME_FAULT: "fault",
+    stats_page.OUTCOME_ERROR: "error",
 }
 
 
@@ -80,23 +80,23 @@ class WorkerControl:
     The worker reads the word; ``_kick`` (the subclass's) makes it look now.
     """
 
-    stats: st.VcpuStats
+    stats: stats_page.VcpuStats
     stats_address: int
 
     def _kick(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
-        self.stats.request = st.REQUEST_STOP
+        self.stats.request = stats_page.REQUEST_STOP
         _runloop.wake(self.stats_address)  # a paused worker waits on this word
         self._kick()
 
     def pause(self) -> None:
-        self.stats.request = st.REQUEST_PAUSE
+        self.stats.request = stats_page.REQUEST_PAUSE
         self._kick()
 
     def resume(self) -> None:
-        self.stats.request = st.REQUEST_RUN
+        self.stats.request = stats_page.REQUEST_RUN
         _runloop.wake(self.stats_address)
 
 
@@ -107,7 +107,7 @@ class VcpuWorker(WorkerControl):
         self.vcpu = vcpu
         self.index = vcpu.index
         self.stats_address = stats_address
-        self.stats = st.VcpuStats.from_address(stats_address)
+        self.stats = stats_page.VcpuStats.from_address(stats_address)
         self.routes = routes
         self.channel = channel
         self.error: BaseException | None = None
@@ -119,17 +119,17 @@ class VcpuWorker(WorkerControl):
             outcome, value = self._loop(self)
         except BaseException as err:  # reported by the supervisor, never lost
             self.error = err
-            outcome, value = st.OUTCOME_ERROR, 0
+            outcome, value = stats_page.OUTCOME_ERROR, 0
         self.stats.outcome_value = value
         self.stats.outcome = outcome
-        self.stats.state = st.STATE_DONE
+        self.stats.state = stats_page.STATE_DONE
 
     def start(self) -> None:
         self._thread.start()
 
     @property
     def done(self) -> bool:
-        return self.stats.state == st.STATE_DONE or not self._thread.is_alive()
+        return self.stats.state == stats_page.STATE_DONE or not self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)

@@ -14,7 +14,7 @@ from mpvmm.errors import UsageError
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.supervisor.summary import report_dict
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 from tests.metrics.conftest import (debian_prometheus_tool, fetch, scrape_values, series,
                                    value_by)
 
@@ -83,9 +83,9 @@ def test_exported_counts_equal_guest_and_report(runner, tmp_path, no_leaks):
         # The histogram is cumulative over the report's per-bucket counts.
         buckets = value_by(samples, "mpvmm_vcpu_sync_exit_latency_seconds_bucket", "le", vcpu=index)
         bounds = sorted(buckets, key=float)
-        cumulative = [sum(vcpu["sync_latency_buckets"][: i + 1]) for i in range(st.LATENCY_BUCKETS)]
+        cumulative = [sum(vcpu["sync_latency_buckets"][: i + 1]) for i in range(stats_page.LATENCY_BUCKETS)]
         assert [buckets[le] for le in bounds] == cumulative
-        assert bounds[-1] == "+Inf" and len(bounds) == st.LATENCY_BUCKETS
+        assert bounds[-1] == "+Inf" and len(bounds) == stats_page.LATENCY_BUCKETS
         count = series(samples, "mpvmm_vcpu_sync_exit_latency_seconds_count", vcpu=index)
         total = series(samples, "mpvmm_vcpu_sync_exit_latency_seconds_sum", vcpu=index)
         assert list(count.values()) == [vcpu["paths"]["sync"]]

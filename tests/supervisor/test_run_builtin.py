@@ -11,7 +11,7 @@ from mpvmm.devicemodel.machine import MMIO_TESTDEV_NAME, PIO_TESTDEV_NAME
 from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.supervisor.summary import guest_exits, guest_paths
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 from tests.conftest import thread_names
 
 SUM_MASK = (1 << 64) - 1
@@ -123,7 +123,7 @@ def test_pause_freezes_and_resume_continues(runner, tmp_path, no_leaks):
         for worker in workers:
             worker.pause()
         deadline = time.monotonic() + 3
-        while not all(w.stats.state == st.STATE_PAUSED for w in workers):
+        while not all(w.stats.state == stats_page.STATE_PAUSED for w in workers):
             assert time.monotonic() < deadline, "vCPUs did not pause"
             time.sleep(0.01)
         frozen = [w.stats.runs for w in workers]

@@ -1,16 +1,23 @@
-"""The per-vCPU stats and control area shared by a worker and the supervisor.
+"""The per-vCPU stats and control page shared by a vCPU's runner and the supervisor.
 
-Mirrors ``struct vcpu_stats`` and ``struct route`` of _runloop.c (checked by
-tests/vcpu_worker/test_layout.py). Both runners write the same area, so the
-summary, the report and the metrics read one format whatever ran the vCPU.
+Mirrors ``struct vcpu_stats`` of _runloop.c (checked by
+tests/vcpu_worker/test_layout.py); its array sizes and the sync latency
+buckets come from the compiled loop itself, so they are written down once.
+Every runner writes the same page, so the summary, the report and the
+metrics read one format whatever ran the vCPU.
 """
 
 import ctypes
 
-STATS_EXIT_REASONS = 64
-LATENCY_BUCKETS = 21
-# Upper bounds of the sync round-trip buckets: 1 us * 2**k, the last is +Inf.
-LATENCY_BOUNDS_SECONDS = tuple(1e-6 * (1 << k) for k in range(LATENCY_BUCKETS - 1))
+from mpvmm.vcpu_worker import _runloop
+
+_C_LAYOUT = _runloop.layout()
+STATS_EXIT_REASONS = _C_LAYOUT["STATS_EXIT_REASONS"]
+LATENCY_BUCKETS = _C_LAYOUT["LATENCY_BUCKETS"]
+# Upper bounds of the sync round-trip buckets; the last bucket is +Inf.
+LATENCY_BOUNDS_SECONDS = tuple(ns / 1e9 for ns in _C_LAYOUT["latency_bounds_ns"])
+# The bucket a round trip of ``ns`` nanoseconds is counted in (the Python loop's too).
+latency_bucket = _runloop.latency_bucket
 STATS_AREA_STRIDE = 4096  # one page per vCPU, so no two workers share a cache line
 
 PATHS = ("native", "posted", "sync")
@@ -41,12 +48,3 @@ class VcpuStats(ctypes.Structure):
 
 
 assert ctypes.sizeof(VcpuStats) <= STATS_AREA_STRIDE
-
-def latency_bucket(ns: int) -> int:
-    """The bucket a round trip of ``ns`` nanoseconds falls in, as record_latency() buckets it."""
-    bound = 1000
-    for bucket in range(LATENCY_BUCKETS - 1):
-        if ns <= bound:
-            return bucket
-        bound <<= 1
-    return LATENCY_BUCKETS - 1
