@@ -1,32 +1,16 @@
 """The ``mpvmm`` command. Errors become one line on stderr and an exit code here."""
 
 import argparse
-import re
 import sys
 
 from rich.console import Console
 
 from mpvmm import __version__
+from mpvmm.arguments import check_writable, parse_size
 from mpvmm.bench.command import add_bench_command
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.guest.abi import WORKLOADS
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
-from mpvmm.usage import check_writable
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_SIZE_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-PAGE_SIZE = 4096
-
-
-def parse_size(text: str) -> int:
-    """'256M', '1G', '1GiB', '4096' -> bytes; a page-aligned positive size."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 2G, 1048576)")
-    size = int(match.group(1)) << _SIZE_SHIFTS[match.group(2).lower()]
-    if size <= 0 or size % PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive multiple of {PAGE_SIZE} bytes")
-    return size
 
 
 class _Parser(argparse.ArgumentParser):
