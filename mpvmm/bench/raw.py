@@ -13,19 +13,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mpvmm.devicemodel.serial import LSR_OFFSET
+from mpvmm.bench import _rawloop
+from mpvmm.devicemodel.devices import TESTDEV_PATTERN
+from mpvmm.devicemodel.serial import LSR_IDLE_BIT, LSR_OFFSET, LSR_THR_EMPTY_BIT
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.kvm.system import Kvm
 from mpvmm.supervisor.builtin_guest import BuiltinGuest, GuestCounts, min_memory
 from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
 from mpvmm.supervisor.vm import VirtualMachine
-from mpvmm.vcpu_worker import _rawloop
 from mpvmm.vcpu_worker import stats_page
 from mpvmm.vcpu_worker.worker import OUTCOME_NAMES, kick, stop_and_join
 from mpvmm.x86 import layout
 from mpvmm.x86.usermode import write_boot_structures
 
-CONTROL_STRIDE = 64  # one cache line per vCPU, so no two loops write the same line
+CONTROL_STRIDE = _rawloop.layout()["CONTROL_STRIDE"]  # one cache line per vCPU
 STOP_GRACE_SECONDS = 3.0  # as the supervisor's: the guest finishes its round, then is forced
 FORCE_STOP_SECONDS = 5.0
 POLL_SECONDS = 0.01
@@ -41,13 +42,14 @@ class RawControl(ctypes.Structure):
     ]
 
 
-def machine_addresses() -> tuple[int, ...]:
-    """Where the guest's devices are, in the order _rawloop.run takes them."""
+def raw_machine() -> tuple[int, ...]:
+    """Where the guest's devices are and what they answer, in the order _rawloop.run takes them."""
     return (
         layout.MMIO_TESTDEV_ADDR, layout.MMIO_TESTDEV_SIZE,
         layout.PIO_TESTDEV_PORT, layout.PIO_TESTDEV_PORT_COUNT,
-        layout.NULL_PORT, layout.SLEEP_PORT, layout.DEBUG_EXIT_PORT,
-        layout.COM1_PORT + LSR_OFFSET,
+        layout.NULL_PORT, layout.SLEEP_PORT, layout.DEBUG_EXIT_PORT, layout.PARAVIRT_PORT_COUNT,
+        layout.COM1_PORT + LSR_OFFSET, LSR_THR_EMPTY_BIT | LSR_IDLE_BIT,
+        TESTDEV_PATTERN,
     )
 
 
@@ -90,7 +92,7 @@ class _RawVcpu:
     def _main(self) -> None:
         try:
             self.result = _rawloop.run(self.vcpu.fd, self.vcpu.run_address, ctypes.addressof(self.control),
-                                       machine_addresses(), f"vcpu{self.index}")
+                                       raw_machine(), f"vcpu{self.index}")
         except BaseException as err:  # reported in the result, never lost
             self.error = err
 

@@ -1,9 +1,9 @@
 /*
  * The native vCPU run loop: one call runs one vCPU until it stops, without
- * the GIL (DESIGN.md, fact 2: Python threads cap at ~86k exits/s in total).
+ * the GIL (docs/design.md, "The GIL ceiling": Python threads cap at ~86k exits/s in total).
  *
  * It runs on a thread of the supervisor, because KVM only accepts KVM_RUN
- * from the address space that created the VM (fact 1). Between KVM_RUN calls
+ * from the address space that created the VM (docs/design.md, "The address-space rule"). Between KVM_RUN calls
  * it routes each port-I/O and MMIO exit by the supervisor's route table:
  *   native  handled here: the null port, the sleep port, the debug-exit port
  *   posted  a write, sent to the device model; the vCPU resumes at once
@@ -35,6 +35,7 @@
 #include <unistd.h>
 
 #include "../guest/abi.h"
+#include "outcome.h"
 
 /* ---- Shared-memory layouts (mpvmm/vcpu_worker/stats_page.py and
  * route_table.py mirror them and are checked against layout() below). ---- */
@@ -50,13 +51,6 @@ enum route_action { ACTION_DEVICE = 0, ACTION_NULL = 1, ACTION_DEBUG_EXIT = 2, A
 enum exit_path { PATH_NATIVE = 0, PATH_POSTED = 1, PATH_SYNC = 2, PATH_COUNT = 3 };
 enum request { REQUEST_RUN = 0, REQUEST_PAUSE = 1, REQUEST_STOP = 2 };
 enum worker_state { STATE_IDLE = 0, STATE_RUNNING = 1, STATE_PAUSED = 2, STATE_DONE = 3 };
-enum outcome {
-    OUTCOME_NONE = 0,
-    OUTCOME_STOPPED = 1,   /* the supervisor asked */
-    OUTCOME_EXITED = 2,    /* the guest wrote the debug-exit port; value = status */
-    OUTCOME_FAULT = 3,     /* an exit reason the VMM cannot continue from; value = reason */
-    OUTCOME_ERROR = 4,     /* a syscall failed; value = errno */
-};
 
 /* One route: accesses to [base, base + length) in `space` get `action`.
  * Anything no route covers goes to the device model, which owns "unmapped". */
@@ -75,7 +69,7 @@ struct vcpu_stats {
     uint32_t request;          /* written by the supervisor: enum request */
     uint32_t state;            /* enum worker_state */
     uint32_t tid;              /* the worker thread's kernel thread id */
-    uint32_t outcome;          /* enum outcome, once state is DONE */
+    uint32_t outcome;          /* enum outcome (outcome.h), once state is DONE */
     uint64_t outcome_value;
     uint64_t runs;             /* KVM_RUN calls that returned an exit */
     uint64_t interrupted;      /* KVM_RUN calls that returned EINTR (kicks) */

@@ -18,6 +18,12 @@ from mpvmm.vcpu_worker import _runloop, route_table, stats_page
 from mpvmm.vcpu_worker.route_table import Route, RouteTable
 
 RUNLOOP_SOURCE = Path(_runloop.__file__).with_name("_runloop.c")
+OUTCOME_HEADER = Path(_runloop.__file__).with_name("outcome.h")
+
+
+def c_source() -> str:
+    """The run loop and the outcome header it includes."""
+    return RUNLOOP_SOURCE.read_text() + OUTCOME_HEADER.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +115,14 @@ def test_message_size_matches(layout):
     [("request", stats_page), ("worker_state", stats_page), ("outcome", stats_page), ("route_action", route_table), ("route_space", route_table)],
 )
 def test_enum_values_match_the_c_source(enum, module):
-    members = _c_enums(RUNLOOP_SOURCE.read_text())[enum]
+    members = _c_enums(c_source())[enum]
     assert members, enum
     for member, value in members:
         assert getattr(module, member) == value, member
 
 
 def test_path_names_follow_the_c_enum_order():
-    members = dict(_c_enums(RUNLOOP_SOURCE.read_text())["exit_path"])
+    members = dict(_c_enums(c_source())["exit_path"])
     count = members.pop("PATH_COUNT")
     assert count == len(stats_page.PATHS)
     assert {value: name.removeprefix("PATH_").lower() for name, value in members.items()} == dict(
