@@ -89,4 +89,7 @@ RTC_PORT_COUNT = 2
 # ACPI hardware-reduced sleep control/status and reset registers (FADT).
 ACPI_PM_PORT = 0x600
 ACPI_PM_PORT_COUNT = 4
+# ISA IRQs of the legacy devices; each is the IOAPIC pin of the same number
+# (KVM's default GSI routing, and what the MP table and MADT describe).
 COM1_IRQ = 4
+I8042_IRQ = 1  # the keyboard controller
