@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from mpvmm.errors import MpvmmError
 from mpvmm.guest import abi
 from mpvmm.kvm import bindings as kb
-from mpvmm.supervisor.run import RunConfig, Supervisor
+from mpvmm.supervisor.run import RunConfig, RunningVm, Supervisor
 
 WARMUP_SECONDS = 0.25  # after every vCPU is online: past start-up, into the steady loop
 ONLINE_TIMEOUT_SECONDS = 10.0
@@ -66,26 +66,26 @@ class RunSample:
 
 
 class _SupervisorProbe:
-    """Reads a Supervisor's stats pages and guest reports."""
+    """Reads a running VM's stats pages and guest reports."""
 
-    def __init__(self, supervisor: Supervisor):
-        self.supervisor = supervisor
-        self.guest = supervisor.guest
-        self.cpus = supervisor.config.cpus
+    def __init__(self, vm: RunningVm):
+        self.vm = vm
+        self.guest = vm.guest
+        self.cpus = vm.config.cpus
 
     def snapshot(self) -> Snapshot:
-        stats = [w.stats for w in self.supervisor.workers]
+        stats = [runner.stats for runner in self.vm.vcpus]
         now = time.monotonic()
         exits = [s.exits[kb.KVM_EXIT_IO] + s.exits[kb.KVM_EXIT_MMIO] for s in stats]
         buckets = [sum(column) for column in zip(*(s.sync_latency_buckets for s in stats))]
         return Snapshot(now, exits, buckets, sum(s.sync_latency_sum_ns for s in stats), _guest_ops(self))
 
     def tids(self) -> list[int]:
-        return [w.stats.tid for w in self.supervisor.workers]
+        return [runner.stats.tid for runner in self.vm.vcpus]
 
     def done(self) -> bool:
         """The run is ending: a vCPU left or the device model died (the supervisor says why)."""
-        return any(w.done for w in self.supervisor.workers) or not self.supervisor.device_model.alive()
+        return any(runner.done for runner in self.vm.vcpus) or not self.vm.device_model.alive()
 
     def request_stop(self) -> None:
         self.guest.request_stop()  # the supervisor's wait loop forces what does not finish

@@ -131,7 +131,7 @@ def _batch_scheduling() -> None:
         pass  # not Linux, or refused: ordinary scheduling still works
 
 
-class DeviceModelProcess:
+class DeviceModelServer:
     """Owns the control socket, guest RAM, the queues, the console and the model."""
 
     def __init__(self, control: socket.socket, parent: int):
@@ -383,4 +383,4 @@ def main(argv: Sequence[str]) -> int:
         print(f"mpvmm device model: control fd {argv[0]} is not a socket: {err}", file=sys.stderr)
         return 2
     control.setblocking(True)
-    return DeviceModelProcess(control, parent).run()
+    return DeviceModelServer(control, parent).run()

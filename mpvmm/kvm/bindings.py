@@ -215,6 +215,12 @@ EXIT_REASON_NAMES: dict[int, str] = {
     if name.startswith("KVM_EXIT_")
 }
 
+
+def exit_reason_name(reason: int) -> str:
+    """``"io"`` for KVM_EXIT_IO; the number itself for a reason newer than this table."""
+    return EXIT_REASON_NAMES.get(reason, str(reason))
+
+
 # kvm_run.io.direction
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1

@@ -44,18 +44,13 @@ LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in stats_page.LATENCY_BOU
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def exit_reason_name(reason: int) -> str:
-    """The label of a stats-page exit slot; the same names as the --report JSON."""
-    return kb.EXIT_REASON_NAMES.get(reason, str(reason))
-
-
 @dataclass
 class VmSources:
     """What a scrape reads. The collector owns (and closes) only the KVM readers."""
 
     stats_pages: list[stats_page.VcpuStats]
     worker_pids: Sequence[int] = field(default_factory=list)  # 0: a thread of this process
-    guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts
+    guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts, or None (a kernel)
     device_stats: Callable[[], dict] | None = None
     kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)
     kvm_vm_reader: StatsReader | None = None
@@ -160,7 +155,7 @@ class VmCollector(Collector):
         for index, (page, counts) in enumerate(zip(pages, exit_counts)):
             vcpu = str(index)
             for reason in sorted(reasons):
-                exits.add_metric([vcpu, exit_reason_name(reason)], counts[reason])
+                exits.add_metric([vcpu, kb.exit_reason_name(reason)], counts[reason])
             for route, count in zip(stats_page.PATHS, page.paths):
                 routes.add_metric([vcpu, route], count)
             latency.add_metric([vcpu], cumulative_buckets(LATENCY_BUCKET_LABELS, page.sync_latency_buckets),
@@ -204,10 +199,13 @@ class VmCollector(Collector):
     def _guest_families(self, sources: VmSources) -> list[Metric]:
         if sources.guest_counts is None:
             return []
+        counts = [sources.guest_counts(index) for index in range(len(sources.stats_pages))]
+        if any(vcpu_counts is None for vcpu_counts in counts):
+            return []  # a guest that keeps no counts for us
         ops = CounterMetricFamily("mpvmm_guest_ops", "What the built-in guest says it did, by op",
                                   labels=["vcpu", "op"])
-        for index in range(len(sources.stats_pages)):
-            for op, count in sources.guest_counts(index).ops.items():
+        for index, vcpu_counts in enumerate(counts):
+            for op, count in vcpu_counts.ops.items():
                 ops.add_metric([str(index), op], count)
         return [ops]
 

@@ -1,25 +1,25 @@
-"""The Python runner: the run loop of _runloop.c written in Python.
+"""The Python run loop: _runloop.c's loop written in Python.
 
 It exists as the baseline that shows what the GIL costs: every exit is
 handled while holding the GIL, so vCPU threads take turns. It keeps the same
-routes, messages and stats as the native loop and passes the same tests.
+routes, messages and stats page as the native loop and passes the same
+tests. The process runner runs it too, in a process of its own.
 """
 
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import threading
 import time
 
 import posix_ipc
 
 from mpvmm.devicemodel import protocol
-from mpvmm.errors import ProtocolError
+from mpvmm.errors import KvmIoctlError, ProtocolError
 from mpvmm.kvm import bindings as kb
-from mpvmm.kvm import ioctls
-from mpvmm.vcpu_worker import route_table
-from mpvmm.vcpu_worker import stats_page
+from mpvmm.vcpu_worker import route_table, stats_page
+from mpvmm.vcpu_worker.outcome import LoopCode
+from mpvmm.vcpu_worker.stats_page import Request, WorkerState
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_NAME = 15
@@ -34,20 +34,20 @@ class _Stop(Exception):
 class PythonLoop:
     """The state of one vCPU's Python run loop."""
 
-    def __init__(self, worker):
-        self.worker = worker
-        self.stats = worker.stats
-        self.run = worker.vcpu.kvm_run
-        self.run_address = worker.vcpu.run_address
-        self.fd = worker.vcpu.fd
-        self.requests = worker.channel.request_queue
-        self.replies = worker.channel.reply_queue
+    def __init__(self, index: int, vcpu, stats: stats_page.VcpuStats, routes: route_table.RouteTable, channel):
+        self.index = index
+        self.vcpu = vcpu
+        self.stats = stats
+        self.run = vcpu.kvm_run
+        self.run_address = vcpu.run_address
+        self.requests = channel.request_queue
+        self.replies = channel.reply_queue
         self.sync_seq = 0
-        self.routes = worker.routes
+        self.routes = routes
         self.mmio_data_address = ctypes.addressof(self.run.mmio.data)
 
     def stop_requested(self) -> bool:
-        return self.stats.request == stats_page.REQUEST_STOP
+        return self.stats.request == Request.STOP
 
     def send(self, message: bytes) -> None:
         try:
@@ -67,7 +67,7 @@ class PythonLoop:
     def sync_read(self, space: int, address: int, size: int) -> int:
         start = time.monotonic_ns()
         self.sync_seq += 1
-        self.send(protocol.encode_request(protocol.KIND_READ, self.worker.index, space, address, size, 0, self.sync_seq))
+        self.send(protocol.encode_request(protocol.KIND_READ, self.index, space, address, size, 0, self.sync_seq))
         while True:
             try:
                 message, _ = self.replies.receive(timeout=KICK_POLL_SECONDS)
@@ -112,7 +112,7 @@ class PythonLoop:
             return None
         if is_write:
             paths[1] += 1
-            self.send(protocol.encode_request(protocol.KIND_WRITE, self.worker.index, space, address, size, value, self.sync_seq))
+            self.send(protocol.encode_request(protocol.KIND_WRITE, self.index, space, address, size, value, self.sync_seq))
             return None
         paths[2] += 1
         value = self.sync_read(space, address, size)
@@ -135,33 +135,31 @@ class PythonLoop:
         return self.access(route_table.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
 
     def wait_while_paused(self) -> None:
-        self.stats.state = stats_page.STATE_PAUSED
-        while self.stats.request == stats_page.REQUEST_PAUSE:
+        self.stats.state = WorkerState.PAUSED
+        while self.stats.request == Request.PAUSE:
             time.sleep(0.01)
-        self.stats.state = stats_page.STATE_RUNNING
+        self.stats.state = WorkerState.RUNNING
 
     def loop(self) -> tuple[int, int]:
-        stats, run = self.stats, self.run
-        kvm_run = ioctls.KVM_RUN
+        stats, run, vcpu = self.stats, self.run, self.vcpu
         while True:
             request = stats.request
-            if request == stats_page.REQUEST_STOP:
-                return stats_page.OUTCOME_STOPPED, 0
-            if request == stats_page.REQUEST_PAUSE:
+            if request == Request.STOP:
+                return LoopCode.STOPPED, 0
+            if request == Request.PAUSE:
                 self.wait_while_paused()
                 continue
             try:
-                fcntl.ioctl(self.fd, kvm_run, 0)
-            except OSError as err:
-                if err.errno == errno.EINTR:
-                    run.immediate_exit = 0
-                    stats.interrupted += 1
-                    continue
+                reason = vcpu.run()
+            except InterruptedError:  # a kick: clear the flag, then look at the request again
+                run.immediate_exit = 0
+                stats.interrupted += 1
+                continue
+            except KvmIoctlError as err:
                 if err.errno == errno.EAGAIN:
                     continue
-                return stats_page.OUTCOME_ERROR, err.errno
+                return LoopCode.ERROR, err.errno
             stats.runs += 1
-            reason = run.exit_reason
             stats.exits[min(reason, stats_page.STATS_EXIT_REASONS - 1)] += 1
             try:
                 if reason == kb.KVM_EXIT_IO:
@@ -171,15 +169,17 @@ class PythonLoop:
                 elif reason == kb.KVM_EXIT_INTR:
                     status = None
                 else:
-                    return stats_page.OUTCOME_FAULT, reason
+                    return LoopCode.FAULT, reason
             except _Stop:
-                return stats_page.OUTCOME_STOPPED, 0
+                return LoopCode.STOPPED, 0
             if status is not None:
-                return stats_page.OUTCOME_EXITED, status
+                return LoopCode.EXITED, status
 
 
-def run_python(worker) -> tuple[int, int]:
-    _libc.prctl(_PR_SET_NAME, f"vcpu{worker.index}".encode(), 0, 0, 0)
-    worker.stats.tid = threading.get_native_id()
-    worker.stats.state = stats_page.STATE_RUNNING
-    return PythonLoop(worker).loop()
+def run_python(index: int, vcpu, stats: stats_page.VcpuStats, routes: route_table.RouteTable,
+               channel) -> tuple[int, int]:
+    """Run ``vcpu`` on this thread until it stops; (LoopCode, value), as _runloop.run returns."""
+    _libc.prctl(_PR_SET_NAME, f"vcpu{index}".encode(), 0, 0, 0)
+    stats.tid = threading.get_native_id()
+    stats.state = WorkerState.RUNNING
+    return PythonLoop(index, vcpu, stats, routes, channel).loop()

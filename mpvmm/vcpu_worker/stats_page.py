@@ -8,7 +8,9 @@ metrics read one format whatever ran the vCPU.
 """
 
 import ctypes
+import enum
 
+from mpvmm.supervisor.memory import map_shared, unmap
 from mpvmm.vcpu_worker import _runloop
 
 _C_LAYOUT = _runloop.layout()
@@ -20,12 +22,24 @@ LATENCY_BOUNDS_SECONDS = tuple(ns / 1e9 for ns in _C_LAYOUT["latency_bounds_ns"]
 latency_bucket = _runloop.latency_bucket
 STATS_AREA_STRIDE = 4096  # one page per vCPU, so no two workers share a cache line
 
-PATHS = ("native", "posted", "sync")
+PATHS = ("native", "posted", "sync")  # enum exit_path
 
-# enum request / worker_state / outcome.
-REQUEST_RUN, REQUEST_PAUSE, REQUEST_STOP = 0, 1, 2
-STATE_IDLE, STATE_RUNNING, STATE_PAUSED, STATE_DONE = 0, 1, 2, 3
-OUTCOME_NONE, OUTCOME_STOPPED, OUTCOME_EXITED, OUTCOME_FAULT, OUTCOME_ERROR = 0, 1, 2, 3, 4
+
+class Request(enum.IntEnum):
+    """``enum request``: what the supervisor asks of the loop (the page's ``request`` word)."""
+
+    RUN = 0
+    PAUSE = 1
+    STOP = 2
+
+
+class WorkerState(enum.IntEnum):
+    """``enum worker_state``: where the loop is (the page's ``state`` word)."""
+
+    IDLE = 0
+    RUNNING = 1
+    PAUSED = 2
+    DONE = 3
 
 
 class VcpuStats(ctypes.Structure):
@@ -48,3 +62,27 @@ class VcpuStats(ctypes.Structure):
 
 
 assert ctypes.sizeof(VcpuStats) <= STATS_AREA_STRIDE
+
+
+class StatsArea:
+    """One stats page per vCPU, zeroed, in shared memory a forked worker process inherits."""
+
+    base = 0  # class-level default, so close() works after a failed __init__
+
+    def __init__(self, cpus: int):
+        self.size = cpus * STATS_AREA_STRIDE
+        self.base = map_shared(-1, self.size)
+
+    def address(self, index: int) -> int:
+        return self.base + index * STATS_AREA_STRIDE
+
+    def close(self) -> None:
+        if self.base:
+            unmap(self.base, self.size)
+            self.base = 0
+
+    def __enter__(self) -> "StatsArea":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -16,6 +16,7 @@ from mpvmm.bench import _rawloop, raw
 from mpvmm.bench.raw import RawControl, RawRun
 from mpvmm.guest import abi
 from mpvmm.supervisor.summary import guest_exits
+from mpvmm.vcpu_worker.outcome import Stopped
 
 WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "compute", "atomics", "demo")
 MAIN_OP = {
@@ -76,7 +77,7 @@ def test_forced_stop_ends_a_guest_that_never_exits(no_leaks):
             vcpu.stop()
 
     result, seconds = run_until_stopped(2, "compute", force)
-    assert [v.outcome for v in result.vcpus] == ["stopped", "stopped"]
+    assert [v.outcome for v in result.vcpus] == [Stopped(), Stopped()]
     assert not result.ok
     assert seconds < 5
 

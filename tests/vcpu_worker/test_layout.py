@@ -1,4 +1,4 @@
-"""The Python mirrors of the run loop's layouts (stats_page.py, route_table.py), checked against the C.
+"""The Python mirrors of the run loop's layouts and enums (stats_page.py, route_table.py, outcome.py) against the C.
 
 ``_runloop.layout()`` reports offsetof/sizeof from the compiled extension, so
 any drift between _runloop.c and stats_page.py fails here, like kvm-bindings'
@@ -15,6 +15,8 @@ import pytest
 from mpvmm.devicemodel.protocol import MAX_MESSAGE_SIZE
 from mpvmm.supervisor import limits
 from mpvmm.vcpu_worker import _runloop, route_table, stats_page
+from mpvmm.vcpu_worker.outcome import LoopCode
+from mpvmm.vcpu_worker.stats_page import Request, WorkerState
 from mpvmm.vcpu_worker.route_table import Route, RouteTable
 
 RUNLOOP_SOURCE = Path(_runloop.__file__).with_name("_runloop.c")
@@ -110,15 +112,23 @@ def test_message_size_matches(layout):
     assert layout["MESSAGE_SIZE"] == MAX_MESSAGE_SIZE == limits.QUEUE_MESSAGE_SIZE
 
 
-@pytest.mark.parametrize(
-    "enum, module",
-    [("request", stats_page), ("worker_state", stats_page), ("outcome", stats_page), ("route_action", route_table), ("route_space", route_table)],
-)
-def test_enum_values_match_the_c_source(enum, module):
+@pytest.mark.parametrize("enum, python_enum, prefix", [
+    ("request", Request, "REQUEST_"),
+    ("worker_state", WorkerState, "STATE_"),
+    ("outcome", LoopCode, "OUTCOME_"),
+])
+def test_enums_match_the_c_source(enum, python_enum, prefix):
+    members = _c_enums(c_source())[enum]
+    assert {name.removeprefix(prefix): value for name, value in members} == \
+        {member.name: member.value for member in python_enum}
+
+
+@pytest.mark.parametrize("enum", ["route_action", "route_space"])
+def test_route_constants_match_the_c_source(enum):
     members = _c_enums(c_source())[enum]
     assert members, enum
     for member, value in members:
-        assert getattr(module, member) == value, member
+        assert getattr(route_table, member) == value, member
 
 
 def test_path_names_follow_the_c_enum_order():
