@@ -6,6 +6,7 @@ generated layout tests.
 """
 
 import ctypes
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_vcpu_stats_array_lengths(layout):
 
 
 def test_stats_stride_is_a_page():
-    assert stats_page.STATS_AREA_STRIDE == 4096
+    assert stats_page.STATS_AREA_STRIDE == mmap.PAGESIZE
 
 
 # --- struct route ---
