@@ -62,7 +62,7 @@ PIO_TESTDEV_PORT = 0x520
 PIO_TESTDEV_PORT_COUNT = 8
 
 # --- Linux boot (issue 5): the firmware-less PC a kernel expects, as
-# Firecracker lays it out (x86-boot.md, section 3). The built-in guest's
+# Firecracker lays it out (docs/linux.md, "Memory layout"). The built-in guest's
 # regions above are not used by a Linux VM, and these not by the built-in guest.
 LINUX_GDT_ADDR = GuestAddress(0x500)  # __BOOT_CS 0x10, __BOOT_DS 0x18
 LINUX_ZERO_PAGE_ADDR = GuestAddress(0x7000)  # boot_params; RSI points here

@@ -41,7 +41,7 @@ RFLAGS_RESERVED = 1 << 1
 FPU_CONTROL_WORD = 0x37F  # the FNINIT state
 MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked
 
-# --- MSRs firmware leaves behind (x86-boot.md, section 6). ---
+# --- MSRs firmware leaves behind (docs/linux.md, "Initial vCPU state"). ---
 MSR_IA32_TSC = 0x10
 MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP = 0x174, 0x175, 0x176
 MSR_IA32_MISC_ENABLE = 0x1A0
