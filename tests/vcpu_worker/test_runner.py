@@ -1,0 +1,55 @@
+"""stop_and_join, the teardown every run and the raw bench rely on: every runner gone, or a clear error."""
+
+import pytest
+
+from mpvmm.errors import MpvmmError
+from mpvmm.vcpu_worker.runner import stop_and_join
+
+
+class Runner:
+    """A runner that leaves after ``stops_needed`` stop requests (never, for None)."""
+
+    def __init__(self, index, stops_needed, killable):
+        self.index = index
+        self.stops_needed = stops_needed
+        self.killable = killable
+        self.stops = 0
+        self.killed = False
+
+    @property
+    def done(self):
+        return self.killed or (self.stops_needed is not None and self.stops >= self.stops_needed)
+
+    def stop(self):
+        self.stops += 1
+
+    def join(self, timeout=None):
+        return self.done
+
+    def kill(self):
+        self.killed = self.killable
+        return self.killable
+
+
+def test_each_runner_is_told_again_until_it_leaves():
+    """A kick can land between a loop's check and its blocking call: the stop is repeated."""
+    runners = [Runner(0, 1, False), Runner(1, 3, False)]
+    stop_and_join(runners, timeout=5)
+    assert [r.stops for r in runners] == [1, 3] and not any(r.killed for r in runners)
+
+
+def test_a_finished_runner_is_not_stopped():
+    runner = Runner(0, 0, False)
+    stop_and_join([runner], timeout=5)
+    assert runner.stops == 0
+
+
+def test_a_stuck_process_is_killed():
+    stuck = Runner(0, None, killable=True)
+    stop_and_join([stuck], timeout=0.05)
+    assert stuck.killed
+
+
+def test_a_stuck_thread_is_an_error_naming_its_vcpu():
+    with pytest.raises(MpvmmError, match=r"^vcpu 2 did not stop within 0.05 s$"):
+        stop_and_join([Runner(0, 1, False), Runner(2, None, killable=False)], timeout=0.05)
