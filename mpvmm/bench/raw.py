@@ -20,7 +20,7 @@ from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.kvm.system import Kvm
 from mpvmm.supervisor.builtin_guest import BuiltinGuest, BuiltinGuestSource
 from mpvmm.supervisor.guest import GuestCounts
-from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
+from mpvmm.supervisor.guest_memory import GuestMemory, map_shared, unmap
 from mpvmm.supervisor.vm import VirtualMachine
 from mpvmm.vcpu_worker.outcome import Exited, VcpuOutcome, from_loop, report_fields
 from mpvmm.vcpu_worker.runner import stop_and_join

@@ -41,7 +41,7 @@ import msgpack
 import posix_ipc
 
 from mpvmm.devicemodel.config import Config
-from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
@@ -141,7 +141,7 @@ class DeviceModelServer:
         self.ram: mmap.mmap | None = None
         self.request_queues: list = []
         self.reply_queues: list = []
-        self.console: Console | None = None
+        self.console: HostConsole | None = None
         self.model: DeviceModel | None = None
         self._epoll: select.epoll | None = None
         self._queue_by_fd: dict[int, int] = {}
@@ -266,10 +266,10 @@ class DeviceModelServer:
                 queues.append(queue)
         self.received = [0] * len(self.request_queues)
         if config.console is None:
-            self.console = Console(sys.stdout.fileno(), owns_fd=False)
+            self.console = HostConsole(sys.stdout.fileno(), owns_fd=False)
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self.console = Console(os.open(config.console, flags, 0o600), owns_fd=True)
+            self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
         if config.machine == "pc":
             triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
             self.model = DeviceModel(machine=build_pc_buses(self.console.write, triggers, self._system_event))

@@ -24,7 +24,7 @@ import posix_ipc
 
 from mpvmm.errors import DeviceModelError, HostLimitError
 from mpvmm.supervisor import limits
-from mpvmm.supervisor.memory import unique_name
+from mpvmm.supervisor.guest_memory import unique_name
 
 START_TIMEOUT_SECONDS = 15.0
 REPLY_TIMEOUT_SECONDS = 5.0

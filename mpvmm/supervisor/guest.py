@@ -82,4 +82,4 @@ class GuestSource(ABC):
 
     @abstractmethod
     def load(self, memory) -> Guest:
-        """Write the guest into ``memory`` (supervisor.memory.GuestMemory)."""
+        """Write the guest into ``memory`` (supervisor.guest_memory.GuestMemory)."""

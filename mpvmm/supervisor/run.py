@@ -32,7 +32,7 @@ from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, R
                                      VcpuFailed, device_model_ending, exit_status)
 from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource
 from mpvmm.supervisor.linux_guest import LinuxBoot
-from mpvmm.supervisor.memory import GuestMemory
+from mpvmm.supervisor.guest_memory import GuestMemory
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vcpu_host import RUNNERS, VcpuHost
 from mpvmm.vcpu_worker.outcome import VcpuOutcome

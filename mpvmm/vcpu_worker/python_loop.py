@@ -19,7 +19,7 @@ from mpvmm.errors import KvmIoctlError, ProtocolError
 from mpvmm.kvm import bindings as kb
 from mpvmm.vcpu_worker import route_table, stats_page
 from mpvmm.vcpu_worker.outcome import LoopCode
-from mpvmm.vcpu_worker.stats_page import Request, WorkerState
+from mpvmm.vcpu_worker.stats_page import LoopRequest, WorkerState
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_NAME = 15
@@ -47,7 +47,7 @@ class PythonLoop:
         self.mmio_data_address = ctypes.addressof(self.run.mmio.data)
 
     def stop_requested(self) -> bool:
-        return self.stats.request == Request.STOP
+        return self.stats.request == LoopRequest.STOP
 
     def send(self, message: bytes) -> None:
         try:
@@ -136,7 +136,7 @@ class PythonLoop:
 
     def wait_while_paused(self) -> None:
         self.stats.state = WorkerState.PAUSED
-        while self.stats.request == Request.PAUSE:
+        while self.stats.request == LoopRequest.PAUSE:
             time.sleep(0.01)
         self.stats.state = WorkerState.RUNNING
 
@@ -144,9 +144,9 @@ class PythonLoop:
         stats, run, vcpu = self.stats, self.run, self.vcpu
         while True:
             request = stats.request
-            if request == Request.STOP:
+            if request == LoopRequest.STOP:
                 return LoopCode.STOPPED, 0
-            if request == Request.PAUSE:
+            if request == LoopRequest.PAUSE:
                 self.wait_while_paused()
                 continue
             try:

@@ -20,7 +20,7 @@ from typing import Protocol
 from mpvmm.errors import MpvmmError
 from mpvmm.vcpu_worker import _runloop
 from mpvmm.vcpu_worker.outcome import FAILURES, VcpuOutcome
-from mpvmm.vcpu_worker.stats_page import Request, VcpuStats, WorkerState
+from mpvmm.vcpu_worker.stats_page import LoopRequest, VcpuStats, WorkerState
 
 # A real-time signal nobody else uses; its handler (installed in C, with no
 # SA_RESTART) does nothing but make a blocking call in the loop return EINTR.
@@ -81,16 +81,16 @@ class VcpuRunner(ABC):
         """Make the loop leave KVM_RUN or whatever blocking call it is in, now."""
 
     def stop(self) -> None:
-        self.stats.request = Request.STOP
+        self.stats.request = LoopRequest.STOP
         _runloop.wake(self.stats_address)  # a paused loop waits on this word
         self._kick()
 
     def pause(self) -> None:
-        self.stats.request = Request.PAUSE
+        self.stats.request = LoopRequest.PAUSE
         self._kick()
 
     def resume(self) -> None:
-        self.stats.request = Request.RUN
+        self.stats.request = LoopRequest.RUN
         _runloop.wake(self.stats_address)
 
     @property

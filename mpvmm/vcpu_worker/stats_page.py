@@ -10,7 +10,7 @@ metrics read one format whatever ran the vCPU.
 import ctypes
 import enum
 
-from mpvmm.supervisor.memory import map_shared, unmap
+from mpvmm.supervisor.guest_memory import map_shared, unmap
 from mpvmm.vcpu_worker import _runloop
 
 _C_LAYOUT = _runloop.layout()
@@ -25,7 +25,7 @@ STATS_AREA_STRIDE = 4096  # one page per vCPU, so no two workers share a cache l
 PATHS = ("native", "posted", "sync")  # enum exit_path
 
 
-class Request(enum.IntEnum):
+class LoopRequest(enum.IntEnum):
     """``enum request``: what the supervisor asks of the loop (the page's ``request`` word)."""
 
     RUN = 0

@@ -8,7 +8,7 @@ from mpvmm.kvm.system import Kvm
 from mpvmm.supervisor.builtin_guest import MAX_CPUS, BuiltinGuestSource, stack_top
 from mpvmm.supervisor.ending import GuestEvent
 from mpvmm.supervisor.linux_guest import LinuxBoot, LinuxGuest
-from mpvmm.supervisor.memory import GuestMemory
+from mpvmm.supervisor.guest_memory import GuestMemory
 from mpvmm.supervisor.run import RunConfig, choose
 from mpvmm.supervisor.vcpu_host import RUNNERS, NativeThreads, ProcessPerVcpu, PythonThreads
 from mpvmm.supervisor.vm import VirtualMachine

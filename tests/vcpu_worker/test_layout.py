@@ -17,7 +17,7 @@ from mpvmm.devicemodel.protocol import MAX_MESSAGE_SIZE
 from mpvmm.supervisor import limits
 from mpvmm.vcpu_worker import _runloop, route_table, stats_page
 from mpvmm.vcpu_worker.outcome import LoopCode
-from mpvmm.vcpu_worker.stats_page import Request, WorkerState
+from mpvmm.vcpu_worker.stats_page import LoopRequest, WorkerState
 from mpvmm.vcpu_worker.route_table import Route, RouteTable
 
 RUNLOOP_SOURCE = Path(_runloop.__file__).with_name("_runloop.c")
@@ -114,7 +114,7 @@ def test_message_size_matches(layout):
 
 
 @pytest.mark.parametrize("enum, python_enum, prefix", [
-    ("request", Request, "REQUEST_"),
+    ("request", LoopRequest, "REQUEST_"),
     ("worker_state", WorkerState, "STATE_"),
     ("outcome", LoopCode, "OUTCOME_"),
 ])
