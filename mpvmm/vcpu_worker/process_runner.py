@@ -86,8 +86,8 @@ class ProcessRunner(VcpuRunner):
     # --- In the supervisor. ---
 
     def _reap(self, block: bool) -> bool:
-        if self._status is not None:
-            return True
+        if self._status is not None or not self._pid:
+            return True  # reaped, or never started (wait4 on pid 0 would reap any child)
         try:
             pid, status, rusage = os.wait4(self._pid, 0 if block else os.WNOHANG)
         except ChildProcessError:

@@ -70,6 +70,8 @@ class ThreadRunner(VcpuRunner):
         return self.stats.state == WorkerState.DONE or not self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
+        if self._thread.ident is None:
+            return True  # never started: a build that failed before the vCPUs ran
         self._thread.join(timeout)
         return not self._thread.is_alive()
 

@@ -1,9 +1,17 @@
 """stop_and_join, the teardown every run and the raw bench rely on: every runner gone, or a clear error."""
 
+import subprocess
+
 import pytest
 
 from mpvmm.errors import MpvmmError
-from mpvmm.vcpu_worker.runner import stop_and_join
+from mpvmm.kvm.system import Kvm
+from mpvmm.supervisor.builtin_guest import BuiltinGuestSource
+from mpvmm.supervisor.guest_memory import GuestMemory
+from mpvmm.supervisor.vcpu_host import RUNNERS
+from mpvmm.vcpu_worker.route_table import paravirt_routes
+from mpvmm.vcpu_worker.runner import VcpuSet, stop_and_join
+from mpvmm.vcpu_worker.stats_page import StatsArea
 
 
 class Runner:
@@ -53,3 +61,24 @@ def test_a_stuck_process_is_killed():
 def test_a_stuck_thread_is_an_error_naming_its_vcpu():
     with pytest.raises(MpvmmError, match=r"^vcpu 2 did not stop within 0.05 s$"):
         stop_and_join([Runner(0, 1, False), Runner(2, None, killable=False)], timeout=0.05)
+
+
+def test_runners_never_started_are_joined_at_once(kvm_available):
+    """A build that fails after the runners exist tears them down without waiting on anything.
+
+    A process runner that never forked must not wait4(0), which would reap any child
+    (the device model among them).
+    """
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        with Kvm() as kvm, GuestMemory(64 << 20) as memory, StatsArea(2) as stats:
+            guest = BuiltinGuestSource(2, "pio-null", memory.size).load(memory)
+            for name, host_class in RUNNERS.items():
+                with host_class(kvm, memory, guest, 2) as host:
+                    vcpus = VcpuSet(host.create_runners(stats, paravirt_routes(), [None, None]))
+                    vcpus.stop_and_join(timeout=1)
+                    assert vcpus.all_done(), name
+        assert child.poll() is None  # not reaped by anyone but us
+    finally:
+        child.kill()
+        child.wait()
