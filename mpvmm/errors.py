@@ -44,5 +44,5 @@ class DeviceModelError(MpvmmError):
 
 
 class ProtocolError(MpvmmError):
-    """A message between the vCPU workers and the device model is malformed."""
+    """A message between the vCPU run loops and the device model is malformed."""
 

@@ -116,7 +116,7 @@ class MetricsExporter:
     def attach(self, vm) -> None:
         """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model).
 
-        Call it before the workers start: opening a vCPU's stats fd is a vCPU
+        Call it before the vCPUs start: opening a vCPU's stats fd is a vCPU
         ioctl, which waits for the vCPU's mutex, and a running vCPU holds it
         for as long as it stays in KVM_RUN (for ever, for an AP waiting for
         its SIPI, or a halted one).
