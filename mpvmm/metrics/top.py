@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from mpvmm.errors import MpvmmError, UsageError
-from mpvmm.vcpu_worker.stats import PATHS
+from mpvmm.vcpu_worker.stats_page import PATHS
 
 SCRAPE_TIMEOUT_SECONDS = 3.0
 # Reasons that always get a column; any other gets one once it has happened.
@@ -59,7 +59,8 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> Scrape:
     except urllib.error.HTTPError as err:
         raise ScrapeError(f"{url}: HTTP {err.code} {err.reason}") from err
     except urllib.error.URLError as err:
-        reason = getattr(err.reason, "strerror", None) or err.reason
+        # URLError.reason is the OSError behind it, or a plain string.
+        reason = (err.reason.strerror if isinstance(err.reason, OSError) else None) or err.reason
         raise ScrapeError(f"cannot reach {url}: {reason} (is `mpvmm start` running?)") from err
     except (OSError, ValueError) as err:
         raise ScrapeError(f"cannot reach {url}: {err}") from err

@@ -3,7 +3,7 @@
 A ``GuestRam`` lays RAM regions (guest address, size, offset into a buffer)
 over one writable buffer: a bytearray in tests, an mmap of the guest-RAM
 shared memory object in a device process. The regions are those of
-``mpvmm.supervisor.memory.GuestMemory.regions()``: RAM from 0 to the MMIO hole
+``mpvmm.supervisor.guest_memory.GuestMemory.regions()``: RAM from 0 to the MMIO hole
 and the rest above 4 GiB, so guest RAM has a hole the core must never step into.
 
 Every access goes through ``_pieces``, which resolves a guest range to buffer
