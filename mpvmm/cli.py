@@ -1,32 +1,17 @@
 """The ``mpvmm`` command. Errors become one line on stderr and an exit code here."""
 
 import argparse
-import re
 import sys
 
 from rich.console import Console
 
 from mpvmm import __version__
+from mpvmm.arguments import check_writable, parse_size
 from mpvmm.bench.command import add_bench_command
-from mpvmm.errors import MpvmmError, UsageError
+from mpvmm.errors import MpvmmError
 from mpvmm.guest.abi import WORKLOADS
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
-from mpvmm.usage import check_writable
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_SIZE_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-PAGE_SIZE = 4096
-
-
-def parse_size(text: str) -> int:
-    """'256M', '1G', '1GiB', '4096' -> bytes; a page-aligned positive size."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 2G, 1048576)")
-    size = int(match.group(1)) << _SIZE_SHIFTS[match.group(2).lower()]
-    if size <= 0 or size % PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive multiple of {PAGE_SIZE} bytes")
-    return size
+from mpvmm.x86.linux import DEFAULT_CMDLINE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--kernel", metavar="PATH",
                        help="boot this Linux kernel (bzImage or vmlinux) instead of the built-in guest")
     start.add_argument("--initrd", metavar="PATH", help="initial ramdisk for --kernel")
-    start.add_argument("--cmdline", metavar="STR", help="kernel command line (default: "
-                       "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux)")
+    start.add_argument("--cmdline", metavar="STR", help=f"kernel command line (default: {DEFAULT_CMDLINE})")
     start.set_defaults(func=cmd_start)
     top = commands.add_parser("top", help="live per-vCPU exit rates of a running VM, like kvm_stat")
     top.add_argument("--url", default=DEFAULT_METRICS_URL,
@@ -79,6 +63,7 @@ def cmd_start(args) -> int:
     # Imported here so that `mpvmm --help` works without the native extension.
     from mpvmm.supervisor.run import RunConfig, Supervisor
     from mpvmm.supervisor.summary import render_summary, write_report
+    from mpvmm.supervisor.terminal import stdin_terminal
 
     config = RunConfig(cpus=args.cpus, memory=args.memory, workload=args.workload,
                        seconds=args.seconds, runner=args.runner, console=args.console,
@@ -87,15 +72,7 @@ def cmd_start(args) -> int:
                        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline)
     if args.report:
         check_writable(args.report, "--report")
-    if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
-        raise UsageError("--initrd and --cmdline need --kernel")
-    if args.kernel is not None:
-        from mpvmm.supervisor.linux_run import LinuxSupervisor, stdin_terminal
-
-        supervisor = LinuxSupervisor(config, stdin_fd=stdin_terminal())
-    else:
-        supervisor = Supervisor(config)
-    result = supervisor.run()
+    result = Supervisor(config, stdin_fd=stdin_terminal()).run()
     # Wide enough for every column even when stdout is a pipe or a file.
     console = Console(width=max(Console().width, 132))
     render_summary(result, console)

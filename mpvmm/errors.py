@@ -44,18 +44,5 @@ class DeviceModelError(MpvmmError):
 
 
 class ProtocolError(MpvmmError):
-    """A message between the vCPU workers and the device model is malformed."""
+    """A message between the vCPU run loops and the device model is malformed."""
 
-
-class VcpuFault(MpvmmError):
-    """A vCPU stopped on an exit the VMM cannot continue from.
-
-    ``registers`` holds the vCPU's general registers at the fault, so the
-    report can show where the guest was.
-    """
-
-    def __init__(self, vcpu: int, reason: str, registers: dict | None = None):
-        super().__init__(f"vcpu {vcpu}: {reason}")
-        self.vcpu = vcpu
-        self.reason = reason
-        self.registers = registers or {}

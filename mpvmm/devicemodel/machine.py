@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
-from mpvmm.devicemodel.bus import Bus, BusRange
+from mpvmm.devicemodel.bus import Bus, BusRange, Device
 from mpvmm.devicemodel.devices import Sink, TestDevice, all_ones
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
@@ -53,7 +53,7 @@ OPS = ("read", "write")
 def build_buses(
     console_out: Callable[[bytes], None] | None = None,
     com1_trigger: Callable[[], None] | None = None,
-) -> tuple[Bus, Bus, dict[str, object]]:
+) -> tuple[Bus, Bus, dict[str, Device]]:
     """Create the machine's devices and place them on the pio and mmio buses.
 
     Returns ``(pio, mmio, devices_by_name)``. The test device has one instance
@@ -96,7 +96,7 @@ class DeviceModel:
         console_out: Callable[[bytes], None] | None = None,
         com1_trigger: Callable[[], None] | None = None,
         *,
-        machine: tuple[Bus, Bus, dict[str, object]] | None = None,
+        machine: tuple[Bus, Bus, dict[str, Device]] | None = None,
     ):
         # ``machine`` replaces the standard device set (tests, other boards).
         if machine is None:
@@ -160,8 +160,5 @@ class DeviceModel:
             },
             "rejected": {reason: self.rejected[reason] for reason in REJECT_REASONS},
             "device_errors": {name: self.device_errors[name] for name in self.devices},
-            "devices": {
-                name: device.stats() if hasattr(device, "stats") else {}
-                for name, device in self.devices.items()
-            },
+            "devices": {name: device.stats() for name, device in self.devices.items()},
         }

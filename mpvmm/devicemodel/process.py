@@ -41,7 +41,7 @@ import msgpack
 import posix_ipc
 
 from mpvmm.devicemodel.config import Config
-from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
@@ -131,7 +131,7 @@ def _batch_scheduling() -> None:
         pass  # not Linux, or refused: ordinary scheduling still works
 
 
-class DeviceModelProcess:
+class DeviceModelServer:
     """Owns the control socket, guest RAM, the queues, the console and the model."""
 
     def __init__(self, control: socket.socket, parent: int):
@@ -141,7 +141,7 @@ class DeviceModelProcess:
         self.ram: mmap.mmap | None = None
         self.request_queues: list = []
         self.reply_queues: list = []
-        self.console: Console | None = None
+        self.console: HostConsole | None = None
         self.model: DeviceModel | None = None
         self._epoll: select.epoll | None = None
         self._queue_by_fd: dict[int, int] = {}
@@ -271,10 +271,10 @@ class DeviceModelProcess:
                 queues.append(queue)
         self.received = [0] * len(self.request_queues)
         if config.console is None:
-            self.console = Console(sys.stdout.fileno(), owns_fd=False)
+            self.console = HostConsole(sys.stdout.fileno(), owns_fd=False)
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self.console = Console(os.open(config.console, flags, 0o600), owns_fd=True)
+            self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
         if config.machine == "pc":
             triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
             self.model = DeviceModel(machine=build_pc_buses(self.console.write, triggers, self._system_event))
@@ -388,4 +388,4 @@ def main(argv: Sequence[str]) -> int:
         print(f"mpvmm device model: control fd {argv[0]} is not a socket: {err}", file=sys.stderr)
         return 2
     control.setblocking(True)
-    return DeviceModelProcess(control, parent).run()
+    return DeviceModelServer(control, parent).run()

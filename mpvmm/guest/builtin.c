@@ -2,7 +2,7 @@
  * The built-in guest: one copy runs on every vCPU, at CPL 3 with IOPL 3, so
  * port I/O is allowed and nothing privileged is ever executed (supervisor-mode
  * guest code is emulated instruction by instruction on the nested KVM these
- * machines run; user mode runs natively, see DESIGN.md).
+ * machines run; user mode runs natively: docs/design.md, "PVM hosts").
  *
  * Every exit the guest causes is counted in its report before it is made, in
  * exactly one op (abi.h), so tests can check the VMM's exit counts against

@@ -56,15 +56,6 @@ KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 
 
-class _kvm_irq_level_u(Union):
-    _fields_ = [("irq", u32), ("status", s32)]
-
-
-class kvm_irq_level(Structure):
-    _anonymous_ = ("_u",)
-    _fields_ = [("_u", _kvm_irq_level_u), ("level", u32)]
-
-
 class kvm_pit_config(Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
@@ -106,10 +97,6 @@ class kvm_irqfd(Structure):
 
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
-
-
-class kvm_enable_cap(Structure):
-    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
 # --- linux/kvm.h: binary statistics (api.rst, KVM_GET_STATS_FD) ----------------
@@ -227,6 +214,12 @@ EXIT_REASON_NAMES: dict[int, str] = {
     for name, value in list(globals().items())
     if name.startswith("KVM_EXIT_")
 }
+
+
+def exit_reason_name(reason: int) -> str:
+    """``"io"`` for KVM_EXIT_IO; the number itself for a reason newer than this table."""
+    return EXIT_REASON_NAMES.get(reason, str(reason))
+
 
 # kvm_run.io.direction
 KVM_EXIT_IO_IN = 0
@@ -393,8 +386,8 @@ class kvm_run(Structure):
 STRUCTURES: tuple[type, ...] = (
     kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu, kvm_cpuid_entry2,
     kvm_cpuid2, kvm_msr_entry, kvm_msrs, kvm_msr_list, kvm_lapic_state,
-    kvm_debug_exit_arch, kvm_userspace_memory_region, kvm_irq_level,
-    kvm_pit_config, kvm_mp_state, kvm_ioeventfd, kvm_irqfd, kvm_enable_cap,
+    kvm_debug_exit_arch, kvm_userspace_memory_region,
+    kvm_pit_config, kvm_mp_state, kvm_ioeventfd, kvm_irqfd,
     kvm_stats_header, kvm_stats_desc, kvm_run,
 )  # fmt: skip
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from mpvmm.errors import KvmError
 from mpvmm.kvm import bindings as b
 from mpvmm.kvm import ioctls
-from mpvmm.kvm.call import ioctl as _ioctl
+from mpvmm.kvm.ioctls import ioctl as _ioctl
 
 
 class Vcpu:
@@ -129,7 +129,7 @@ class Vcpu:
         _ioctl(self.fd, "KVM_SET_LAPIC", ioctls.KVM_SET_LAPIC, lapic)
 
     def stats_fd(self) -> int:
-        """A new fd for this vCPU's binary statistics (read with stats.StatsReader)."""
+        """A new fd for this vCPU's binary statistics (read with binary_stats.StatsReader)."""
         return _ioctl(self.fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
 
     def close(self) -> None:

@@ -28,9 +28,9 @@ from prometheus_client.utils import floatToGoString
 
 from mpvmm.errors import MpvmmError
 from mpvmm.kvm import bindings as kb
-from mpvmm.kvm.stats import StatsReader
+from mpvmm.kvm.binary_stats import StatsReader
 from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, in_base_units, kvm_histograms, kvm_metrics
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 
 # Exit reasons exported for every vCPU from the start, so that their rate()
 # is right from the first exit on; any other reason is exported once some
@@ -40,22 +40,17 @@ BASELINE_EXIT_REASONS = (
     kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_INTR, kb.KVM_EXIT_HLT, kb.KVM_EXIT_SHUTDOWN,
     kb.KVM_EXIT_FAIL_ENTRY, kb.KVM_EXIT_INTERNAL_ERROR, kb.KVM_EXIT_SYSTEM_EVENT,
 )
-LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in st.LATENCY_BOUNDS_SECONDS) + ("+Inf",)
+LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in stats_page.LATENCY_BOUNDS_SECONDS) + ("+Inf",)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def exit_reason_name(reason: int) -> str:
-    """The label of a stats-page exit slot; the same names as the --report JSON."""
-    return kb.EXIT_REASON_NAMES.get(reason, str(reason))
 
 
 @dataclass
 class VmSources:
     """What a scrape reads. The collector owns (and closes) only the KVM readers."""
 
-    stats_pages: list[st.VcpuStats]
+    stats_pages: list[stats_page.VcpuStats]
     worker_pids: Sequence[int] = field(default_factory=list)  # 0: a thread of this process
-    guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts
+    guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts, or None (a kernel)
     device_stats: Callable[[], dict] | None = None
     kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)
     kvm_vm_reader: StatsReader | None = None
@@ -160,8 +155,8 @@ class VmCollector(Collector):
         for index, (page, counts) in enumerate(zip(pages, exit_counts)):
             vcpu = str(index)
             for reason in sorted(reasons):
-                exits.add_metric([vcpu, exit_reason_name(reason)], counts[reason])
-            for route, count in zip(st.PATHS, page.paths):
+                exits.add_metric([vcpu, kb.exit_reason_name(reason)], counts[reason])
+            for route, count in zip(stats_page.PATHS, page.paths):
                 routes.add_metric([vcpu, route], count)
             latency.add_metric([vcpu], cumulative_buckets(LATENCY_BUCKET_LABELS, page.sync_latency_buckets),
                                page.sync_latency_sum_ns / 1e9)
@@ -204,10 +199,13 @@ class VmCollector(Collector):
     def _guest_families(self, sources: VmSources) -> list[Metric]:
         if sources.guest_counts is None:
             return []
+        counts = [sources.guest_counts(index) for index in range(len(sources.stats_pages))]
+        if any(vcpu_counts is None for vcpu_counts in counts):
+            return []  # a guest that keeps no counts for us
         ops = CounterMetricFamily("mpvmm_guest_ops", "What the built-in guest says it did, by op",
                                   labels=["vcpu", "op"])
-        for index in range(len(sources.stats_pages)):
-            for op, count in sources.guest_counts(index).ops.items():
+        for index, vcpu_counts in enumerate(counts):
+            for op, count in vcpu_counts.ops.items():
                 ops.add_metric([str(index), op], count)
         return [ops]
 

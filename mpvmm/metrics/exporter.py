@@ -49,17 +49,17 @@ def _bind(addr: str, port: int) -> socket.socket:
         raise UsageError(f"--metrics-addr {addr} --metrics-port {port}: cannot listen: {err.strerror}") from err
 
 
-class _WorkerPids:
-    """Each worker's pid, read when a scrape asks: a worker process has none until it starts."""
+class _RunnerPids:
+    """Each vCPU runner's pid, read when a scrape asks: a worker process has none until it starts."""
 
-    def __init__(self, workers):
-        self._workers = workers
+    def __init__(self, runners):
+        self._runners = runners
 
     def __len__(self) -> int:
-        return len(self._workers)
+        return len(self._runners)
 
     def __getitem__(self, index: int) -> int:
-        return getattr(self._workers[index], "pid", 0)
+        return self._runners[index].pid
 
 
 class MetricsExporter:
@@ -122,31 +122,28 @@ class MetricsExporter:
         # A /proc entry that never exists makes ProcessCollector export nothing.
         return str(self._device_model_pid) if self._device_model_pid else "none"
 
-    def attach(self, supervisor) -> None:
-        """Start exporting the VM of ``supervisor`` (its VM, workers, guest, device model).
+    def attach(self, vm) -> None:
+        """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model).
 
-        Call it before the workers start: opening a vCPU's stats fd is a vCPU
+        Call it before the vCPUs start: opening a vCPU's stats fd is a vCPU
         ioctl, which waits for the vCPU's mutex, and a running vCPU holds it
         for as long as it stays in KVM_RUN (for ever, for an AP waiting for
         its SIPI, or a halted one).
         """
-        vm = supervisor.vm
-        sources = VmSources(stats_pages=[worker.stats for worker in supervisor.workers],
-                            worker_pids=_WorkerPids(supervisor.workers))
+        sources = VmSources(stats_pages=[runner.stats for runner in vm.vcpus],
+                            worker_pids=_RunnerPids(vm.vcpus.runners),
+                            guest_counts=vm.guest.counts, device_stats=vm.device_model.stats)
+        vm_stats_fd, vcpu_stats_fds = vm.host.kvm_stats_fds()
         try:
-            if vm is not None and vm.vm is not None:
-                # One fd per vCPU for the whole run: reopening per scrape would
-                # cost an ioctl and a descriptor parse each time.
-                sources.kvm_vcpu_readers = [open_kvm_reader(vcpu.stats_fd) for vcpu in vm.vcpus]
-                sources.kvm_vm_reader = open_kvm_reader(vm.vm.stats_fd)
+            # One fd per vCPU for the whole run: reopening per scrape would
+            # cost an ioctl and a descriptor parse each time.
+            sources.kvm_vcpu_readers = [open_kvm_reader(open_fd) for open_fd in vcpu_stats_fds]
+            if vm_stats_fd is not None:
+                sources.kvm_vm_reader = open_kvm_reader(vm_stats_fd)
         except BaseException:
             sources.close()
             raise
-        if supervisor.guest is not None:
-            sources.guest_counts = supervisor.guest.counts
-        if supervisor.device_model is not None:
-            sources.device_stats = supervisor.device_model.stats
-            self._device_model_pid = supervisor.device_model.pid
+        self._device_model_pid = vm.device_model.pid
         self.collector.attach(sources)
 
     def detach(self) -> None:

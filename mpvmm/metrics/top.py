@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from mpvmm.errors import MpvmmError, UsageError
-from mpvmm.vcpu_worker.stats import PATHS
+from mpvmm.vcpu_worker.stats_page import PATHS
 
 # The whole scrape, connect to last byte: what the endpoint allows a request
 # itself. A 64-vCPU VM's answer (380 KiB) takes about 50 ms.
@@ -68,7 +68,8 @@ def scrape(url: str, deadline_seconds: float = SCRAPE_DEADLINE_SECONDS) -> Scrap
     except ScrapeError as err:
         raise ScrapeError(f"{url}: {err}") from err
     except (OSError, http.client.HTTPException, ValueError) as err:
-        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        # An OSError's strerror is the short reason ("Connection refused").
+        reason = (err.strerror if isinstance(err, OSError) else None) or str(err) or type(err).__name__
         raise ScrapeError(f"cannot reach {url}: {reason} (is `mpvmm start` running?)") from err
     try:
         result = parse(body.decode(), time.monotonic())

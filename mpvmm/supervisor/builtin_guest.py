@@ -1,14 +1,27 @@
-"""The built-in guest in a VM: loading it, its parameter block and its reports."""
+"""The built-in guest in a VM: loading it, its parameter block, its vCPUs and its reports.
+
+Every vCPU enters the guest directly in 64-bit mode at CPL 3 (x86/usermode.py):
+guest supervisor-mode code is emulated instruction by instruction on the
+machines this is developed on (docs/design.md, "PVM hosts"), so the guest
+has none.
+"""
 
 import ctypes
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from mpvmm.errors import GuestLoadError, UsageError
 from mpvmm.guest import abi
+from mpvmm.supervisor.ending import GuestEvent
+from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource, MachineSpec
+from mpvmm.vcpu_worker.outcome import VcpuOutcome
 from mpvmm.x86 import layout
+from mpvmm.x86.cpuid import vcpu_cpuid
 from mpvmm.x86.loader import load_elf
+from mpvmm.x86.usermode import enter_user_mode, write_boot_structures
 
 DEMO_SLEEP_US = 2000  # the demo workload rests 2 ms per round: a gentle, steady rate
+# Report slots between the reports' address and the shared counters (layout.py).
+MAX_CPUS = (layout.GUEST_SHARED_ADDR - layout.GUEST_REPORTS_ADDR) // layout.GUEST_REPORT_STRIDE
 
 
 def stack_top(index: int) -> int:
@@ -27,25 +40,34 @@ def workload_id(name: str) -> int:
         raise UsageError(f"unknown workload {name!r} (choose from {', '.join(abi.WORKLOADS)})") from None
 
 
-@dataclass
-class GuestCounts:
-    """What one vCPU of the guest says it did."""
+class BuiltinGuestSource(GuestSource):
+    """The built-in guest running ``workload`` on ``cpus`` vCPUs in ``memory_size`` bytes."""
 
-    state: int
-    status: int
-    ops: dict[str, int]
-    pio_write_sum: int
-    mmio_write_sum: int
+    machine = MachineSpec("builtin", {}, host_input=False)
+
+    def __init__(self, cpus: int, workload: str, memory_size: int):
+        workload_id(workload)
+        if cpus > MAX_CPUS:
+            raise UsageError(f"the built-in guest supports at most {MAX_CPUS} vCPUs")
+        needed = min_memory(cpus)
+        if memory_size < needed:
+            raise UsageError(
+                f"--memory {memory_size >> 20} MiB is too small for the guest with {cpus} vCPUs "
+                f"(needs at least {-(-needed >> 20)} MiB)"
+            )
+        self.cpus = cpus
+        self.workload = workload
+
+    def load(self, memory) -> "BuiltinGuest":
+        return BuiltinGuest(memory, self.cpus, self.workload)
 
 
-class BuiltinGuest:
+class BuiltinGuest(Guest):
     """The built-in guest loaded into ``memory`` for ``cpus`` vCPUs."""
 
+    stop_grace_seconds = 3.0  # enough to finish a round, report and leave
+
     def __init__(self, memory, cpus: int, workload: str):
-        if layout.GUEST_REPORTS_ADDR + cpus * layout.GUEST_REPORT_STRIDE > layout.GUEST_SHARED_ADDR:
-            raise UsageError(f"the built-in guest supports at most "
-                             f"{(layout.GUEST_SHARED_ADDR - layout.GUEST_REPORTS_ADDR) // layout.GUEST_REPORT_STRIDE} vCPUs")
-        self.memory = memory
         self.cpus = cpus
         path = abi.builtin_guest_path()
         try:
@@ -56,6 +78,7 @@ class BuiltinGuest:
         if loaded.high > layout.GUEST_CODE_ADDR + layout.GUEST_CODE_MAX:
             raise GuestLoadError("built-in guest is larger than its slot in the layout")
         self.entry = loaded.entry
+        write_boot_structures(memory)
         self.params = memory.view(layout.GUEST_PARAMS_ADDR, abi.GuestParams)
         ctypes.memset(ctypes.addressof(self.params), 0, ctypes.sizeof(abi.GuestParams))
         self.params.magic = abi.PARAMS_MAGIC
@@ -78,9 +101,16 @@ class BuiltinGuest:
         ]
         self._shared = memory.view(layout.GUEST_SHARED_ADDR, abi.GuestShared)
 
-    def entry_arguments(self, index: int) -> tuple[int, int, int, int]:
-        """(entry, stack top, RDI, RSI) for vCPU ``index``."""
-        return self.entry, stack_top(index), index, layout.GUEST_PARAMS_ADDR
+    def set_up_vcpus(self, kvm, vcpus: Sequence) -> None:
+        """Each vCPU's own CPUID, then straight into the guest at CPL 3, runnable at once.
+
+        Application processors are made runnable directly (no INIT/SIPI):
+        the guest has no ring-0 code to bring them up itself.
+        """
+        supported = kvm.supported_cpuid()
+        for vcpu in vcpus:
+            vcpu.set_cpuid2(vcpu_cpuid(supported, vcpu.index, self.cpus))
+            enter_user_mode(vcpu, self.entry, stack_top(vcpu.index), vcpu.index, layout.GUEST_PARAMS_ADDR)
 
     def request_stop(self) -> None:
         """Ask every vCPU to finish its workload, report and exit."""
@@ -99,3 +129,6 @@ class BuiltinGuest:
     def atomic_total(self) -> int:
         """The sum of the shared counters the atomics workload increments."""
         return sum(self._shared.counters)
+
+    def ending(self, outcome: VcpuOutcome) -> GuestEvent | None:
+        return None  # a vCPU of the built-in guest that stops by a fault is a fault

@@ -1,18 +1,24 @@
-"""The KVM side of a VM: the VM fd, its interrupt controller, memory slots and vCPUs."""
+"""The KVM side of a VM: the VM fd, its interrupt controller, memory slots and vCPUs.
+
+What a vCPU starts as (CPUID, registers, run state) is the guest's to set
+(guest.py), so the same VM serves every guest kind.
+"""
+
+import os
+from collections.abc import Iterable, Mapping
 
 from mpvmm.kvm import bindings as kb
-from mpvmm.x86 import layout, usermode
-from mpvmm.x86.cpuid import vcpu_cpuid
+from mpvmm.x86 import layout
 
 
 class VirtualMachine:
-    """A KVM VM with an in-kernel irqchip and PIT, guest RAM and ``cpus`` vCPUs."""
+    """A KVM VM with an in-kernel irqchip and PIT, guest RAM and the vCPUs ``vcpu_ids``."""
 
     vm = None
 
-    def __init__(self, kvm, memory, cpus: int):
+    def __init__(self, kvm, memory, vcpu_ids: Iterable[int]):
         self.vcpus = []
-        self.memory = memory
+        self._irq_fds: list[int] = []
         self.vm = kvm.create_vm()
         try:
             # VMX needs these two regions before the first vCPU exists.
@@ -22,32 +28,25 @@ class VirtualMachine:
             self.vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
             for slot, (guest_address, size, offset) in enumerate(memory.regions()):
                 self.vm.set_user_memory_region(slot, guest_address, size, memory.host_address + offset)
-            supported = kvm.supported_cpuid()
-            for index in range(cpus):
-                vcpu = self.vm.create_vcpu(index)
-                self.vcpus.append(vcpu)
-                vcpu.set_cpuid2(vcpu_cpuid(supported, index, cpus))
+            for index in vcpu_ids:
+                self.vcpus.append(self.vm.create_vcpu(index))
         except BaseException:
             self.close()
             raise
 
-    def enter_user_mode(self, index: int, entry: int, stack_top: int, *arguments: int) -> None:
-        """Start vCPU ``index`` at ``entry`` in 64-bit CPL 3, runnable at once.
+    def connect_irq_lines(self, lines: Mapping[str, int]) -> dict[str, int]:
+        """An eventfd per line (name -> GSI) that raises its GSI when written; closed with the VM.
 
-        Application processors are made runnable directly (no INIT/SIPI):
-        the built-in guest has no ring-0 code to bring them up itself.
+        The device model gets the eventfds: it cannot call VM ioctls itself
+        (docs/design.md, "The address-space rule"), but it can write an eventfd.
         """
-        vcpu = self.vcpus[index]
-        sregs = vcpu.get_sregs()
-        usermode.set_user_mode_sregs(sregs)
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(usermode.user_mode_regs(entry, stack_top, *arguments))
-        vcpu.set_mp_state(kb.KVM_MP_STATE_RUNNABLE)
-
-    def registers(self, index: int) -> dict[str, int]:
-        """The general registers of a stopped vCPU, for fault reports."""
-        regs = self.vcpus[index].get_regs()
-        return {name: getattr(regs, name) for name, _ in type(regs)._fields_}
+        fds = {}
+        for name, gsi in lines.items():
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._irq_fds.append(fd)
+            self.vm.irqfd(fd, gsi)
+            fds[name] = fd
+        return fds
 
     def close(self) -> None:
         for vcpu in self.vcpus:
@@ -56,3 +55,12 @@ class VirtualMachine:
         if self.vm is not None:
             self.vm.close()
             self.vm = None
+        for fd in self._irq_fds:
+            os.close(fd)
+        self._irq_fds = []
+
+    def __enter__(self) -> "VirtualMachine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

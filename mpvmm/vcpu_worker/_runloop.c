@@ -1,9 +1,9 @@
 /*
  * The native vCPU run loop: one call runs one vCPU until it stops, without
- * the GIL (DESIGN.md, fact 2: Python threads cap at ~86k exits/s in total).
+ * the GIL (docs/design.md, "The GIL ceiling": Python threads cap at ~86k exits/s in total).
  *
  * It runs on a thread of the supervisor, because KVM only accepts KVM_RUN
- * from the address space that created the VM (fact 1). Between KVM_RUN calls
+ * from the address space that created the VM (docs/design.md, "The address-space rule"). Between KVM_RUN calls
  * it routes each port-I/O and MMIO exit by the supervisor's route table:
  *   native  handled here: the null port, the sleep port, the debug-exit port
  *   posted  a write, sent to the device model; the vCPU resumes at once
@@ -35,12 +35,13 @@
 #include <unistd.h>
 
 #include "../guest/abi.h"
+#include "outcome.h"
 
-/* ---- Shared-memory layouts (mpvmm/vcpu_worker/stats.py mirrors them and
- * is checked against layout() below). ---- */
+/* ---- Shared-memory layouts (mpvmm/vcpu_worker/stats_page.py and
+ * route_table.py mirror them and are checked against layout() below). ---- */
 
 #define STATS_EXIT_REASONS 64     /* KVM exit reasons are < 64; larger count in the last slot */
-#define LATENCY_BUCKETS 21        /* sync round trip: <= 1 us * 2^k for k < 20, then +Inf */
+#define LATENCY_BUCKETS 21        /* sync round trip: <= latency_bound_ns(k) for k < 20, then +Inf */
 #define MESSAGE_SIZE 128          /* docs/protocol.md: max size of one message */
 #define KICK_POLL_NS 100000000L   /* 100 ms: the longest a missed kick can go unseen */
 #define MAX_SLEEP_US 1000000u     /* a guest sleep request is capped at 1 s */
@@ -50,13 +51,6 @@ enum route_action { ACTION_DEVICE = 0, ACTION_NULL = 1, ACTION_DEBUG_EXIT = 2, A
 enum exit_path { PATH_NATIVE = 0, PATH_POSTED = 1, PATH_SYNC = 2, PATH_COUNT = 3 };
 enum request { REQUEST_RUN = 0, REQUEST_PAUSE = 1, REQUEST_STOP = 2 };
 enum worker_state { STATE_IDLE = 0, STATE_RUNNING = 1, STATE_PAUSED = 2, STATE_DONE = 3 };
-enum outcome {
-    OUTCOME_NONE = 0,
-    OUTCOME_STOPPED = 1,   /* the supervisor asked */
-    OUTCOME_EXITED = 2,    /* the guest wrote the debug-exit port; value = status */
-    OUTCOME_FAULT = 3,     /* an exit reason the VMM cannot continue from; value = reason */
-    OUTCOME_ERROR = 4,     /* a syscall failed; value = errno */
-};
 
 /* One route: accesses to [base, base + length) in `space` get `action`.
  * Anything no route covers goes to the device model, which owns "unmapped". */
@@ -75,7 +69,7 @@ struct vcpu_stats {
     uint32_t request;          /* written by the supervisor: enum request */
     uint32_t state;            /* enum worker_state */
     uint32_t tid;              /* the worker thread's kernel thread id */
-    uint32_t outcome;          /* enum outcome, once state is DONE */
+    uint32_t outcome;          /* enum outcome (outcome.h), once state is DONE */
     uint64_t outcome_value;
     uint64_t runs;             /* KVM_RUN calls that returned an exit */
     uint64_t interrupted;      /* KVM_RUN calls that returned EINTR (kicks) */
@@ -213,15 +207,26 @@ static int send_request(struct worker *w, const uint8_t *msg, size_t len)
     }
 }
 
-static void record_latency(struct worker *w, uint64_t ns)
+/* The sync round-trip histogram: bucket k < LATENCY_BUCKETS - 1 counts round
+ * trips of at most 1 us << k, the last one everything longer. The only
+ * definition: Python reads the bounds from layout() and buckets with
+ * latency_bucket() below. */
+static uint64_t latency_bound_ns(unsigned bucket)
+{
+    return 1000ull << bucket;
+}
+
+static unsigned latency_bucket(uint64_t ns)
 {
     unsigned bucket = 0;
-    uint64_t bound = 1000; /* 1 us */
-    while (bucket < LATENCY_BUCKETS - 1 && ns > bound) {
+    while (bucket < LATENCY_BUCKETS - 1 && ns > latency_bound_ns(bucket))
         bucket++;
-        bound <<= 1;
-    }
-    BUMP(w->stats->sync_latency_buckets[bucket]);
+    return bucket;
+}
+
+static void record_latency(struct worker *w, uint64_t ns)
+{
+    BUMP(w->stats->sync_latency_buckets[latency_bucket(ns)]);
     ADD(w->stats->sync_latency_sum_ns, ns);
 }
 
@@ -491,6 +496,33 @@ static int add_int(PyObject *dict, const char *key, long long value)
     return failed;
 }
 
+/* The upper bounds of the finite latency buckets, as a tuple of nanoseconds. */
+static int add_latency_bounds(PyObject *dict)
+{
+    PyObject *bounds = PyTuple_New(LATENCY_BUCKETS - 1);
+    if (!bounds)
+        return -1;
+    for (unsigned k = 0; k < LATENCY_BUCKETS - 1; k++) {
+        PyObject *bound = PyLong_FromUnsignedLongLong(latency_bound_ns(k));
+        if (!bound) {
+            Py_DECREF(bounds);
+            return -1;
+        }
+        PyTuple_SET_ITEM(bounds, k, bound);
+    }
+    int failed = PyDict_SetItemString(dict, "latency_bounds_ns", bounds);
+    Py_DECREF(bounds);
+    return failed;
+}
+
+static PyObject *runloop_latency_bucket(PyObject *self, PyObject *args)
+{
+    unsigned long long ns;
+    if (!PyArg_ParseTuple(args, "K", &ns))
+        return NULL;
+    return PyLong_FromUnsignedLong(latency_bucket(ns));
+}
+
 #define FIELD(dict, type, field) add_int(dict, #type "." #field, (long long)offsetof(struct type, field))
 
 /* Offsets and constants of every layout above, so the Python mirrors are
@@ -528,7 +560,7 @@ static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
         FIELD(d, mpvmm_guest_report, mmio_write_sum) || FIELD(d, mpvmm_guest_report, ops) ||
         add_int(d, "mpvmm_guest_shared.sizeof", sizeof(struct mpvmm_guest_shared)) ||
         add_int(d, "STATS_EXIT_REASONS", STATS_EXIT_REASONS) ||
-        add_int(d, "LATENCY_BUCKETS", LATENCY_BUCKETS) ||
+        add_int(d, "LATENCY_BUCKETS", LATENCY_BUCKETS) || add_latency_bounds(d) ||
         add_int(d, "MESSAGE_SIZE", MESSAGE_SIZE) ||
         add_int(d, "MPVMM_OP_COUNT", MPVMM_OP_COUNT) ||
         add_int(d, "MPVMM_GUEST_ABI_VERSION", MPVMM_GUEST_ABI_VERSION)) {
@@ -546,6 +578,8 @@ static PyMethodDef runloop_methods[] = {
      "Install a no-op handler (no SA_RESTART) so the signal interrupts blocking calls."},
     {"wake", runloop_wake, METH_VARARGS, "FUTEX_WAKE the worker paused on this address."},
     {"layout", runloop_layout, METH_NOARGS, "Offsets and constants of the shared layouts."},
+    {"latency_bucket", runloop_latency_bucket, METH_VARARGS,
+     "latency_bucket(ns) -> the sync latency bucket a round trip of ns nanoseconds is counted in."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -96,7 +96,7 @@ def _io_uring_setup() -> int:
     return fd
 
 
-def attempts(probe: process.DeviceModelProcess, targets: dict, ram: int) -> dict[str, str]:
+def attempts(probe: process.DeviceModelServer, targets: dict, ram: int) -> dict[str, str]:
     victim = targets["victim"]
     old_limit = _Rlimit()
     new_limit = _Rlimit(1, 1)
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> int:
         os.setgroups([])
         os.setresgid(targets["start_as"], targets["start_as"], targets["start_as"])
         os.setresuid(targets["start_as"], targets["start_as"], targets["start_as"])
-    probe = process.DeviceModelProcess(socket.socket(fileno=int(argv[0])), os.getppid())
+    probe = process.DeviceModelServer(socket.socket(fileno=int(argv[0])), os.getppid())
     try:
         probe.configure()  # answers ready
         # The test reads our /proc files now (we can no longer) and says where guest RAM is.

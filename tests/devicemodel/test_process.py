@@ -15,7 +15,7 @@ import posix_ipc
 import pytest
 
 from mpvmm.devicemodel.devices import testdev_pattern
-from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.process import serve_round
 from mpvmm.devicemodel.protocol import (
@@ -323,7 +323,7 @@ def test_serve_round_is_fair():
 def test_console_buffers_until_flush(tmp_path):
     path = tmp_path / "out"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    console = Console(fd, owns_fd=True)
+    console = HostConsole(fd, owns_fd=True)
     console.write(b"a\n")
     assert path.read_bytes() == b""  # a file is not line-buffered
     console.flush()
@@ -337,7 +337,7 @@ def test_console_buffers_until_flush(tmp_path):
 def test_console_on_a_tty_flushes_each_line():
     master, slave = os.openpty()
     try:
-        console = Console(slave, owns_fd=False)
+        console = HostConsole(slave, owns_fd=False)
         console.write(b"ab")
         os.set_blocking(master, False)
         with pytest.raises(BlockingIOError):
@@ -353,7 +353,7 @@ def test_console_on_a_tty_flushes_each_line():
 def test_console_write_errors_are_counted():
     read_end, write_end = os.pipe()
     os.close(read_end)
-    console = Console(write_end, owns_fd=True)
+    console = HostConsole(write_end, owns_fd=True)
     console.write(b"lost")
     console.flush()  # EPIPE (SIGPIPE is ignored by Python)
     assert console.stats()["lost_bytes"] == 4

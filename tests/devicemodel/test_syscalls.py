@@ -131,10 +131,10 @@ def test_vm_run_calls_only_allowed_syscalls(runner, tmp_path, monkeypatch, no_le
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setattr(sys, "executable", str(wrapper))
 
-    def scrape(supervisor):
+    def scrape(vm):
         for _ in range(3):
             time.sleep(0.3)
-            with urllib.request.urlopen(supervisor.metrics.url, timeout=10) as response:
+            with urllib.request.urlopen(vm.metrics.url, timeout=10) as response:
                 assert b"mpvmm_device_requests_total" in response.read()
 
     config = RunConfig(cpus=2, memory=64 << 20, workload="hostile", seconds=1.5, runner=runner,

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from mpvmm.supervisor.memory import GuestMemory
+from mpvmm.supervisor.guest_memory import GuestMemory
 from mpvmm.x86 import layout
 
 SHM = "/dev/shm"

@@ -1,4 +1,4 @@
-"""Starting, talking to and stopping the device-model process.
+"""The supervisor's end of the device model: starting, talking to and stopping its process.
 
 The supervisor starts ``python -m mpvmm.devicemodel`` with one end of a
 socketpair and guest RAM's file descriptor (guest RAM has no name left to
@@ -17,21 +17,29 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import msgpack
 import posix_ipc
 
 from mpvmm.errors import DeviceModelError, HostLimitError
 from mpvmm.supervisor import limits
-from mpvmm.supervisor.memory import unique_name
-from mpvmm.vcpu_worker.worker import WorkerChannel
+from mpvmm.supervisor.guest_memory import unique_name
 
 START_TIMEOUT_SECONDS = 15.0
 REPLY_TIMEOUT_SECONDS = 5.0
 
 
-class DeviceModelProcess:
-    """The device model of one VM and the queues the vCPU workers talk to it over."""
+@dataclass
+class VcpuChannel:
+    """How one vCPU's runner reaches the device model: its request and reply queues."""
+
+    request_queue: posix_ipc.MessageQueue
+    reply_queue: posix_ipc.MessageQueue
+
+
+class DeviceModelClient:
+    """The device model of one VM (devicemodel/process.py) and the queues the vCPUs talk to it over."""
 
     process: subprocess.Popen | None = None
     _control: socket.socket | None = None
@@ -45,7 +53,7 @@ class DeviceModelProcess:
         # One conversation on the control socket at a time: a metrics scrape
         # (its own thread) and the wait loop's poll_events share it.
         self._lock = threading.Lock()
-        self.channels: list[WorkerChannel] = []
+        self.channels: list[VcpuChannel] = []
         self._queues: list[posix_ipc.MessageQueue] = []
         self._unpacker = msgpack.Unpacker(raw=False)
         self.pid = 0
@@ -75,7 +83,7 @@ class DeviceModelProcess:
         for index in range(cpus):
             requests = self._create_queue(f"req{index}", depth)
             replies = self._create_queue(f"rep{index}", depth)
-            self.channels.append(WorkerChannel(requests, replies))
+            self.channels.append(VcpuChannel(requests, replies))
         self._send({
             "op": "configure",
             "version": 1,
@@ -222,3 +230,9 @@ class DeviceModelProcess:
             except posix_ipc.Error:
                 pass
         self._queues = []
+
+    def __enter__(self) -> "DeviceModelClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -3,8 +3,8 @@
  * keeps the built-in guest correct, nothing else. No route table, no stats
  * page, no device model, no queues: the same guest making the same exits,
  * so its exit rate is what KVM alone costs on this host, and every other
- * runner's figure is a ratio to it (DESIGN.md, fact 2 measured the same
- * thing on a 16-core machine).
+ * runner's figure is a ratio to it (docs/design.md, "The GIL ceiling",
+ * measured the same thing on a 16-core machine).
  *
  * Each exit is answered in place:
  *   a read of a test device   testdev_pattern(offset, size), as devices.py
@@ -32,13 +32,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* The same numbers as _runloop.c's enum outcome, so Python reads both alike. */
-enum outcome { OUTCOME_STOPPED = 1, OUTCOME_EXITED = 2, OUTCOME_FAULT = 3, OUTCOME_ERROR = 4 };
+#include "../vcpu_worker/outcome.h"
 
-#define TESTDEV_PATTERN 0x5A5A5A5A5A5A5A5AULL /* mpvmm/devicemodel/devices.py */
-#define UART_LSR_EMPTY 0x60                    /* LSR.THRE | LSR.TEMT: nothing left to send */
-#define PARAVIRT_PORT_COUNT 4                  /* each paravirtual port spans 4 (layout.py) */
-#define CONTROL_STRIDE 64                      /* one cache line per vCPU */
+#define CONTROL_STRIDE 64 /* one cache line per vCPU */
 
 /* One per vCPU, CONTROL_STRIDE bytes apart (mpvmm/bench/raw.py mirrors it,
  * checked against layout()). Only `stop` is written by the bench. */
@@ -48,8 +44,8 @@ struct raw_control {
     uint64_t exits;    /* port-I/O and MMIO exits so far; sampled at the window's edges */
 };
 
-/* Where the guest's devices are: taken from layout.py by the caller, so no
- * address is written down twice. */
+/* Where the guest's devices are and what they answer: taken from layout.py,
+ * devices.py and serial.py by the caller, so nothing is written down twice. */
 struct raw_machine {
     uint64_t mmio_testdev_addr;
     uint64_t mmio_testdev_size;
@@ -58,7 +54,10 @@ struct raw_machine {
     uint32_t null_port;
     uint32_t sleep_port;
     uint32_t debug_exit_port;
+    uint32_t paravirt_port_count; /* each paravirtual port's span */
     uint32_t uart_lsr_port;
+    uint32_t uart_lsr_empty;      /* LSR.THRE | LSR.TEMT: nothing left to send */
+    uint64_t testdev_pattern;     /* the test device answers this XOR the offset */
 };
 
 struct raw_vcpu {
@@ -70,25 +69,25 @@ struct raw_vcpu {
     uint64_t mmio_exits;
 };
 
-static uint64_t testdev_pattern(uint64_t offset, uint32_t size)
+static uint64_t testdev_pattern(const struct raw_machine *m, uint64_t offset, uint32_t size)
 {
-    uint64_t value = TESTDEV_PATTERN ^ offset;
+    uint64_t value = m->testdev_pattern ^ offset;
     return size >= 8 ? value : value & ((1ULL << (8 * size)) - 1);
 }
 
 static int is_paravirt_port(const struct raw_machine *m, uint64_t port)
 {
-    return port - m->null_port < PARAVIRT_PORT_COUNT || port - m->sleep_port < PARAVIRT_PORT_COUNT ||
-           port - m->debug_exit_port < PARAVIRT_PORT_COUNT;
+    return port - m->null_port < m->paravirt_port_count || port - m->sleep_port < m->paravirt_port_count ||
+           port - m->debug_exit_port < m->paravirt_port_count;
 }
 
 /* The value a port read gets. */
 static uint64_t pio_read(const struct raw_machine *m, uint64_t port, uint32_t size)
 {
     if (port - m->pio_testdev_port < m->pio_testdev_count)
-        return testdev_pattern(port - m->pio_testdev_port, size);
+        return testdev_pattern(m, port - m->pio_testdev_port, size);
     if (port == m->uart_lsr_port)
-        return UART_LSR_EMPTY;
+        return m->uart_lsr_empty;
     if (is_paravirt_port(m, port))
         return 0;
     return ~0ULL; /* nothing there: every data line high */
@@ -103,7 +102,7 @@ static int handle_io(struct raw_vcpu *v, uint64_t *status)
     /* String instructions (rep outsb) hand over `count` elements at once. */
     for (uint32_t i = 0; i < run->io.count; i++, data += size) {
         if (run->io.direction == KVM_EXIT_IO_OUT) {
-            if (run->io.port - v->machine.debug_exit_port < PARAVIRT_PORT_COUNT) {
+            if (run->io.port - v->machine.debug_exit_port < v->machine.paravirt_port_count) {
                 uint64_t value = 0;
                 memcpy(&value, data, size);
                 *status = value;
@@ -123,7 +122,8 @@ static void handle_mmio(struct raw_vcpu *v)
     if (run->mmio.is_write)
         return;
     uint64_t offset = run->mmio.phys_addr - v->machine.mmio_testdev_addr;
-    uint64_t value = offset < v->machine.mmio_testdev_size ? testdev_pattern(offset, run->mmio.len) : ~0ULL;
+    uint64_t value = offset < v->machine.mmio_testdev_size ? testdev_pattern(&v->machine, offset, run->mmio.len)
+                                                           : ~0ULL;
     memcpy(run->mmio.data, &value, run->mmio.len);
 }
 
@@ -176,10 +176,11 @@ static PyObject *rawloop_run(PyObject *self, PyObject *args)
     unsigned long long run_address, control_address;
     struct raw_machine m;
     const char *name;
-    if (!PyArg_ParseTuple(args, "iKK(KKIIIIII)s", &vcpu_fd, &run_address, &control_address,
+    if (!PyArg_ParseTuple(args, "iKK(KKIIIIIIIIK)s", &vcpu_fd, &run_address, &control_address,
                           &m.mmio_testdev_addr, &m.mmio_testdev_size, &m.pio_testdev_port,
                           &m.pio_testdev_count, &m.null_port, &m.sleep_port, &m.debug_exit_port,
-                          &m.uart_lsr_port, &name))
+                          &m.paravirt_port_count, &m.uart_lsr_port, &m.uart_lsr_empty,
+                          &m.testdev_pattern, &name))
         return NULL;
     struct raw_vcpu v = {
         .vcpu_fd = vcpu_fd,
@@ -216,10 +217,7 @@ static PyObject *rawloop_layout(PyObject *self, PyObject *noargs)
         add_int(d, "raw_control.stop", offsetof(struct raw_control, stop)) ||
         add_int(d, "raw_control.tid", offsetof(struct raw_control, tid)) ||
         add_int(d, "raw_control.exits", offsetof(struct raw_control, exits)) ||
-        add_int(d, "CONTROL_STRIDE", CONTROL_STRIDE) ||
-        add_int(d, "PARAVIRT_PORT_COUNT", PARAVIRT_PORT_COUNT) ||
-        add_int(d, "TESTDEV_PATTERN", (long long)TESTDEV_PATTERN) ||
-        add_int(d, "UART_LSR_EMPTY", UART_LSR_EMPTY)) {
+        add_int(d, "CONTROL_STRIDE", CONTROL_STRIDE)) {
         Py_DECREF(d);
         return NULL;
     }
@@ -230,7 +228,8 @@ static PyMethodDef rawloop_methods[] = {
     {"run", rawloop_run, METH_VARARGS,
      "run(vcpu_fd, run_address, control_address, (mmio_testdev_addr, mmio_testdev_size, "
      "pio_testdev_port, pio_testdev_count, null_port, sleep_port, debug_exit_port, "
-     "uart_lsr_port), thread_name) -> (outcome, value, io_exits, mmio_exits)\n\n"
+     "paravirt_port_count, uart_lsr_port, uart_lsr_empty, testdev_pattern), thread_name) "
+     "-> (outcome, value, io_exits, mmio_exits)\n\n"
      "Run one vCPU on KVM alone until it exits or is stopped, without the GIL."},
     {"layout", rawloop_layout, METH_NOARGS, "Offsets and constants of the control block."},
     {NULL, NULL, 0, NULL},

@@ -11,6 +11,8 @@ packed by ``pack``; this class is the pure, testable statement of the rule.
 import struct
 from typing import NamedTuple
 
+from mpvmm.x86 import layout
+
 SPACE_PIO, SPACE_MMIO = 0, 1
 ACTION_DEVICE, ACTION_NULL, ACTION_DEBUG_EXIT, ACTION_SLEEP = 0, 1, 2, 3
 NATIVE_ACTIONS = (ACTION_NULL, ACTION_DEBUG_EXIT, ACTION_SLEEP)
@@ -54,3 +56,12 @@ class RouteTable:
     def pack(self) -> bytes:
         """The table as the C run loop reads it (an array of struct route)."""
         return b"".join(_PACKED.pack(r.base, r.length, r.space, r.action) for r in self.routes)
+
+
+def paravirt_routes() -> RouteTable:
+    """The table of every mpvmm VM: the paravirtual ports are native, the rest goes to the device model."""
+    return RouteTable([
+        Route(SPACE_PIO, layout.NULL_PORT, layout.PARAVIRT_PORT_COUNT, ACTION_NULL),
+        Route(SPACE_PIO, layout.DEBUG_EXIT_PORT, layout.PARAVIRT_PORT_COUNT, ACTION_DEBUG_EXIT),
+        Route(SPACE_PIO, layout.SLEEP_PORT, layout.PARAVIRT_PORT_COUNT, ACTION_SLEEP),
+    ])

@@ -4,15 +4,15 @@ import struct
 
 import pytest
 
-from mpvmm.supervisor.routes import builtin_routes
-from mpvmm.vcpu_worker.routes import (
+from mpvmm.vcpu_worker.route_table import (
     ACTION_DEBUG_EXIT, ACTION_DEVICE, ACTION_NULL, ACTION_SLEEP, SPACE_MMIO, SPACE_PIO, Route, RouteTable,
+    paravirt_routes,
 )
 from mpvmm.x86 import layout
 
 
 def test_native_ports_are_native_for_reads_and_writes():
-    table = builtin_routes()
+    table = paravirt_routes()
     for port, action in ((layout.NULL_PORT, ACTION_NULL), (layout.DEBUG_EXIT_PORT, ACTION_DEBUG_EXIT),
                          (layout.SLEEP_PORT, ACTION_SLEEP)):
         for offset in range(layout.PARAVIRT_PORT_COUNT):
@@ -31,7 +31,7 @@ def test_native_ports_are_native_for_reads_and_writes():
     (SPACE_MMIO, layout.NULL_PORT),  # the same number in the other space is not the null port
 ])
 def test_everything_else_is_posted_when_written_and_sync_when_read(space, address):
-    table = builtin_routes()
+    table = paravirt_routes()
     assert table.action(space, address) == ACTION_DEVICE
     assert table.path(space, address, is_write=True) == "posted"
     assert table.path(space, address, is_write=False) == "sync"
@@ -69,7 +69,7 @@ def test_same_range_in_different_spaces_does_not_overlap():
 
 
 def test_pack_is_the_c_struct_route_array():
-    table = builtin_routes()
+    table = paravirt_routes()
     packed = table.pack()
     entries = [struct.unpack_from("<QQII", packed, offset) for offset in range(0, len(packed), 24)]
     assert entries == [(r.base, r.length, r.space, r.action) for r in table.routes]

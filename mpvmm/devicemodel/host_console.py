@@ -14,7 +14,7 @@ import os
 CONSOLE_FLUSH_BYTES = 4096
 
 
-class Console:
+class HostConsole:
     """Buffers the UART's output so the loop does not make a syscall per byte."""
 
     def __init__(self, fd: int, owns_fd: bool):
