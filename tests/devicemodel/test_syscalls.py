@@ -12,11 +12,14 @@ someone's run.
 """
 
 import collections
+import fcntl
 import os
 import re
 import shutil
 import stat
+import struct
 import sys
+import termios
 import time
 import tty
 import urllib.request
@@ -25,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from mpvmm.devicemodel.protocol import KIND_READ, KIND_WRITE, SPACE_MMIO, SPACE_PIO
+from mpvmm.devicemodel.serial import FIFO_SIZE
 from mpvmm.devicemodel.syscall_filter import ALLOWED_SYSCALLS
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.x86.layout import (ACPI_PM_PORT, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT,
@@ -35,6 +39,11 @@ SYSCALL = re.compile(r"^\d+\s+([a-z0-9_]+)\(")
 # libseccomp loads the filter with seccomp(2), or prctl(2) on old kernels.
 FILTER_LOADED = re.compile(r"^\d+\s+(seccomp\(SECCOMP_SET_MODE_FILTER, 0,|prctl\(PR_SET_SECCOMP, SECCOMP_MODE_FILTER).* = 0$")
 UART_IER, UART_IIR, UART_LSR = 1, 2, 5
+
+
+def unread(terminal_fd: int) -> int:
+    """Bytes typed on the terminal that no one has read yet."""
+    return struct.unpack("i", fcntl.ioctl(terminal_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 def strace_prefix(output: Path) -> list[str]:
@@ -91,8 +100,10 @@ def test_linux_machine_calls_only_allowed_syscalls(tmp_path):
         read(COM1_PORT + UART_IIR)
         os.write(terminal, b"k" * 200)  # more than the FIFO holds: input leaves the poll set
         deadline = time.monotonic() + 5
-        while not read(COM1_PORT + UART_LSR) & 1:
-            assert time.monotonic() < deadline, "terminal input never reached the UART"
+        while not read(COM1_PORT + UART_LSR) & 1 or unread(follower) != 200 - FIFO_SIZE:
+            assert time.monotonic() < deadline, f"terminal input stalled: {unread(follower)} bytes unread"
+            time.sleep(0.01)
+        time.sleep(0.2)  # the device model sees the rest waiting with a full FIFO
         for _ in range(200):  # the guest drains it: input comes back into the poll set
             read(COM1_PORT)
         write(RTC_PORT, 0)
