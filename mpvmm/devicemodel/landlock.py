@@ -75,6 +75,16 @@ def _ruleset_for(abi: int) -> tuple[_RulesetAttr, int]:
     return attr, size
 
 
+def create_ruleset(abi: int) -> int:
+    """A ruleset fd handling everything ``abi`` knows, granting nothing (not yet applied)."""
+    attr, size = _ruleset_for(abi)
+    ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"landlock_create_ruleset (ABI {abi}): {os.strerror(code)}")
+    return int(ruleset)
+
+
 def deny_everything() -> int:
     """Restrict this process to no filesystem, no TCP, no foreign signals; the ABI used (0: none).
 
@@ -83,11 +93,7 @@ def deny_everything() -> int:
     abi = abi_version()
     if abi == 0:
         return 0
-    attr, size = _ruleset_for(abi)
-    ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"landlock_create_ruleset (ABI {abi}): {os.strerror(code)}")
+    ruleset = create_ruleset(abi)
     try:
         if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
             code = ctypes.get_errno()

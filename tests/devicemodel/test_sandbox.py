@@ -239,3 +239,15 @@ def test_guest_ram_can_be_mapped_writable_when_asked():
         assert harness.proc.wait(10) == 0
     finally:
         harness.close()
+
+
+@pytest.mark.skipif(landlock.abi_version() == 0, reason="this kernel has no Landlock")
+def test_every_landlock_abi_up_to_the_kernels_builds_a_ruleset_it_accepts():
+    """Each older ABI's ruleset (rights and struct size) is one this kernel accepts,
+    and the sizes and rights follow linux/landlock.h's history."""
+    for abi in range(1, landlock.abi_version() + 1):
+        os.close(landlock.create_ruleset(abi))
+    known = landlock.ACCESS_FS_BY_ABI
+    assert landlock._ruleset_for(1)[0].handled_access_fs == known[1] and landlock._ruleset_for(1)[1] == 8
+    assert landlock._ruleset_for(4)[1] == 16 and landlock._ruleset_for(4)[0].scoped == 0
+    assert landlock._ruleset_for(6)[0].scoped == landlock.SCOPE_SIGNAL | landlock.SCOPE_ABSTRACT_UNIX_SOCKET
