@@ -7,8 +7,8 @@ the terminal), so it gives up the rest, as Firecracker's jailer and
 crosvm's minijail do for their device processes, in two steps:
 
 ``drop_privileges()``
-    Started as root (the supervisor needs root for /dev/kvm on most
-    hosts, and the device model is its child), it becomes ``nobody``: no
+    Started as root (as the supervisor usually is, to open /dev/kvm; the
+    device model is its child), it becomes ``nobody``: no
     supplementary groups, gid and uid set for good (real, effective, saved,
     filesystem), an empty capability bounding set, and no capabilities in
     any set. A uid change also makes the process non-dumpable, so no other
