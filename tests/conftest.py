@@ -92,3 +92,29 @@ def thread_names(pid="self") -> list[str]:
         except OSError:
             pass
     return names
+
+
+@pytest.fixture
+def spawn():
+    """``subprocess.Popen`` whose processes cannot outlive the test, nor its pipes.
+
+    A test that fails half-way leaves its Popen referenced by the traceback
+    pytest keeps; its pipes would stay open until some later collection and
+    change a later test's count of open fds. At teardown every process is
+    killed if still running and reaped, and every pipe closed.
+    """
+    started: list[subprocess.Popen] = []
+
+    def popen(*args, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(*args, **kwargs)
+        started.append(process)
+        return process
+
+    yield popen
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()

@@ -14,9 +14,17 @@ from tests.conftest import thread_names
 MPVMM = [sys.executable, "-m", "mpvmm"]
 
 
-def start(*args, **kwargs):
-    return subprocess.Popen([*MPVMM, "start", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+@pytest.fixture
+def start(spawn):
+    """``mpvmm start ARGS`` with pipes for its output, reaped at teardown whatever the test did.
+
+    Tests serve /metrics on any free port: the default one may be taken by
+    another run on the same host (another test suite, a person), and that is
+    exit 2 before anything starts.
+    """
+    def popen(*args, **kwargs):
+        return spawn([*MPVMM, "start", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return popen
 
 
 def children(pid):
@@ -34,10 +42,10 @@ def children(pid):
     return found
 
 
-def test_main_job_eight_vcpus(no_leaks):
+def test_main_job_eight_vcpus(start, no_leaks):
     """`mpvmm start --cpus 8 --seconds 3`: 8 online lines, the summary, exit 0,
     and while it runs one vcpuN thread per vCPU beside a device-model process."""
-    process = start("--cpus", "8", "--seconds", "3")
+    process = start("--cpus", "8", "--seconds", "3", "--metrics-port", "0")
     expected = {f"vcpu{i}" for i in range(8)}
     deadline = time.monotonic() + 10
     while not expected <= set(thread_names(process.pid)):
@@ -53,9 +61,9 @@ def test_main_job_eight_vcpus(no_leaks):
     assert "Traceback" not in stderr
 
 
-def test_report_matches_guest_counts(tmp_path, no_leaks):
+def test_report_matches_guest_counts(start, tmp_path, no_leaks):
     report = tmp_path / "report.json"
-    process = start("--cpus", "2", "--seconds", "1", "--workload", "pio-device", "--runner", "python",
+    process = start("--cpus", "2", "--metrics-port", "0", "--seconds", "1", "--workload", "pio-device", "--runner", "python",
                     "--report", str(report), "--console", str(tmp_path / "console"))
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
@@ -69,8 +77,8 @@ def test_report_matches_guest_counts(tmp_path, no_leaks):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_stop_signal_ends_cleanly_with_summary(signum, tmp_path, no_leaks):
-    process = start("--cpus", "2", "--workload", "uart", "--console", str(tmp_path / "console"))
+def test_stop_signal_ends_cleanly_with_summary(signum, start, tmp_path, no_leaks):
+    process = start("--cpus", "2", "--workload", "uart", "--metrics-port", "0", "--console", str(tmp_path / "console"))
     deadline = time.monotonic() + 10
     while not {"vcpu0", "vcpu1"} <= set(thread_names(process.pid)):
         assert process.poll() is None and time.monotonic() < deadline
@@ -119,7 +127,7 @@ def test_no_command_is_usage_error():
 
 
 @pytest.mark.parametrize("delay", [0.1, 0.3, 0.5, 0.8, 1.2])
-def test_stop_signal_during_start_up_leaves_nothing(delay, tmp_path, no_leaks):
+def test_stop_signal_during_start_up_leaves_nothing(delay, start, tmp_path, no_leaks):
     """SIGTERM while the VM is still being built: a clean stop (or, before Python
     has even installed its handlers, a plain death with nothing created yet)."""
     process = start("--cpus", "4", "--workload", "pio-device", "--metrics-port", "0",

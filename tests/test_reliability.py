@@ -105,7 +105,7 @@ def _wait_for(predicate, timeout, what):
 @pytest.mark.parametrize("runner", ["native", "process"])
 def test_sigkill_of_the_supervisor_leaves_nothing(runner, tmp_path, kvm_available):
     before = ipc_objects()
-    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner,
+    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner, "--metrics-port", "0",
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()
@@ -131,7 +131,7 @@ START_UP_KILL_DELAYS = [0.0, 0.05, 0.15, 0.3, 0.5]
 def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, tmp_path, kvm_available):
     """No window in start-up where a SIGKILL strands a name in /dev/shm or /dev/mqueue."""
     before = ipc_objects()
-    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4",
+    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4", "--metrics-port", "0",
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()
