@@ -1,4 +1,4 @@
-"""What a user typed, checked the same way by every subcommand: sizes and output files.
+"""What a user typed, checked the same way by every subcommand: sizes, durations, output files.
 
 Failures are one-line errors: ``argparse.ArgumentTypeError`` while parsing,
 ``UsageError`` (exit 2) for a check made once the options are known.
@@ -6,9 +6,16 @@ Failures are one-line errors: ``argparse.ArgumentTypeError`` while parsing,
 
 import argparse
 import re
+from collections.abc import Callable
 
 from mpvmm.errors import UsageError
 from mpvmm.x86.layout import PAGE_SIZE
+
+# The longest a duration option may ask for. A year of `mpvmm start` is far
+# past any real run (without --seconds it runs until stopped anyway); a day
+# between two `mpvmm top` tables is far past any use.
+RUN_SECONDS_MAX = 365 * 24 * 3600
+TOP_INTERVAL_MAX = 24 * 3600
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
@@ -32,3 +39,42 @@ def check_writable(path: str, option: str) -> None:
             pass
     except OSError as err:
         raise UsageError(f"{option} {path}: {err.strerror}") from err
+
+
+def _number_text(value: float) -> str:
+    return f"{value:.0f}" if abs(value) < 1e15 and value == int(value) else f"{value:g}"
+
+
+def seconds_problem(value: float, low: float, high: float, *, low_allowed: bool = True) -> str | None:
+    """Why ``value`` is not a duration from ``low`` (allowed or not) to ``high`` seconds; None if it is.
+
+    NaN fails every comparison, so it is refused with the infinities and
+    whatever lies outside the range: a duration must end, and time.sleep,
+    threading and select take none of them.
+    """
+    above_low = value >= low if low_allowed else value > low
+    if above_low and value <= high:
+        return None
+    bound = "from" if low_allowed else "more than"
+    return f"must be a number of seconds {bound} {_number_text(low)} to {_number_text(high)}, not {_number_text(value)}"
+
+
+def parse_seconds(low: float, high: float, *, low_allowed: bool = True) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number of seconds within the range of ``seconds_problem``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+        problem = seconds_problem(value, low, high, low_allowed=low_allowed)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
+
+
+def check_seconds(value: float, option: str, low: float, high: float, *, low_allowed: bool = True) -> None:
+    """The same check for a value that did not come through argparse (a RunConfig, run_top)."""
+    problem = seconds_problem(value, low, high, low_allowed=low_allowed)
+    if problem:
+        raise UsageError(f"{option} {problem}")

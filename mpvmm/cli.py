@@ -6,7 +6,7 @@ import sys
 from rich.console import Console
 
 from mpvmm import __version__
-from mpvmm.arguments import check_writable, parse_size
+from mpvmm.arguments import RUN_SECONDS_MAX, TOP_INTERVAL_MAX, check_writable, parse_seconds, parse_size
 from mpvmm.bench.command import add_bench_command
 from mpvmm.errors import MpvmmError
 from mpvmm.guest.abi import WORKLOADS
@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--memory", type=parse_size, default="256M", help="guest RAM (default 256M)")
     start.add_argument("--workload", default="demo", choices=WORKLOADS, metavar="NAME",
                        help=f"built-in guest workload: {', '.join(WORKLOADS)} (default demo)")
-    start.add_argument("--seconds", type=float, default=None,
-                       help="stop after this many seconds (default: until Ctrl-C or the guest exits)")
+    start.add_argument("--seconds", type=parse_seconds(0, RUN_SECONDS_MAX), default=None,
+                       help="stop after this many seconds, at most a year (default: until Ctrl-C or the guest exits)")
     start.add_argument("--runner", default="native", choices=("native", "python", "process"),
                        help="vCPU workers: native C threads without the GIL (default), Python "
                             "threads (the GIL baseline), or one process per vCPU, each with a VM of its own")
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"the VM's metrics endpoint (default {DEFAULT_METRICS_URL})")
     top.add_argument("--once", action="store_true",
                      help="scrape twice a second apart, print one table and exit (for scripts)")
-    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                     help="refresh period (default 1)")
+    top.add_argument("--interval", type=parse_seconds(0, TOP_INTERVAL_MAX, low_allowed=False), default=1.0,
+                     metavar="SECONDS", help="refresh period, at most a day (default 1)")
     top.set_defaults(func=cmd_top)
     add_bench_command(commands)
     return parser

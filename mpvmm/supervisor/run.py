@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mpvmm.arguments import RUN_SECONDS_MAX, check_seconds
 from mpvmm.errors import UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
@@ -111,8 +112,8 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"--cpus {config.cpus} is more than KVM allows on this host ({max_vcpus})")
     if config.runner not in RUNNERS:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
-    if config.seconds is not None and config.seconds < 0:
-        raise UsageError(f"--seconds must not be negative, not {config.seconds:g}")
+    if config.seconds is not None:
+        check_seconds(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
     limits.check_host(config.cpus, config.memory)
 
 

@@ -29,6 +29,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
     ["--cpus", "two"],
     ["--seconds", "-1"],
     ["--seconds", "0"],
+    ["--seconds", "nan"],
+    ["--seconds", "inf"],
+    ["--seconds", "-inf"],
+    ["--seconds", "1e300"],
     ["--repeat", "0"],
     ["--json", "/nonexistent-dir/bench.json"],
 ])
