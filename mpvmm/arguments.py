@@ -55,8 +55,9 @@ def seconds_problem(value: float, low: float, high: float, *, low_allowed: bool 
     above_low = value >= low if low_allowed else value > low
     if above_low and value <= high:
         return None
-    bound = "from" if low_allowed else "more than"
-    return f"must be a number of seconds {bound} {_number_text(low)} to {_number_text(high)}, not {_number_text(value)}"
+    low_text, high_text = _number_text(low), _number_text(high)
+    bounds = f"from {low_text} to {high_text}" if low_allowed else f"above {low_text} and at most {high_text}"
+    return f"must be a number of seconds {bounds}, not {_number_text(value)}"
 
 
 def parse_seconds(low: float, high: float, *, low_allowed: bool = True) -> Callable[[str], float]:

@@ -41,9 +41,9 @@ def test_durations_in_range(text, low, high, low_allowed, value):
 
 
 @pytest.mark.parametrize("text, low_allowed, message", [
-    ("nan", True, "from 0 to 3600, not nan"), ("NaN", False, "more than 0 to 3600, not nan"),
+    ("nan", True, "from 0 to 3600, not nan"), ("NaN", False, "above 0 and at most 3600, not nan"),
     ("inf", True, "not inf"), ("-inf", True, "not -inf"), ("infinity", True, "not inf"),
-    ("-1", True, "not -1"), ("-0.5", True, "not -0.5"), ("0", False, "more than 0 to 3600, not 0"),
+    ("-1", True, "not -1"), ("-0.5", True, "not -0.5"), ("0", False, "above 0 and at most 3600, not 0"),
     ("3600.5", True, "not 3600.5"), ("1e300", True, "not 1e+300"),
     ("soon", True, "invalid number of seconds 'soon'"), ("", True, "invalid number of seconds ''"),
 ])
