@@ -5,7 +5,10 @@ Failures are one-line errors: ``argparse.ArgumentTypeError`` while parsing,
 """
 
 import argparse
+import errno
+import os
 import re
+import stat
 from collections.abc import Callable
 
 from mpvmm.errors import UsageError
@@ -32,13 +35,57 @@ def parse_size(text: str) -> int:
     return size
 
 
-def check_writable(path: str, option: str) -> None:
-    """Refuse an output file that cannot be written before any work is done."""
+def check_writable(path: str, option: str, *, replaced: bool = False) -> None:
+    """Refuse an output file that cannot be written, before any work is done; leaves nothing behind.
+
+    An existing file is opened for appending and closed again, which changes
+    nothing. A new one (or a file that will be ``replaced`` by a rename,
+    output.write_atomically) needs a folder that takes new files: a probe
+    file is created there and removed at once.
+    """
     try:
-        with open(path, "a"):
-            pass
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:  # a path through a file, a loop of links, no permission to look
+        raise _refused(path, option, err.errno) from err
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise _refused(path, option, errno.EISDIR)
+        _try(path, option, lambda: os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK
+                                                     | os.O_NOCTTY | os.O_CLOEXEC)))
+        if not (replaced and stat.S_ISREG(mode)):
+            return
+    probe = os.path.join(os.path.dirname(os.path.realpath(path)), f".mpvmm-probe-{os.urandom(8).hex()}")
+    _try(path, option, lambda: os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)))
+    os.unlink(probe)
+
+
+def _try(path: str, option: str, action) -> None:
+    try:
+        action()
     except OSError as err:
-        raise UsageError(f"{option} {path}: {err.strerror}") from err
+        raise _refused(path, option, err.errno) from err
+
+
+def _refused(path: str, option: str, reason: int) -> UsageError:
+    return UsageError(f"{option} {path}: {os.strerror(reason)}")
+
+
+_SIZE_UNITS = ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
+
+
+def format_size(size: int) -> str:
+    """Bytes in the largest unit that holds them exactly: 4096 -> '4 KiB', 3 << 29 -> '1536 MiB'.
+
+    Every size mpvmm prints goes through here. Exact, never rounded: a limit
+    such as "needs at least 2056 KiB" must not read as a smaller one, and
+    4096 bytes must not read as "0 MiB".
+    """
+    for shift, unit in _SIZE_UNITS:
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"
 
 
 def _number_text(value: float) -> str:

@@ -1,6 +1,7 @@
 """The ``mpvmm`` command. Errors become one line on stderr and an exit code here."""
 
 import argparse
+import signal
 import sys
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from mpvmm.bench.command import add_bench_command
 from mpvmm.errors import MpvmmError
 from mpvmm.guest.abi import WORKLOADS
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
+from mpvmm.output import GuardedStream, open_standard_fds, say
 from mpvmm.x86.linux import DEFAULT_CMDLINE
 
 
@@ -61,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_start(args) -> int:
     # Imported here so that `mpvmm --help` works without the native extension.
+    from mpvmm.stop_signals import StopSignals
     from mpvmm.supervisor.run import RunConfig, Supervisor
-    from mpvmm.supervisor.summary import render_summary, write_report
+    from mpvmm.supervisor.summary import console_error, render_summary, with_output_errors, write_report
     from mpvmm.supervisor.terminal import stdin_terminal
 
     config = RunConfig(cpus=args.cpus, memory=args.memory, workload=args.workload,
@@ -71,17 +74,26 @@ def cmd_start(args) -> int:
                        metrics_port=None if args.no_metrics else args.metrics_port,
                        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline)
     if args.report:
-        check_writable(args.report, "--report")
-    result = Supervisor(config, stdin_fd=stdin_terminal()).run()
-    # Wide enough for every column even when stdout is a pipe or a file.
-    console = Console(width=max(Console().width, 132))
-    render_summary(result, console)
-    if args.report:
-        write_report(result, args.report)
-    print(f"mpvmm: {result.status}; exit code {result.exit_code}", file=sys.stderr)
+        check_writable(args.report, "--report", replaced=True)
+    # One StopSignals from here to the end: a Ctrl-C stops the VM cleanly, and
+    # one more cannot cut the summary or the report short.
+    with StopSignals() as signals:
+        result = Supervisor(config, stdin_fd=stdin_terminal()).run(signals)
+        stdout = GuardedStream(1)
+        # Wide enough for every column even when stdout is a pipe or a file.
+        render_summary(result, Console(file=stdout, width=max(Console(file=stdout).width, 132)))
+        errors = [error for error in (console_error(result),) if error]
+        if stdout.error is not None:
+            errors.append(f"summary not written to stdout ({stdout.error.strerror})")
+        result = with_output_errors(result, errors)
+        if args.report:
+            try:
+                write_report(result, args.report)
+            except OSError as err:
+                result = with_output_errors(result, [f"report not written to {args.report} ({err.strerror})"])
+    say(f"mpvmm: {result.status}; exit code {result.exit_code}")
     for index, registers in result.fault_registers.items():
-        print(f"mpvmm: vcpu {index} registers: " +
-              " ".join(f"{name}={value:#x}" for name, value in registers.items()), file=sys.stderr)
+        say(f"mpvmm: vcpu {index} registers: " + " ".join(f"{name}={value:#x}" for name, value in registers.items()))
     return result.exit_code
 
 
@@ -92,13 +104,17 @@ def cmd_top(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        open_standard_fds()
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except MpvmmError as err:
-        print(f"mpvmm: error: {err}", file=sys.stderr)
+        say(f"mpvmm: error: {err}")
         return err.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C before a run catches stop signals (or in a subcommand that
+        # does not): nothing is left to clean up, so leave as a stopped run does.
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

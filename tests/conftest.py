@@ -95,13 +95,14 @@ def thread_names(pid="self") -> list[str]:
 
 
 @pytest.fixture
-def spawn():
+def spawn(no_leaks):
     """``subprocess.Popen`` whose processes cannot outlive the test, nor its pipes.
 
     A test that fails half-way leaves its Popen referenced by the traceback
     pytest keeps; its pipes would stay open until some later collection and
     change a later test's count of open fds. At teardown every process is
-    killed if still running and reaped, and every pipe closed.
+    killed if still running and reaped, and every pipe closed, before
+    ``no_leaks`` looks.
     """
     started: list[subprocess.Popen] = []
 

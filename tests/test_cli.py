@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,7 +99,8 @@ BAD_INPUT = [
     (["--cpus", "100000"], "more than KVM allows"),
     (["--cpus", "two"], "invalid int value"),
     (["--memory", "banana"], "invalid size"),
-    (["--memory", "64K"], "too small"),
+    (["--memory", "64K"], "--memory 64 KiB is too small"),
+    (["--memory", "4096"], "--memory 4 KiB is too small for the guest with 1 vCPU (needs at least "),
     (["--memory", "1000"], "multiple of 4096"),
     (["--memory", "100T"], "exceeds the host's available memory"),
     (["--workload", "nope"], "invalid choice"),
@@ -142,3 +144,59 @@ def test_stop_signal_during_start_up_leaves_nothing(delay, start, tmp_path, no_l
     _, stderr = process.communicate(timeout=30)
     assert process.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("runner", ["native", "process"])
+def test_stop_signal_to_the_whole_process_group(signum, runner, start, tmp_path, no_leaks):
+    """Ctrl-C reaches every process of the foreground group, `timeout` and service managers
+    signal the whole group: only the supervisor acts, so it is a clean stop, not a dead device model."""
+    process = start("--cpus", "2", "--runner", runner, "--workload", "pio-device", "--metrics-port", "0",
+                    "--console", str(tmp_path / "console"), start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not any("mpvmm.devicemodel" in c for c in children(process.pid)):
+        assert process.poll() is None and time.monotonic() < deadline, "device model never started"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(process.pid, signum)
+    _out, stderr = process.communicate(timeout=30)
+    assert process.returncode == 128 + signum, stderr
+    assert stderr.splitlines()[-1] == f"mpvmm: stopped by {signal.Signals(signum).name}; exit code {128 + signum}"
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8])
+def test_ctrl_c_at_any_moment_of_start_up_is_quiet(delay, spawn, tmp_path):
+    """Ctrl-C (SIGINT to the whole group) from the first line of mpvmm's own code on: exit 130,
+    no traceback from the supervisor or the device model, whether the supervisor is still
+    importing, building the VM, or the device model's interpreter is starting.
+
+    Before that line Python imports ``site``: a Ctrl-C there is the interpreter's own to report.
+    With PYTHONPROFILEIMPORTTIME each finished import is a line on stderr: ``mpvmm.__main__``
+    imports ``signal``, then the rest inside the ``try`` that makes a KeyboardInterrupt quiet,
+    so the first line after ``signal``'s is past that point.
+    """
+    process = spawn([*MPVMM, "start", "--cpus", "2", "--workload", "pio-device", "--metrics-port", "0",
+                     "--console", str(tmp_path / "console")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    text=True, start_new_session=True, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    lines, inside = [], threading.Event()
+
+    def read_stderr():
+        signal_imported = False
+        for line in process.stderr:
+            lines.append(line)
+            if signal_imported:
+                inside.set()
+            signal_imported = signal_imported or line.rstrip().endswith("| signal")
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    try:
+        assert inside.wait(30), "".join(lines)
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=60) == 130, "".join(lines)
+    finally:
+        reader.join(timeout=60)
+    own = [line.rstrip() for line in lines if not line.startswith("import time:")]
+    assert own in ([], ["mpvmm: stopped by SIGINT; exit code 130"]), own

@@ -1,5 +1,6 @@
 """Faults, hostile guests and repeated start/stop: the VMM survives and leaks nothing."""
 
+import json
 import os
 import random
 import signal
@@ -222,3 +223,48 @@ def test_soak_short(tmp_path, no_leaks):
 @pytest.mark.slow
 def test_soak_long(tmp_path, no_leaks):
     soak(200, tmp_path, seed=2)
+
+
+# A stopped device model answers nothing: the supervisor sees it stopped and
+# does not wait for it (device_model_client.STOPPED_CHECK_SECONDS), so the end
+# comes within a force-stop of the vCPUs. docs/reliability.md states it.
+STOPPED_DEVICE_MODEL_BOUND_SECONDS = 10
+
+
+@pytest.mark.parametrize("runner", ["native", "process"])
+def test_stopped_device_model_and_sigint_give_130_the_summary_and_a_complete_report(runner, spawn, tmp_path):
+    report = tmp_path / "r.json"
+    process = spawn([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner,
+                     "--workload", "pio-device", "--metrics-port", "0", "--console", str(tmp_path / "console"),
+                     "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _child_device_models(process.pid), SUPERVISOR_ALIVE_TIMEOUT, "device model never started")
+    (dm,) = _child_device_models(process.pid)
+    time.sleep(0.5)  # every vCPU in its loop, reads waiting on the device model
+    os.kill(dm, signal.SIGSTOP)
+    _wait_for(lambda: _state(dm) == "T", 2.0, "device model did not stop")
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == "mpvmm: stopped by SIGINT; exit code 130" and "Traceback" not in err
+    assert f"2 vCPUs, {runner} runner, pio-device workload" in out
+    assert "not collected: device model: device model is stopped" in out
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 130 and data["status"] == "stopped by SIGINT"
+    assert data["not_collected"] == {"device_model": "device model is stopped (SIGSTOP, or a debugger) and cannot answer"}
+    assert data["device_model"] == {}
+    assert [vcpu["index"] for vcpu in data["vcpus"]] == [0, 1]
+    assert all(vcpu["exits"]["io"] > 0 and vcpu["guest"]["ops"]["pio_device_writes"] > 0 for vcpu in data["vcpus"])
+    assert took < STOPPED_DEVICE_MODEL_BOUND_SECONDS
+    _wait_for(lambda: _state(dm) in ("gone", "Z"), 2.0, "the stopped device model outlived the run")
+
+
+def test_killed_device_model_is_marked_not_collected(tmp_path, no_leaks):
+    def kill_device_model(vm):
+        time.sleep(0.3)
+        os.kill(vm.device_model.pid, signal.SIGKILL)
+
+    result = run(tmp_path, kill_device_model, cpus=1, workload="pio-device", seconds=30)
+    assert result.exit_code == 1 and result.status == "device model died (killed by signal 9)"
+    assert result.not_collected == {"device_model": "device model gone (killed by signal 9)"}

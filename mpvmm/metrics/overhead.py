@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 
-from mpvmm.arguments import parse_seconds
+from mpvmm.arguments import format_size, parse_seconds
 from mpvmm.supervisor.run import RunConfig, Supervisor
 
 SCRAPE_PERIOD_SECONDS = 1.0
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if not cpus:
                 continue
             cost = scrape_cost(cpus, 20, console.name)
-            print(f"scrape of a {cpus}-vCPU demo VM ({cost['bytes'] / 1024:.0f} KiB): "
+            print(f"scrape of a {cpus}-vCPU demo VM ({format_size(cost['bytes'])}): "
                   f"median {statistics.median(cost['running']) * 1e3:.0f} ms wall while it runs, "
                   f"{statistics.median(cost['paused']) * 1e3:.0f} ms wall and {cost['cpu'] * 1e3:.1f} ms CPU "
                   f"while its vCPUs are paused")

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from mpvmm.arguments import TOP_INTERVAL_MAX, check_seconds
+from mpvmm.arguments import TOP_INTERVAL_MAX, check_seconds, format_size
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.vcpu_worker.stats_page import PATHS
 
@@ -120,12 +120,12 @@ def _read_body(connection: http.client.HTTPConnection, parts: urllib.parse.Split
     if response.status != 200:
         raise ScrapeError(f"HTTP {response.status} {response.reason}")
     if response.length is not None and response.length > MAX_BODY_BYTES:
-        raise ScrapeError(f"the answer is larger than {MAX_BODY_BYTES >> 20} MiB: not a metrics endpoint")
+        raise ScrapeError(f"the answer is larger than {format_size(MAX_BODY_BYTES)}: not a metrics endpoint")
     body = bytearray()
     while not expired.is_set() and (chunk := response.read1(READ_SIZE)):
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise ScrapeError(f"the answer is larger than {MAX_BODY_BYTES >> 20} MiB: not a metrics endpoint")
+            raise ScrapeError(f"the answer is larger than {format_size(MAX_BODY_BYTES)}: not a metrics endpoint")
     return bytes(body)
 
 

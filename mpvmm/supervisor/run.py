@@ -15,17 +15,16 @@ or the device model dies (ending.py).
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mpvmm.arguments import RUN_SECONDS_MAX, check_seconds
-from mpvmm.errors import UsageError
+from mpvmm.arguments import RUN_SECONDS_MAX, check_seconds, check_writable
+from mpvmm.errors import DeviceModelError, UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
 from mpvmm.metrics.exporter import MetricsExporter
+from mpvmm.stop_signals import StopSignals
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.builtin_guest import BuiltinGuestSource
 from mpvmm.supervisor.device_model_client import DeviceModelClient
@@ -42,7 +41,6 @@ from mpvmm.vcpu_worker.runner import VcpuRunner, VcpuSet
 from mpvmm.vcpu_worker.stats_page import PATHS, StatsArea
 
 POLL_SECONDS = 0.05
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -90,6 +88,12 @@ class RunResult:
     device_model: dict = field(default_factory=dict)
     atomic_total: int | None = 0
     fault_registers: dict = field(default_factory=dict)
+    # What could not be collected at the end, and why: "device_model" when
+    # it had died or did not answer (stopped, stuck); its counts are missing.
+    not_collected: dict[str, str] = field(default_factory=dict)
+    # Output that could not be written (summary.with_output_errors): the
+    # console, the summary, the report. Any makes a clean run's exit code 1.
+    output_errors: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
     if config.seconds is not None:
         check_seconds(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
+    if config.console is not None:
+        check_writable(config.console, "--console")
     limits.check_host(config.cpus, config.memory)
 
 
@@ -127,27 +133,6 @@ def choose(config: RunConfig) -> tuple[GuestSource, type[VcpuHost]]:
     if not host.shares_interrupt_controller:
         raise UsageError(f"--runner {config.runner} has no shared interrupt controller and cannot boot Linux")
     return LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory), host
-
-
-class _StopSignals:
-    """Turns SIGINT/SIGTERM/SIGHUP into a flag for the wait loop while installed."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 class Supervisor:
@@ -166,12 +151,15 @@ class Supervisor:
         self.on_stopped = on_stopped
         self.stdin_fd = stdin_fd
 
-    def run(self) -> RunResult:
+    def run(self, signals: StopSignals | None = None) -> RunResult:
+        """Build, run and tear down the VM. ``signals``: a StopSignals already installed, else one of its own."""
         # Stop signals become a flag from the very start: one arriving while
         # the VM is being built must not kill the supervisor between creating
         # a name and unlinking it, or with the terminal in raw mode. The wait
         # loop sees the flag as soon as the vCPUs run and stops them cleanly.
-        with _StopSignals() as signals, contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
+            if signals is None:
+                signals = stack.enter_context(StopSignals())
             vm = self._build(stack)
             started = time.monotonic()
             vm.vcpus.start()
@@ -217,7 +205,7 @@ class Supervisor:
 
     # --- While it runs. ---
 
-    def _wait(self, vm: RunningVm, signals: _StopSignals, started: float) -> RunEnding:
+    def _wait(self, vm: RunningVm, signals: StopSignals, started: float) -> RunEnding:
         """Wait for the end of the run; returns how it ended, every vCPU stopped."""
         deadline = None if self.config.seconds is None else started + self.config.seconds
         while True:
@@ -255,23 +243,36 @@ class Supervisor:
 
     @staticmethod
     def _finish(vm: RunningVm) -> None:
-        """Ask the guest to finish; force the vCPUs that do not in time."""
+        """Ask the guest to finish; force the vCPUs that do not in time.
+
+        No grace while the device model is dead or stopped: a vCPU waiting
+        for its answer could not finish anyway.
+        """
         vm.guest.request_stop()
         end = time.monotonic() + vm.guest.stop_grace_seconds
-        while time.monotonic() < end and not vm.vcpus.all_done() and vm.device_model.alive():
+        while (time.monotonic() < end and not vm.vcpus.all_done() and vm.device_model.alive()
+               and not vm.device_model.stopped()):
             time.sleep(POLL_SECONDS / 5)
         vm.vcpus.stop_and_join()
 
     # --- After it ran. ---
 
     def _collect(self, vm: RunningVm, ending: RunEnding, seconds: float) -> RunResult:
-        device_stats = vm.device_model.shutdown() if vm.device_model.alive() else {}
+        device_stats, not_collected = {}, {}
+        try:
+            if not vm.device_model.alive():
+                raise DeviceModelError(f"device model gone ({vm.device_model.describe_exit()})")
+            device_stats = vm.device_model.shutdown()
+        except DeviceModelError as err:
+            # Dead, stopped or stuck: what it counted is lost, the rest of the
+            # result is not. The ExitStack kills it (close) if it is still there.
+            not_collected["device_model"] = str(err)
         outcomes = [runner.outcome() for runner in vm.vcpus]
         code, status, fault_registers = exit_status(ending, outcomes)
         return RunResult(self.config, code, status, seconds,
                          vcpus=[_vcpu_result(runner, outcome, vm.guest) for runner, outcome in zip(vm.vcpus, outcomes)],
                          device_model=device_stats, atomic_total=vm.guest.atomic_total(),
-                         fault_registers=fault_registers)
+                         fault_registers=fault_registers, not_collected=not_collected)
 
 
 def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> VcpuResult:
