@@ -233,6 +233,8 @@ class HttpServer:
             os.write(self._wake_write, b"x")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
+        except BrokenPipeError:
+            pass  # woken by a client meanwhile, the thread saw the flag and has left, closing its end
         self._thread.join()
         self._thread = None
         os.close(self._wake_write)
