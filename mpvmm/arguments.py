@@ -12,6 +12,7 @@ import stat
 from collections.abc import Callable
 
 from mpvmm.errors import UsageError
+from mpvmm.output import names_an_open_file
 from mpvmm.x86.layout import PAGE_SIZE
 
 # The longest a duration option may ask for. A year of `mpvmm start` is far
@@ -54,8 +55,8 @@ def check_writable(path: str, option: str, *, replaced: bool = False) -> None:
             raise _refused(path, option, errno.EISDIR)
         _try(path, option, lambda: os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK
                                                      | os.O_NOCTTY | os.O_CLOEXEC)))
-        if not (replaced and stat.S_ISREG(mode)):
-            return
+        if not (replaced and stat.S_ISREG(mode)) or names_an_open_file(path):
+            return  # written in place (output.write_atomically): no new file in the folder
     probe = os.path.join(os.path.dirname(os.path.realpath(path)), f".mpvmm-probe-{os.urandom(8).hex()}")
     _try(path, option, lambda: os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)))
     os.unlink(probe)

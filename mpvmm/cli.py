@@ -73,11 +73,12 @@ def cmd_start(args) -> int:
                        metrics_addr=args.metrics_addr,
                        metrics_port=None if args.no_metrics else args.metrics_port,
                        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline)
-    if args.report:
-        check_writable(args.report, "--report", replaced=True)
-    # One StopSignals from here to the end: a Ctrl-C stops the VM cleanly, and
-    # one more cannot cut the summary or the report short.
+    # One StopSignals from here to the end: a Ctrl-C stops the VM cleanly, one
+    # more cannot cut the summary or the report short, and none can land
+    # between creating the report check's probe file and removing it.
     with StopSignals() as signals:
+        if args.report:
+            check_writable(args.report, "--report", replaced=True)
         result = Supervisor(config, stdin_fd=stdin_terminal()).run(signals)
         stdout = GuardedStream(1)
         # Wide enough for every column even when stdout is a pipe or a file.

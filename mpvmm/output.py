@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import sys
 
@@ -82,25 +83,42 @@ def say(line: str) -> None:
             pass
 
 
+# Names of a file some process already has open: written in place, never renamed over.
+_OPEN_FILE_NAME = re.compile(r"^/(dev/(stdin|stdout|stderr|fd/\d+)|proc/[^/]+/fd/\d+)$")
+
+
+def names_an_open_file(path: str) -> bool:
+    """Whether ``path`` is, or links through, a name like /dev/stdout or /proc/self/fd/1."""
+    path = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        if _OPEN_FILE_NAME.match(path):
+            return True
+        if not os.path.islink(path):
+            return False
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    return False
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step: a reader sees the old file or the whole new one.
 
     The data goes to a temporary file in the same folder (a rename never
     crosses file systems), is flushed to disk, then renamed over the path. A
-    link is followed, so the link stays and its target is replaced; a device
-    or a pipe (``/dev/stdout``, a FIFO) cannot be renamed over and is simply
-    written. On failure the temporary file is removed and the error raised.
+    link is followed, so the link stays and its target is replaced. What
+    cannot be renamed over is appended to instead: a device or a pipe, and a
+    file named through an open descriptor (``--report /dev/stdout``, where
+    a rename would take the file away from the shell that redirected it). On
+    failure the temporary file is removed and the error raised.
     """
-    target = os.path.realpath(path)
     try:
-        mode = os.stat(target).st_mode
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         mode = None
-    if mode is not None and not stat.S_ISREG(mode):
-        with open(target, "wb") as stream:
+    if (mode is not None and not stat.S_ISREG(mode)) or names_an_open_file(path):
+        with open(path, "ab") as stream:
             stream.write(data)
         return
-    folder, name = os.path.split(target)
+    folder, name = os.path.split(os.path.realpath(path))
     # os.urandom, not the secrets module: that loads OpenSSL, whose exit
     # handler makes a syscall (futex) the device model's filter refuses.
     temporary = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.tmp")
@@ -115,7 +133,7 @@ def write_atomically(path: str, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(temporary, target)
+        os.rename(temporary, os.path.join(folder, name))
     except BaseException:
         try:
             os.unlink(temporary)

@@ -1,5 +1,6 @@
-"""Shared fixtures: KVM must be there, and nothing may leak."""
+"""Shared fixtures: KVM must be there, nothing may leak, and a Linux kernel to boot."""
 
+import glob
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import subprocess
 import pytest
 
 MQUEUE_DIR = "/dev/mqueue"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
@@ -119,3 +121,26 @@ def spawn(no_leaks):
         for pipe in (process.stdin, process.stdout, process.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+# Debian 12's cloud kernel (and busybox, tests/linux/conftest.py): for the
+# boot tests and the soak. ``scripts/fetch-test-kernel.sh`` downloads them
+# into a cache folder once (``$MPVMM_TEST_CACHE``, default
+# ~/.cache/mpvmm-test); like the KVM tests, these fail rather than skip when
+# they cannot get them.
+
+
+@pytest.fixture(scope="session")
+def test_cache():
+    cache = os.environ.get("MPVMM_TEST_CACHE", os.path.expanduser("~/.cache/mpvmm-test"))
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fetch-test-kernel.sh"), cache],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"cannot fetch Debian's kernel for the boot tests: {result.stderr.strip()[-500:]}")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def debian_kernel(test_cache):
+    (kernel,) = glob.glob(os.path.join(test_cache, "x-kernel", "boot", "vmlinuz-*"))
+    return kernel

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from tests.conftest import thread_names
+from tests.startup import StderrLines, import_time_env
 
 MPVMM = [sys.executable, "-m", "mpvmm"]
 
@@ -169,34 +169,15 @@ def test_stop_signal_to_the_whole_process_group(signum, runner, start, tmp_path,
 def test_ctrl_c_at_any_moment_of_start_up_is_quiet(delay, spawn, tmp_path):
     """Ctrl-C (SIGINT to the whole group) from the first line of mpvmm's own code on: exit 130,
     no traceback from the supervisor or the device model, whether the supervisor is still
-    importing, building the VM, or the device model's interpreter is starting.
-
-    Before that line Python imports ``site``: a Ctrl-C there is the interpreter's own to report.
-    With PYTHONPROFILEIMPORTTIME each finished import is a line on stderr: ``mpvmm.__main__``
-    imports ``signal``, then the rest inside the ``try`` that makes a KeyboardInterrupt quiet,
-    so the first line after ``signal``'s is past that point.
-    """
+    importing, building the VM, or the device model's interpreter is starting."""
     process = spawn([*MPVMM, "start", "--cpus", "2", "--workload", "pio-device", "--metrics-port", "0",
                      "--console", str(tmp_path / "console")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                    text=True, start_new_session=True, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
-    lines, inside = [], threading.Event()
-
-    def read_stderr():
-        signal_imported = False
-        for line in process.stderr:
-            lines.append(line)
-            if signal_imported:
-                inside.set()
-            signal_imported = signal_imported or line.rstrip().endswith("| signal")
-
-    reader = threading.Thread(target=read_stderr)
-    reader.start()
-    try:
-        assert inside.wait(30), "".join(lines)
-        time.sleep(delay)
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=60) == 130, "".join(lines)
-    finally:
-        reader.join(timeout=60)
-    own = [line.rstrip() for line in lines if not line.startswith("import time:")]
+                    text=True, start_new_session=True, env=import_time_env())
+    stderr = StderrLines(process)
+    stderr.wait_for_mpvmm_code(30)
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGINT)
+    code = process.wait(timeout=60)
+    own = stderr.own(timeout=60)
+    assert code == 130, own
     assert own in ([], ["mpvmm: stopped by SIGINT; exit code 130"]), own

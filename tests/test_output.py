@@ -110,6 +110,18 @@ def test_report_through_a_link_replaces_the_target_and_keeps_the_link(tmp_path, 
     assert link.is_symlink() and json.loads(target.read_text())["exit_code"] == 0
 
 
+def test_report_to_stdout_follows_the_summary(tmp_path, no_leaks):
+    """`--report /dev/stdout`, a pipe or a file the shell redirected: appended, never renamed over."""
+    redirected = tmp_path / "out.txt"
+    with open(redirected, "w") as stdout:
+        process = subprocess.run([*MPVMM, "start", "--report", "/dev/stdout", "--console", str(tmp_path / "console"),
+                                  *RUN], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert process.returncode == 0, process.stderr
+    summary, _, report = redirected.read_text().partition("\n{\n")
+    assert "1 vCPUs, native runner, uart workload" in summary
+    assert json.loads("{\n" + report)["exit_code"] == 0
+
+
 def test_console_on_a_full_device_is_counted_and_exits_1(tmp_path, no_leaks):
     """--console /dev/full: every byte the guest wrote is lost and counted; the run still ends as asked."""
     report = tmp_path / "r.json"

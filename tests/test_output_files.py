@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mpvmm.output import GuardedStream, write_atomically
+from mpvmm.output import GuardedStream, names_an_open_file, write_atomically
 
 
 def test_a_file_is_replaced_whole_with_its_permissions(tmp_path):
@@ -67,3 +67,22 @@ def test_standard_fds_closed_at_start_stay_failing_and_are_not_reused():
     process = subprocess.run(["bash", "-c", 'exec "$@" >&-', "probe", sys.executable, "-c", code],
                              capture_output=True, text=True, timeout=30)
     assert process.stderr == "3 Bad file descriptor True", process.stderr
+
+
+def test_a_file_named_through_an_open_descriptor_is_appended_to(tmp_path):
+    """`--report /dev/stdout > out.json`: renaming over out.json would take it from the shell."""
+    path = tmp_path / "out.json"
+    with open(path, "wb") as redirected:
+        redirected.write(b"summary\n")
+        redirected.flush()
+        inode = os.fstat(redirected.fileno()).st_ino
+        through = f"/proc/self/fd/{redirected.fileno()}"
+        assert names_an_open_file(through) and names_an_open_file("/dev/stdout")
+        write_atomically(through, b"report\n")
+    assert path.read_bytes() == b"summary\nreport\n" and path.stat().st_ino == inode
+
+
+def test_ordinary_paths_and_links_are_not_open_file_names(tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target")
+    assert not names_an_open_file(str(link)) and not names_an_open_file("/dev/null")

@@ -2,19 +2,16 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.vcpu_worker.outcome import Exited, Stopped
-from tests.conftest import device_model_processes, ipc_objects, open_fds
+from tests.conftest import device_model_processes, ipc_objects
 
 SUPERVISOR_ALIVE_TIMEOUT = 10
 
@@ -186,43 +183,6 @@ def _orphans_named(prefix: str) -> list[int]:
         if name.startswith(prefix) and ppid == 1:
             found.append(int(pid))
     return found
-
-
-SOAK_WORKLOADS = [w for w in abi.WORKLOADS if w not in abi.MISBEHAVING_WORKLOADS] + ["hostile"]
-
-
-def soak(cycles: int, tmp_path, seed: int) -> None:
-    """Start and stop VMs with random shapes and stop points; check for leaks after each."""
-    rng = random.Random(seed)
-    baseline = (ipc_objects(), device_model_processes(), open_fds(), threading.active_count())
-    for cycle in range(cycles):
-        config = dict(cpus=rng.choice([1, 2, 3, 4, 8]), workload=rng.choice(SOAK_WORKLOADS),
-                      runner=rng.choice(["native", "python", "process"]), seconds=30)
-        stop_after = rng.uniform(0.05, 0.6)
-        graceful = rng.random() < 0.5
-
-        def stop(vm):
-            time.sleep(stop_after)
-            if graceful:
-                vm.guest.request_stop()  # the guest finishes its round and exits
-            else:
-                for runner in vm.vcpus:  # forced: lands mid-exit, mid-sync-read
-                    runner.stop()
-
-        result = run(tmp_path, stop, **config)
-        assert result.exit_code == 0, (cycle, config, result.status)
-        assert all(isinstance(v.outcome, Exited | Stopped) for v in result.vcpus), (cycle, config)
-        now = (ipc_objects(), device_model_processes(), open_fds(), threading.active_count())
-        assert now == baseline, (cycle, config, now, baseline)
-
-
-def test_soak_short(tmp_path, no_leaks):
-    soak(int(os.environ.get("MPVMM_SOAK_CYCLES", "20")), tmp_path, seed=1)
-
-
-@pytest.mark.slow
-def test_soak_long(tmp_path, no_leaks):
-    soak(200, tmp_path, seed=2)
 
 
 # A stopped device model answers nothing: the supervisor sees it stopped and

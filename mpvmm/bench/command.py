@@ -98,9 +98,9 @@ def _check_host(args) -> None:
 def cmd_bench(args) -> int:
     from mpvmm.bench import report
 
-    for path, option in ((args.json, "--json"), (args.plot, "--plot")):
+    for path, option, replaced in ((args.json, "--json", True), (args.plot, "--plot", False)):
         if path:
-            check_writable(path, option)
+            check_writable(path, option, replaced=replaced)
     if args.plot:
         from mpvmm.bench.plot import require_matplotlib
 
