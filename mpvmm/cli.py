@@ -65,7 +65,6 @@ def cmd_start(args) -> int:
     # Imported here so that `mpvmm --help` works without the native extension.
     from mpvmm.stop_signals import StopSignals
     from mpvmm.supervisor.run import RunConfig, Supervisor
-    from mpvmm.supervisor.summary import console_error, render_summary, with_output_errors, write_report
     from mpvmm.supervisor.terminal import stdin_terminal
 
     config = RunConfig(cpus=args.cpus, memory=args.memory, workload=args.workload,
@@ -79,23 +78,30 @@ def cmd_start(args) -> int:
     with StopSignals() as signals:
         if args.report:
             check_writable(args.report, "--report", replaced=True)
-        result = Supervisor(config, stdin_fd=stdin_terminal()).run(signals)
-        stdout = GuardedStream(1)
-        # Wide enough for every column even when stdout is a pipe or a file.
-        render_summary(result, Console(file=stdout, width=max(Console(file=stdout).width, 132)))
-        errors = [error for error in (console_error(result),) if error]
-        if stdout.error is not None:
-            errors.append(f"summary not written to stdout ({stdout.error.strerror})")
-        result = with_output_errors(result, errors)
-        if args.report:
-            try:
-                write_report(result, args.report)
-            except OSError as err:
-                result = with_output_errors(result, [f"report not written to {args.report} ({err.strerror})"])
+        result = _summarise(Supervisor(config, stdin_fd=stdin_terminal()).run(signals), args.report)
     say(f"mpvmm: {result.status}; exit code {result.exit_code}")
     for index, registers in result.fault_registers.items():
         say(f"mpvmm: vcpu {index} registers: " + " ".join(f"{name}={value:#x}" for name, value in registers.items()))
     return result.exit_code
+
+
+def _summarise(result, report: str | None):
+    """The summary on stdout, then the report; ``result`` with what could not be written added."""
+    from mpvmm.supervisor.summary import console_error, render_summary, with_output_errors, write_report
+
+    stdout = GuardedStream(1)
+    # Wide enough for every column even when stdout is a pipe or a file.
+    render_summary(result, Console(file=stdout, width=max(Console(file=stdout).width, 132)))
+    errors = [error for error in (console_error(result),) if error]
+    if stdout.error is not None:
+        errors.append(f"summary not written to stdout ({stdout.error.strerror})")
+    result = with_output_errors(result, errors)
+    if report:
+        try:
+            write_report(result, report)
+        except OSError as err:
+            result = with_output_errors(result, [f"report not written to {report} ({err.strerror})"])
+    return result
 
 
 def cmd_top(args) -> int:
