@@ -4,6 +4,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -54,17 +55,22 @@ def _parent(pid: str) -> int:
 
 
 def device_model_processes() -> set[int]:
-    """Device models that are ours (our children) or nobody's (orphans, ppid 1).
+    """Device models that are ours (our children) or nobody's (orphans, ppid 1) started by our Python.
 
-    Device models of other test runs on the same host belong to neither.
+    Device models of other test runs on the same host belong to neither: not
+    our children, and an orphan of theirs (one that outlives its killed
+    supervisor for the moment it takes to notice) runs another checkout's
+    interpreter. In CI, one checkout, every orphan counts.
     """
     pids = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"mpvmm.devicemodel" in f.read() and _parent(pid) in (os.getpid(), 1):
-                        pids.add(int(pid))
+                    argv = f.read().split(b"\0")
+                if b"mpvmm.devicemodel" in argv and (_parent(pid) == os.getpid() or (
+                        _parent(pid) == 1 and argv[0] == os.fsencode(sys.executable))):
+                    pids.add(int(pid))
             except (OSError, ValueError, IndexError):
                 pass
     return pids
