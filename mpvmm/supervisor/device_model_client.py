@@ -263,8 +263,12 @@ class DeviceModelClient:
 
 
 def _counters(reply: dict) -> dict:
-    """What a stats or bye answer counted: the devices' counters and the console's."""
-    return {**reply.get("stats", {}), "console": reply.get("process", {}).get("console", {})}
+    """What a stats or bye answer counted: the devices', the console's and the terminal input's (if any)."""
+    process = reply.get("process", {})
+    counters = {**reply.get("stats", {}), "console": process.get("console", {})}
+    if process.get("terminal_input") is not None:
+        counters["terminal_input"] = process["terminal_input"]
+    return counters
 
 
 def _stopped(pid: int) -> bool:

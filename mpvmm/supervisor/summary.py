@@ -72,6 +72,9 @@ def render_summary(result, console: Console) -> None:
     if guest_console.get("lost_bytes"):
         console.print(f"console: {guest_console['written_bytes']} bytes written, {guest_console['lost_bytes']} lost "
                       f"in {guest_console['write_errors']} failed writes ({guest_console['error']})")
+    dropped_input = result.device_model.get("terminal_input", {}).get("dropped_bytes")
+    if dropped_input:
+        console.print(f"terminal input: {dropped_input} bytes typed ahead past what may wait for the guest, dropped")
     for part, why in result.not_collected.items():
         console.print(f"not collected: {part.replace('_', ' ')}: {why}")
 

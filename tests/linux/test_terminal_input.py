@@ -6,6 +6,7 @@ the UART yet, so everything typed piles up behind its 64-byte FIFO.
 """
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 MPVMM = [sys.executable, "-m", "mpvmm"]
 START_BOUND_SECONDS = 60
+N_TTY_BUF_SIZE = 4096  # the line discipline's input buffer (drivers/tty/n_tty.c)
 # Ctrl-C to the end of the run: the kernel's vCPUs are stopped at once (no grace).
 STOP_BOUND_SECONDS = 30
 
@@ -44,7 +46,8 @@ def test_ctrl_c_stops_a_kernel_run_whatever_is_typed_ahead(typed, debian_kernel,
         os.set_blocking(leader, False)
         before = termios.tcgetattr(follower)
         process = spawn([*MPVMM, "start", "--kernel", debian_kernel, "--cpus", "1", "--memory", "256M",
-                         "--console", str(tmp_path / "console.log"), "--no-metrics"],
+                         "--console", str(tmp_path / "console.log"), "--no-metrics",
+                         "--report", str(tmp_path / "report.json")],
                         stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         start_new_session=True, preexec_fn=_controlling_terminal)
         console = tmp_path / "console.log"
@@ -64,6 +67,11 @@ def test_ctrl_c_stops_a_kernel_run_whatever_is_typed_ahead(typed, debian_kernel,
         assert process.returncode == 128 + signal.SIGINT, err
         assert err.decode().splitlines()[-1] == "mpvmm: stopped by SIGINT; exit code 130"
         assert termios.tcgetattr(follower) == before
+        # The line discipline took Ctrl-C in only behind everything typed before it, holding at
+        # most its 4 KiB buffer unread (flushed at Ctrl-C): the device model read the rest.
+        terminal_input = json.loads((tmp_path / "report.json").read_text())["device_model"]["terminal_input"]
+        assert typed - N_TTY_BUF_SIZE <= terminal_input["read_bytes"] <= typed
+        assert terminal_input["dropped_bytes"] == 0
     finally:
         os.close(leader)
         os.close(follower)
