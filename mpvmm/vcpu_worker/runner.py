@@ -30,7 +30,7 @@ _runloop.install_kick_handler(KICK_SIGNAL)
 # (a process) or reported stuck (a thread).
 FORCE_STOP_SECONDS = 5.0
 _JOIN_SLICE_SECONDS = 0.1
-_PAUSE_POLL_SECONDS = 0.01
+_PAUSE_POLL_SECONDS = 0.001  # part of a migration's downtime: poll finely
 
 
 class VcpuRunner(ABC):
