@@ -44,7 +44,8 @@ from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
-from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
+from mpvmm.devicemodel.machines import build_machine
+from mpvmm.devicemodel.pc import eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
 from mpvmm.devicemodel.sandbox import confine
 from mpvmm.errors import DeviceModelError
@@ -199,6 +200,10 @@ class DeviceModelServer:
             self.console.flush()
             self._send({"op": "bye", **self._stats()})
             raise _Exit(0)
+        elif op == "save_state":
+            self._save_state()
+        elif op == "restore_state":
+            self._restore_state(message.get("devices"))
         elif op == "configure":
             self._send({"op": "error", "message": "already configured"})
         else:
@@ -270,11 +275,9 @@ class DeviceModelServer:
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
-        if config.machine == "pc":
-            triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
-            self.model = DeviceModel(machine=build_pc_buses(self.console.write, triggers, self._system_event))
-        else:
-            self.model = DeviceModel(console_out=self.console.write)
+        self._machine = config.machine
+        self._triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
+        self.model = self._build_model(None)
         self._epoll = select.epoll()
         self._epoll.register(self.control.fileno(), select.EPOLLIN)
         if config.stdin_fd is not None:
@@ -282,6 +285,32 @@ class DeviceModelServer:
         for index, queue in enumerate(self.request_queues):
             self._epoll.register(queue.mqd, select.EPOLLIN)
             self._queue_by_fd[queue.mqd] = index
+
+    def _build_model(self, states: dict | None) -> DeviceModel:
+        return DeviceModel(machine=build_machine(self._machine, self.console.write, self._triggers,
+                                                 self._system_event, states))
+
+    # --- Device state (snapshots and migration). ---
+
+    def _save_state(self) -> None:
+        """Every device's record, once the posted writes already queued have reached it.
+
+        The vCPUs are paused, so the queues only hold what was sent before.
+        """
+        self._drain_all()
+        self._send({"op": "state", "devices": self.model.states()})
+
+    def _restore_state(self, devices: object) -> None:
+        """Rebuild the machine from saved records; the old one stays if they are refused."""
+        try:
+            model = self._build_model(devices if isinstance(devices, dict) else {})
+        except (DeviceModelError, TypeError, ValueError) as err:
+            self._send({"op": "error", "message": f"device state refused: {err}"})
+            return
+        self.model = model
+        if self.host_input is not None:
+            self.host_input.uart = model.uart
+        self._send({"op": "restored"})
 
     # --- Requests. ---
 

@@ -156,6 +156,23 @@ class DeviceModelClient:
             self._send({"op": "stats"})
             return self._receive(REPLY_TIMEOUT_SECONDS).get("stats", {})
 
+    def save_state(self) -> dict[str, dict]:
+        """Every device's state record, keyed by device name (the vCPUs must be paused)."""
+        with self._lock:
+            self._send({"op": "save_state"})
+            reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "state" or not isinstance(reply.get("devices"), dict):
+            raise DeviceModelError(f"device model did not save its state: {reply.get('message', reply)}")
+        return reply["devices"]
+
+    def restore_state(self, devices: dict[str, dict]) -> None:
+        """Rebuild the device model's machine from saved records (before the vCPUs run)."""
+        with self._lock:
+            self._send({"op": "restore_state", "devices": devices})
+            reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "restored":
+            raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
+
     def shutdown(self) -> dict:
         """Ask the device model to drain, flush the console and exit; its last stats."""
         with self._lock:
