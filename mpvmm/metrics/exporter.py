@@ -12,6 +12,7 @@ server cannot promise.
 import errno
 import socket
 import threading
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
@@ -113,8 +114,9 @@ class MetricsExporter:
         # A /proc entry that never exists makes ProcessCollector export nothing.
         return str(self._device_model_pid) if self._device_model_pid else "none"
 
-    def attach(self, vm) -> None:
-        """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model).
+    def attach(self, vm, migration: Callable[[], dict | None] | None = None) -> None:
+        """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model),
+        and ``migration()``'s report of a migration, once there is one.
 
         Call it before the vCPUs start: opening a vCPU's stats fd is a vCPU
         ioctl, which waits for the vCPU's mutex, and a running vCPU holds it
@@ -123,7 +125,8 @@ class MetricsExporter:
         """
         sources = VmSources(stats_pages=[runner.stats for runner in vm.vcpus],
                             worker_pids=_RunnerPids(vm.vcpus.runners),
-                            guest_counts=vm.guest.counts, device_stats=vm.device_model.stats)
+                            guest_counts=vm.guest.counts, device_stats=vm.device_model.stats,
+                            migration=migration)
         vm_stats_fd, vcpu_stats_fds = vm.host.kvm_stats_fds()
         try:
             # One fd per vCPU for the whole run: reopening per scrape would
