@@ -68,8 +68,8 @@ class IncomingSource(SavedMachineSource):
             memory_fd = cls._check_hello(hello, stream)
         except MpvmmError as err:
             _refuse(stream, err)
-            raise MigrationError(f"refused the VM from {peer or text}: {err}") from None
-        return cls(stream, hello, str(peer or text), memory_fd)
+            raise MigrationError(f"refused the VM from {_peer_name(peer) or text}: {err}") from None
+        return cls(stream, hello, _peer_name(peer) or text, memory_fd)
 
     @staticmethod
     def _check_hello(hello: dict, stream: Stream) -> int | None:
@@ -104,6 +104,14 @@ class IncomingSource(SavedMachineSource):
         self.stream.close()
 
 
+def _peer_name(peer) -> str:
+    """host:port of a TCP peer; "" for a Unix socket's (unnamed) one."""
+    if isinstance(peer, tuple):
+        host, port = peer[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return peer or ""
+
+
 def _refuse(stream: Stream, err: BaseException) -> None:
     """Say why to the peer, if it is still listening."""
     try:
@@ -123,6 +131,13 @@ class IncomingGuest(RestoredGuest):
         self.paused_at: float | None = None
 
     def restore(self, vm, cancelled: Callable[[], int | None]) -> None:
+        try:
+            self._receive(vm)
+        except MigrationError as err:
+            raise MigrationError(f"the migration from {self.source.peer} failed before the VM started here: "
+                                 f"{err}") from None
+
+    def _receive(self, vm) -> None:
         started = time.monotonic()
         stream = self.source.stream
         stream.send(records.READY, {})

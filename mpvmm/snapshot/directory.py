@@ -34,10 +34,20 @@ MEMORY_FILE = "memory.raw"
 MAX_STATE_FILE = 64 << 20  # a 1024-vCPU machine's state is about 8 MiB
 
 
+def check_target(path: str) -> None:
+    """Refuse a place a snapshot cannot go, before the VM's state is read."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise SnapshotError(f"snapshot directory {path} already exists and is not empty")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SnapshotError(f"cannot create snapshot directory {path}: {parent} is not a writable directory")
+
+
 def write(path: str, state: MachineState, memory) -> dict:
     """Save ``state`` and ``memory`` (a paused VM's guest RAM) as a new snapshot at ``path``.
 
     Returns what was written: sizes, the checksum, how long it took.
+    SnapshotError if it cannot; nothing is left then.
     """
     started = time.monotonic()
     created = _make_directory(path)
@@ -54,6 +64,9 @@ def write(path: str, state: MachineState, memory) -> dict:
         _write_file(temporary, b"".join(records.pack(kind, payload) for kind, payload in items))
         os.rename(temporary, os.path.join(path, STATE_FILE))
         _fsync_directory(path)
+    except OSError as err:
+        _remove(path, created)
+        raise SnapshotError(f"cannot write snapshot {path}: {err.strerror}") from err
     except BaseException:
         _remove(path, created)
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpvmm.errors import DeviceModelError, MpvmmError, StateError
+from mpvmm.errors import DeviceModelError, StateError
 from mpvmm.snapshot import records
 from mpvmm.snapshot.kvm_state import VcpuState, VmState
 
@@ -103,7 +103,3 @@ def _device_record(payload: object) -> tuple[str, dict]:
         raise StateError(f"device {payload['name']}'s state is not a map")
     return payload["name"], state
 
-
-def refuse(err: MpvmmError, error_type: type[MpvmmError], where: str) -> MpvmmError:
-    """``err`` as ``error_type`` (SnapshotError, MigrationError) saying where the state came from."""
-    return error_type(f"{where}: {err}")

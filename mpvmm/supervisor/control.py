@@ -15,8 +15,8 @@ import enum
 import time
 from collections.abc import Callable
 
-from mpvmm.api.server import ApiError, Command, Conflict, Failed
-from mpvmm.errors import MpvmmError
+from mpvmm.api.server import ApiError, BadRequest, Command, Conflict, Failed
+from mpvmm.errors import MpvmmError, SnapshotError
 from mpvmm.migration.source import Migration, MigrationOutcomeUnknown
 from mpvmm.snapshot import directory
 from mpvmm.snapshot.machine_state import MachineState
@@ -59,6 +59,9 @@ class VmControl:
         except MpvmmError as err:
             command.future.set_exception(Failed(str(err)))
             return None
+        except Exception as err:  # a bug in a command must not take the VM down with it
+            command.future.set_exception(Failed(f"internal error in {command.name}: {type(err).__name__}: {err}"))
+            return None
         command.future.set_result(result)
         return ending
 
@@ -99,6 +102,10 @@ class VmControl:
         self._machine_state_check("snapshot")
         if self.state is not VmState.PAUSED:
             raise Conflict(f"cannot snapshot a VM that is {self.state.value}: pause it first")
+        try:
+            directory.check_target(path)
+        except SnapshotError as err:
+            raise BadRequest(str(err)) from None
         state = MachineState.capture(self.vm)
         return {"state": self.state.value, "snapshot": directory.write(path, state, self.vm.memory)}
 
