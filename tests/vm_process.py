@@ -7,6 +7,7 @@ import sys
 import time
 
 from mpvmm.api.client import request
+from mpvmm.errors import MpvmmError
 
 MPVMM = [sys.executable, "-m", "mpvmm"]
 
@@ -44,7 +45,10 @@ class VmProcess:
     def wait_running(self, timeout: float = 30) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            status = self.api("GET", "/v1/vm")[1]
+            try:
+                status = self.api("GET", "/v1/vm")[1]
+            except MpvmmError:  # a stale socket at the path, not yet taken over
+                status = {"state": "not listening"}
             if status["state"] == "running":
                 return status
             assert time.monotonic() < deadline, f"never ran: {status}"

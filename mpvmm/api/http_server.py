@@ -165,8 +165,8 @@ class HttpServer:
             if self._wake_write >= 0:
                 try:
                     os.write(self._wake_write, b"x")
-                except BlockingIOError:
-                    pass  # full of wake-ups already
+                except (BlockingIOError, BrokenPipeError):
+                    pass  # full of wake-ups already, or the loop has just ended by itself
 
     def _drain_wake_pipe(self) -> None:
         try:

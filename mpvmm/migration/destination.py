@@ -129,6 +129,8 @@ class IncomingGuest(RestoredGuest):
         self.memory = memory
         self.rounds: list[int] = []  # pages received in each round
         self.paused_at: float | None = None
+        self.downtime_steps: dict[str, float] = {}
+        self._step_started = 0.0
 
     def restore(self, vm, cancelled: Callable[[], int | None]) -> None:
         try:
@@ -155,10 +157,11 @@ class IncomingGuest(RestoredGuest):
                 if self.paused_at is None:  # the source times the rounds it sends while the VM runs
                     stream.send(records.ROUND, {"pages": self.rounds[-1]})
             elif kind == records.PAUSED:
-                self.paused_at = time.monotonic()
+                self.paused_at = self._step_started = time.monotonic()
             elif kind in STATE_RECORDS and self.paused_at is not None:
                 items.append((kind, message))
             elif kind == records.DONE and self.paused_at is not None:
+                self._mark("receive")
                 break
             elif kind == records.CANCEL:
                 raise MigrationError(f"the source cancelled the migration: {message.get('reason', 'no reason')}")
@@ -181,14 +184,23 @@ class IncomingGuest(RestoredGuest):
             raise MigrationError(f"the state the source sent is unusable: {err}") from None
         self.state = state
         self.stop_grace_seconds = self.inner.stop_grace_seconds
+        self._mark("check")
         state.apply(vm)
+        self._mark("apply")
+
+    def _mark(self, step: str) -> None:
+        """How long each step of this end's downtime took (milliseconds, in the report)."""
+        now = time.monotonic()
+        self.downtime_steps[step] = round((now - self._step_started) * 1000, 3)
+        self._step_started = now
 
     def started(self) -> None:
         """Tell the source; if it cannot hear it any more, the VM runs here all the same."""
+        self._mark("start")
         downtime_ms = round((time.monotonic() - self.paused_at) * 1000, 3)
-        self.arrival["downtime_ms"] = downtime_ms
+        self.arrival.update(downtime_ms=downtime_ms, downtime_steps_ms=self.downtime_steps)
         try:
-            self.source.stream.send(records.RESUMED, {"downtime_ms": downtime_ms})
+            self.source.stream.send(records.RESUMED, {"downtime_ms": downtime_ms, "steps": self.downtime_steps})
         except MigrationError:
             self.arrival["source_told"] = False
         self.source.stream.close()

@@ -180,9 +180,8 @@ class Migration:
         state = MachineState.capture(self.vm)
         self._mark("capture")
         items = state.to_records()
-        for kind, payload in items:
-            stream.send(kind, payload)
-        stream.send(records.DONE, {"records": len(items), "rounds": len(self.rounds)})
+        items.append((records.DONE, {"records": len(items), "rounds": len(self.rounds)}))
+        stream.send_all(items)  # one write: the destination has it all at once
         self._mark("send_state")
         return paused_at
 
@@ -210,6 +209,7 @@ class Migration:
             "memory": "passed" if self.address.passes_memory else "copied",
             "downtime_ms": round(downtime * 1000, 3),
             "destination_downtime_ms": resumed.get("downtime_ms"),
+            "destination_downtime_steps_ms": resumed.get("steps"),
             "downtime_budget_ms": self.downtime_ms,
             "downtime_steps_ms": self.downtime_steps,
             "total_seconds": round(seconds, 6),

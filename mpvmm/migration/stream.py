@@ -54,6 +54,10 @@ class Stream:
     def send(self, kind: int, message: dict) -> None:
         self._send_all([records.pack(kind, message)])
 
+    def send_all(self, items: list[tuple[int, dict]]) -> None:
+        """Several message records in one write."""
+        self._send_all([b"".join(records.pack(kind, message) for kind, message in items)])
+
     def send_with_fd(self, kind: int, message: dict, fd: int) -> None:
         """A record with ``fd`` attached: it arrives with the record's first byte."""
         data = records.pack(kind, message)

@@ -203,9 +203,10 @@ class Supervisor:
         with _StopSignals() as signals, contextlib.ExitStack() as stack:
             control = VmControl()
             vm, api = self._build(stack, signals, control)
+            vm.vcpus.start(paused=True)
             vm.guest.restore(vm, signals.signal_received)  # a restored or arriving guest's saved state
             started = time.monotonic()
-            vm.vcpus.start()
+            vm.vcpus.resume()
             vm.guest.started()
             control.running(vm)
             if self.on_started:
