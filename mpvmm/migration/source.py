@@ -31,6 +31,7 @@ from mpvmm.snapshot.ram import data_runs
 from mpvmm.x86.layout import PAGE_SIZE
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+CONNECT_RETRY_SECONDS = 0.05
 PAUSE_TIMEOUT_SECONDS = 5.0
 
 
@@ -67,10 +68,7 @@ class Migration:
     def run(self) -> dict:
         """Migrate; the report once the destination runs the VM. MigrationError: the VM runs here."""
         started = time.monotonic()
-        try:
-            sock = addresses.connect(self.address, CONNECT_TIMEOUT_SECONDS)
-        except OSError as err:
-            raise MigrationError(f"cannot reach {self.address}: {err.strerror or err}") from None
+        sock = self._connect(started + CONNECT_TIMEOUT_SECONDS)
         stream = Stream(sock, "destination", lambda: self.abort() is not None)
         try:
             try:
@@ -98,6 +96,18 @@ class Migration:
 
     # --- The steps. ---
 
+    def _connect(self, deadline: float):
+        """A connection to the destination, which may still be starting up (no listener yet)."""
+        while True:
+            try:
+                return addresses.connect(self.address, CONNECT_TIMEOUT_SECONDS)
+            except (FileNotFoundError, ConnectionRefusedError) as err:
+                if time.monotonic() >= deadline:
+                    raise MigrationError(f"cannot reach {self.address}: {err.strerror}") from None
+                time.sleep(CONNECT_RETRY_SECONDS)
+            except OSError as err:
+                raise MigrationError(f"cannot reach {self.address}: {err.strerror or err}") from None
+
     def _offer(self, stream: Stream) -> None:
         hello = {"version": VERSION, "machine": describe_machine(self.vm),
                  "memory": "fd" if self.address.passes_memory else "pages"}
@@ -106,9 +116,7 @@ class Migration:
         else:
             stream.send(records.HELLO, hello)
         self.phase = "waiting for the destination"
-        kind, message = stream.expect(records.READY, records.REFUSED)
-        if kind == records.REFUSED:
-            raise MigrationError(f"the destination refused: {message.get('reason', 'no reason given')}")
+        stream.expect(records.READY)  # or its cancel, with the reason it will not take the VM
 
     def _precopy(self, stream: Stream) -> list[tuple[int, int]]:
         """Rounds of pages while the VM runs; returns the runs left for the paused round."""

@@ -31,18 +31,18 @@ class MachineState:
 
     @classmethod
     def capture(cls, vm) -> "MachineState":
-        """Read ``vm`` (a RunningVm whose vCPUs are paused) whole."""
-        machine = vm.host.machine
-        vcpus, vm_state = machine.capture_state()
-        return cls(describe_machine(vm), tuple(vcpus), vm_state, vm.device_model.save_state())
+        """Read ``vm`` (a RunningVm whose vCPUs are paused) whole; the devices meanwhile."""
+        with vm.device_model.saving_state() as devices:
+            vcpus, vm_state = vm.host.machine.capture_state()
+        return cls(describe_machine(vm), tuple(vcpus), vm_state, devices)
 
     def apply(self, vm) -> None:
-        """Write this state into ``vm`` (built from the same description, not started)."""
+        """Write this state into ``vm`` (built from the same description, not started); the devices meanwhile."""
         if len(self.vcpus) != len(vm.vcpus):
             raise StateError(f"the saved state has {len(self.vcpus)} vCPUs, the VM {len(vm.vcpus)}")
-        vm.host.machine.restore_state(self.vcpus, self.vm)
         try:
-            vm.device_model.restore_state(self.devices)
+            with vm.device_model.restoring_state(self.devices):
+                vm.host.machine.restore_state(self.vcpus, self.vm)
         except DeviceModelError as err:
             raise StateError(str(err)) from err
 

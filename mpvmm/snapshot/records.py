@@ -34,16 +34,15 @@ END = 6  # the last record: how many came before it, and guest RAM's size and ch
 # The migration stream (migration/stream.py).
 HELLO = 16  # source -> destination: stream version, the machine, how RAM travels
 READY = 17  # destination -> source: built, send RAM
-REFUSED = 18  # destination -> source: will not take this VM, and why
 PAGES = 19  # source -> destination: RAM offset and page data (binary payload)
 ROUND = 20  # source -> destination: one pass over the dirty pages done; destination -> source: all of it received
 PAUSED = 21  # source -> destination: the VM is paused, the rest and its state follow
 DONE = 22  # source -> destination: the state is complete, start the VM
 RESUMED = 23  # destination -> source: the VM runs here
-CANCEL = 24  # either way: stop, and why
+CANCEL = 24  # either way: stop (or, for the destination, will not take this VM), and why
 
 NAMES = {SNAPSHOT: "snapshot", MACHINE: "machine", VCPU: "vcpu", VM: "vm", DEVICE: "device", END: "end",
-         HELLO: "hello", READY: "ready", REFUSED: "refused", PAGES: "pages", ROUND: "round",
+         HELLO: "hello", READY: "ready", PAGES: "pages", ROUND: "round",
          PAUSED: "paused", DONE: "done", RESUMED: "resumed", CANCEL: "cancel"}
 
 MAX_PAGES_PAYLOAD = PAGE_OFFSET.size + (4 << 20)  # 4 MiB of pages per record

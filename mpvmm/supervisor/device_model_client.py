@@ -11,12 +11,14 @@ few milliseconds between its creation and its opening, nothing is left in
 open a queue once the VM runs.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgpack
@@ -156,20 +158,34 @@ class DeviceModelClient:
             self._send({"op": "stats"})
             return self._receive(REPLY_TIMEOUT_SECONDS).get("stats", {})
 
-    def save_state(self) -> dict[str, dict]:
-        """Every device's state record, keyed by device name (the vCPUs must be paused)."""
+    # Device state (snapshots, migration). The request goes out when the
+    # block starts and the answer is read when it ends, so the device model
+    # works while the caller reads or writes the vCPUs' state: part of a
+    # migration's downtime.
+
+    @contextlib.contextmanager
+    def saving_state(self) -> Iterator[dict[str, dict]]:
+        """Yields a dict that holds every device's state record, by device name, once the block ends."""
         with self._lock:
             self._send({"op": "save_state"})
-            reply = self._receive(REPLY_TIMEOUT_SECONDS)
+            devices: dict[str, dict] = {}
+            try:
+                yield devices
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
         if reply.get("op") != "state" or not isinstance(reply.get("devices"), dict):
             raise DeviceModelError(f"device model did not save its state: {reply.get('message', reply)}")
-        return reply["devices"]
+        devices.update(reply["devices"])
 
-    def restore_state(self, devices: dict[str, dict]) -> None:
-        """Rebuild the device model's machine from saved records (before the vCPUs run)."""
+    @contextlib.contextmanager
+    def restoring_state(self, devices: dict[str, dict]) -> Iterator[None]:
+        """Rebuild the device model's devices from saved records; done when the block ends."""
         with self._lock:
             self._send({"op": "restore_state", "devices": devices})
-            reply = self._receive(REPLY_TIMEOUT_SECONDS)
+            try:
+                yield
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
         if reply.get("op") != "restored":
             raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
 
