@@ -12,10 +12,15 @@ from mpvmm.errors import MpvmmError
 MPVMM = [sys.executable, "-m", "mpvmm"]
 
 
+# Every VmProcess started, so that a failed test's are killed (tests/conftest.py).
+STARTED: list["VmProcess"] = []
+
+
 class VmProcess:
     """One ``mpvmm start`` with its console, report and (optionally) API socket in ``folder``."""
 
     def __init__(self, folder, name: str, *args: str, api: bool = True):
+        STARTED.append(self)
         self.folder = folder
         self.api_path = str(folder / f"{name}.sock") if api else None
         self.report_path = folder / f"{name}.json"
@@ -65,6 +70,12 @@ class VmProcess:
         if self.process.poll() is None:
             self.process.kill()
         self.process.communicate()
+
+
+def kill_leftovers() -> None:
+    """Kill every VmProcess a test left running (it failed half-way), so none outlives it."""
+    while STARTED:
+        STARTED.pop().kill()
 
 
 def ctl(api_path: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

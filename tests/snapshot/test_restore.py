@@ -11,9 +11,12 @@ from tests.conftest import ipc_objects
 from tests.vm_process import VmProcess, ctl, guest_ops
 
 
-def snapshot_atomics(tmp_path, cpus=4, runner="native"):
-    """A VM running atomics, paused and saved mid-run, then stopped; (snapshot dir, counts at the snapshot)."""
-    source = VmProcess(tmp_path, "source", "--cpus", str(cpus), "--workload", "atomics", "--runner", runner)
+def take_snapshot(tmp_path, *args):
+    """A VM started with ``args``, paused and saved mid-run to tmp_path/snap, then stopped.
+
+    Returns the directory, the VM's status at the snapshot and its process.
+    """
+    source = VmProcess(tmp_path, "source", *args)
     try:
         source.wait_running()
         time.sleep(0.5)
@@ -25,7 +28,14 @@ def snapshot_atomics(tmp_path, cpus=4, runner="native"):
         assert source.finish() == 0, source.stderr
     finally:
         source.kill()
-    return tmp_path / "snap", status
+    return tmp_path / "snap", status, source
+
+
+def snapshot_atomics(tmp_path, cpus=4, runner="native"):
+    """A VM running atomics, snapshotted mid-run; (snapshot dir, its status at the snapshot)."""
+    snapshot, status, _source = take_snapshot(tmp_path, "--cpus", str(cpus), "--workload", "atomics",
+                                              "--runner", runner)
+    return snapshot, status
 
 
 @pytest.mark.parametrize("runner", ["native", "python"])
@@ -122,15 +132,7 @@ def a_vcpu_too_few(snapshot):
     (lambda snapshot: (snapshot / directory.STATE_FILE).unlink(), "No such file"),
 ])
 def test_a_damaged_snapshot_is_one_line_and_exit_2_before_anything_is_created(damage, message, tmp_path, no_leaks):
-    source = VmProcess(tmp_path, "source", "--cpus", "2", "--memory", "64M", "--workload", "atomics")
-    try:
-        source.wait_running()
-        ctl(source.api_path, "pause")
-        assert ctl(source.api_path, "snapshot", str(tmp_path / "snap")).returncode == 0
-        ctl(source.api_path, "stop")
-        assert source.finish() == 0
-    finally:
-        source.kill()
+    take_snapshot(tmp_path, "--cpus", "2", "--memory", "64M", "--workload", "atomics")
     damage(tmp_path / "snap")
     before = ipc_objects()
     restored = VmProcess(tmp_path, "restored", "--restore", str(tmp_path / "snap"), api=False)
@@ -164,16 +166,7 @@ def test_device_workloads_carry_on_with_their_devices(workload, device, ops, tmp
     The guest checks every value it reads: a read whose result KVM had not
     yet put in a register would show as a mismatch (exit status 3).
     """
-    source = VmProcess(tmp_path, "source", "--cpus", "2", "--memory", "64M", "--workload", workload)
-    try:
-        source.wait_running()
-        time.sleep(0.5)
-        ctl(source.api_path, "pause")
-        assert ctl(source.api_path, "snapshot", str(tmp_path / "snap")).returncode == 0
-        ctl(source.api_path, "stop")
-        assert source.finish() == 0
-    finally:
-        source.kill()
+    _snapshot, _status, source = take_snapshot(tmp_path, "--cpus", "2", "--memory", "64M", "--workload", workload)
     restored = VmProcess(tmp_path, "restored", "--restore", str(tmp_path / "snap"), "--seconds", "0.5", api=False)
     assert restored.finish() == 0, restored.stderr
     report = restored.report()
