@@ -195,12 +195,20 @@ class IncomingGuest(RestoredGuest):
         self._step_started = now
 
     def started(self) -> None:
-        """Tell the source; if it cannot hear it any more, the VM runs here all the same."""
+        """Tell the source; if it cannot hear it any more, the VM runs here all the same.
+
+        The downtime ends when the vCPUs were resumed, right after restore()
+        returned. Woken, they can take every host CPU before this thread
+        runs again to say so ("start", often a scheduler slice on a small
+        host): the source subtracts that wait, the guest was running.
+        """
+        resumed_at = self._step_started
         self._mark("start")
-        downtime_ms = round((time.monotonic() - self.paused_at) * 1000, 3)
+        downtime_ms = round((resumed_at - self.paused_at) * 1000, 3)
         self.arrival.update(downtime_ms=downtime_ms, downtime_steps_ms=self.downtime_steps)
         try:
-            self.source.stream.send(records.RESUMED, {"downtime_ms": downtime_ms, "steps": self.downtime_steps})
+            self.source.stream.send(records.RESUMED, {"downtime_ms": downtime_ms, "steps": self.downtime_steps,
+                                                      "told_after_ms": self.downtime_steps["start"]})
         except MigrationError:
             self.arrival["source_told"] = False
         self.source.stream.close()

@@ -87,7 +87,8 @@ class Migration:
                 raise MigrationOutcomeUnknown(
                     f"the state went to {self.address} but it never confirmed ({err}); the VM stays "
                     "paused here: resume it only if the destination is not running it") from None
-            downtime = time.monotonic() - paused_at
+            # Pause to the destination's resume: not the time its answer waited after that.
+            downtime = time.monotonic() - paused_at - resumed.get("told_after_ms", 0.0) / 1000
         finally:
             stream.close()
         self.vm.guest.hand_over()
