@@ -203,8 +203,10 @@ class Supervisor:
         with _StopSignals() as signals, contextlib.ExitStack() as stack:
             control = VmControl()
             vm, api = self._build(stack, signals, control)
+            # The runners wait, up, while a restored or arriving guest writes its
+            # saved state; resuming is then all that is left of its downtime.
             vm.vcpus.start(paused=True)
-            vm.guest.restore(vm, signals.signal_received)  # a restored or arriving guest's saved state
+            vm.guest.restore(vm, signals.signal_received)
             started = time.monotonic()
             vm.vcpus.resume()
             vm.guest.started()
@@ -230,7 +232,7 @@ class Supervisor:
         source, host_class = choose(config, signals.signal_received)
         stack.enter_context(source)
         config = source.machine_config(config)  # a restored or arriving VM brings its own machine
-        validate(config, kvm.max_vcpus())
+        validate(config, kvm.max_vcpus())  # that machine, against this host
         metrics = None
         if config.metrics_port is not None:
             metrics = stack.enter_context(MetricsExporter(config.metrics_addr, config.metrics_port, {
