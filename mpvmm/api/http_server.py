@@ -113,6 +113,8 @@ class HttpServer:
         self._listener = listener
         self._handler = handler
         listener.setblocking(False)
+        # The bound port of a TCP listener (the metrics endpoint's port 0 becomes one); None on a Unix socket.
+        self.port = listener.getsockname()[1] if listener.family != socket.AF_UNIX else None
         self._connections: dict[socket.socket, _Connection] = {}
         self._finished: list[_Connection] = []  # parked requests whose future is done
         self._finished_lock = threading.Lock()

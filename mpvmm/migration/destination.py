@@ -15,6 +15,7 @@ and leaves nothing.
 from __future__ import annotations
 
 import select
+import signal
 import time
 from collections.abc import Callable
 
@@ -62,7 +63,7 @@ class IncomingSource(SavedMachineSource):
             sock, peer = _wait_for_connection(listener, cancelled)
         finally:
             listener.close()  # one VM per --incoming
-        stream = Stream(sock, "source", cancelled)
+        stream = Stream(sock, "source", lambda: _stop_reason(cancelled()))
         try:
             _kind, hello = stream.expect(records.HELLO)
             memory_fd = cls._check_hello(hello, stream)
@@ -102,6 +103,10 @@ class IncomingSource(SavedMachineSource):
         if error is not None:
             _refuse(self.stream, error)
         self.stream.close()
+
+
+def _stop_reason(signum: int | None) -> str | None:
+    return None if signum is None else f"stopped by {signal.Signals(signum).name}"
 
 
 def _peer_name(peer) -> str:

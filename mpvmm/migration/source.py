@@ -69,7 +69,7 @@ class Migration:
         """Migrate; the report once the destination runs the VM. MigrationError: the VM runs here."""
         started = time.monotonic()
         sock = self._connect(started + CONNECT_TIMEOUT_SECONDS)
-        stream = Stream(sock, "destination", lambda: self.abort() is not None)
+        stream = Stream(sock, "destination", self.abort)
         try:
             try:
                 self._offer(stream)

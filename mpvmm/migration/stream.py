@@ -3,8 +3,8 @@
 Sending copies a run of guest RAM once before checksumming it (the guest
 may write the page meanwhile; the dirty log sends it again), receiving
 reads a page record's data straight into guest RAM and checks it there.
-Every read waits in short slices, so ``cancelled()`` (a stop signal) is
-seen at once, and gives up when the peer sends nothing for
+Every read waits in short slices, so ``stop()`` (a reason to give up: a
+stop signal, the run ending) is seen at once, and gives up when the peer sends nothing for
 ``IDLE_TIMEOUT_SECONDS``. A file descriptor (guest RAM, over a Unix
 socket) travels with a record as SCM_RIGHTS.
 """
@@ -30,10 +30,10 @@ _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 class Stream:
     """Records over ``sock``, for the side that calls its peer ``peer`` in messages."""
 
-    def __init__(self, sock: socket.socket, peer: str, cancelled: Callable[[], bool] = lambda: False):
+    def __init__(self, sock: socket.socket, peer: str, stop: Callable[[], str | None] = lambda: None):
         self.sock = sock
         self.peer = peer
-        self.cancelled = cancelled
+        self.stop = stop
         self.received_fds: list[int] = []
         self.bytes_sent = 0
         sock.settimeout(SLICE_SECONDS)
@@ -81,8 +81,9 @@ class Stream:
         """Fill ``buffer`` from the peer, slice by slice; MigrationError if it stops or goes."""
         idle_since = time.monotonic()
         while buffer:
-            if self.cancelled():
-                raise MigrationError("stopped by a signal")
+            reason = self.stop()
+            if reason is not None:
+                raise MigrationError(reason)
             try:
                 count, ancillary, _flags, _address = self.sock.recvmsg_into([buffer], _FD_SPACE)
             except TimeoutError:

@@ -235,3 +235,20 @@ def test_a_destination_stopped_while_waiting_removes_its_socket(tmp_path, no_lea
     assert waiting.finish() == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in waiting.stderr
     assert not path.exists()
+
+
+def test_a_stop_signal_mid_copy_cancels_then_ends_the_source(tmp_path, no_leaks):
+    source, destination, moving = slow_copy(tmp_path)
+    try:
+        os.kill(source.pid, signal.SIGTERM)
+        assert source.finish() == 128 + signal.SIGTERM, source.stderr
+        assert "stopped by SIGTERM" in source.stderr
+        assert destination.finish() == 1
+        assert "the source cancelled the migration: the run is ending: stopped by SIGTERM" in destination.stderr
+        _out, err = moving.communicate(timeout=60)
+        assert moving.returncode == 1 and "cancelled, the VM runs on here" in err, err
+    finally:
+        source.kill()
+        destination.kill()
+        moving.kill()
+    assert [v["outcome_value"] for v in source.report()["vcpus"]] == [abi.STATUS_OK] * 2

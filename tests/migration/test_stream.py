@@ -102,13 +102,13 @@ def test_a_closed_peer_mid_record_is_an_error(pair):
         destination.receive_message(kind, length, checksum)
 
 
-def test_a_stop_signal_ends_the_wait():
+def test_a_reason_to_stop_ends_the_wait():
     a, b = socket.socketpair()
     flag = threading.Event()
-    destination = Stream(b, "source", flag.is_set)
+    destination = Stream(b, "source", lambda: "stopped by SIGINT" if flag.is_set() else None)
     threading.Timer(0.2, flag.set).start()
     try:
-        with pytest.raises(MigrationError, match="stopped by a signal"):
+        with pytest.raises(MigrationError, match="stopped by SIGINT"):
             destination.receive_header()
     finally:
         a.close()
