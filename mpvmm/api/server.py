@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from mpvmm.api.http_server import HttpServer, Request, Response
+from mpvmm.http_server import HttpServer, Request, Response
 from mpvmm.api.unix_socket import PrivateUnixSocket
 from mpvmm.errors import UsageError
 from mpvmm.migration.address import parse as parse_address

@@ -47,7 +47,7 @@ from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.machines import build_machine
 from mpvmm.devicemodel.pc import eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
-from mpvmm.devicemodel.sandbox import confine
+from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
 
 # Messages taken from one queue before the next queue gets its turn, so one
@@ -152,6 +152,7 @@ class DeviceModelServer:
         self.replies_dropped = 0
         self.internal_errors = 0
         self.host_input: HostInput | None = None
+        self.confinement: Confinement | None = None
 
     # --- Control channel. ---
 
@@ -235,12 +236,16 @@ class DeviceModelServer:
         try:
             config = Config.from_message(message)
             self._open(config)
+            # Everything is open: give up what a hostile guest would want next
+            # (sandbox.py). The uid first: changing it clears the parent-death signal.
+            confinement = drop_privileges()
             _die_with_parent(self.parent)  # only now: every name is unlinked
-            confine()  # everything is open: give up what a hostile guest would want next
+            self.confinement = restrict(confinement)
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
             raise _Exit(1) from err
-        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION})
+        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION,
+                    "sandbox": self.confinement.as_message()})
 
     def _open(self, config: Config) -> None:
         try:
@@ -251,7 +256,7 @@ class DeviceModelServer:
             raise DeviceModelError(f"guest RAM fd {config.ram_fd} holds {size} bytes, configure says {config.ram_size}")
         # Kept mapped for the virtio devices to come; the fd is not needed.
         try:
-            self.ram = mmap.mmap(config.ram_fd, config.ram_size)
+            self.ram = map_guest_ram(config.ram_fd, config.ram_size, config.ram_writable)
         finally:
             os.close(config.ram_fd)
         for names, queues, reading in (

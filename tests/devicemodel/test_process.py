@@ -63,13 +63,13 @@ class Harness:
             name, posix_ipc.O_CREX, mode=0o600, max_messages=depth, max_message_size=MAX_MESSAGE_SIZE
         )
 
-    def start(self, stdout=subprocess.DEVNULL):
+    def start(self, stdout=subprocess.DEVNULL, module="mpvmm.devicemodel", args=(), pass_fds=(), prefix=()):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-            pass_fds=(child.fileno(), self.shm.fd),
+            [*prefix, sys.executable, "-m", module, str(child.fileno()), *args],
+            pass_fds=(child.fileno(), self.shm.fd, *pass_fds),
             stdout=stdout,
             env=env,
         )

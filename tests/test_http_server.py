@@ -1,4 +1,8 @@
-"""The bounded HTTP server over a real Unix socket: clients that trickle, hang up, flood or wait."""
+"""The bounded HTTP server (the metrics endpoint's and the API's) over a real Unix socket.
+
+Clients that trickle, hang up, flood or wait; tests/metrics/test_exporter_clients.py
+has the same against the metrics endpoint over TCP.
+"""
 
 import socket
 import threading
@@ -7,8 +11,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from mpvmm.api import http_server
-from mpvmm.api.http_server import HttpServer, Response
+from mpvmm import http_server
+from mpvmm.http_server import HttpServer, Response
 
 
 @pytest.fixture
