@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from mpvmm.devicemodel.bus import Bus, Device
-from mpvmm.devicemodel.machine import build_buses, check_all_restored
+from mpvmm.devicemodel.machine import DeviceModel, build_buses, check_all_restored
 from mpvmm.devicemodel.pc import build_pc_buses
 from mpvmm.errors import DeviceModelError
 
@@ -40,3 +40,15 @@ def check_states(name: str, states: object) -> None:
     if not isinstance(states, dict) or not all(isinstance(key, str) for key in states):
         raise DeviceModelError("saved device states must map device names to records")
     build_machine(name, None, {}, lambda event: None, states)
+
+
+class MachineBuilder:
+    """A device model's machine with its hooks to the host: built afresh, or again from saved states."""
+
+    def __init__(self, name: str, console_out: Callable[[bytes], None],
+                 triggers: dict[str, Callable[[], None]], on_event: Callable[[str], None]):
+        self.name, self.console_out, self.triggers, self.on_event = name, console_out, triggers, on_event
+
+    def build(self, states: dict | None = None) -> DeviceModel:
+        """A DeviceModel over the machine; DeviceModelError if ``states`` do not rebuild it."""
+        return DeviceModel(machine=build_machine(self.name, self.console_out, self.triggers, self.on_event, states))

@@ -15,9 +15,10 @@ The control socket carries a stream of msgpack maps. The supervisor sends
 every queue by name and unlinks the name at once, then answers ``ready`` or
 ``error`` (and exits 1). It asks to die with the supervisor only after that:
 a supervisor killed mid-start-up must not take the device model with it
-before the names it sent are gone. Then ``stats`` is answered with ``stats``, and
-``shutdown`` with ``bye`` once the request queues are drained and the
-console flushed (exit 0). End of file means the supervisor is gone: exit 0.
+before the names it sent are gone. Then ``stats`` is answered with ``stats``,
+``save_state`` and ``restore_state`` carry the devices' state records, and
+``shutdown`` is answered with ``bye`` once the request queues are drained and
+the console flushed (exit 0). End of file means the supervisor is gone: exit 0.
 
 One thread serves everything through epoll: a POSIX message queue descriptor
 is pollable on Linux, so request queues and the control socket wait together.
@@ -44,7 +45,7 @@ from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
-from mpvmm.devicemodel.machines import build_machine
+from mpvmm.devicemodel.machines import MachineBuilder
 from mpvmm.devicemodel.pc import eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
 from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
@@ -201,8 +202,9 @@ class DeviceModelServer:
             self.console.flush()
             self._send({"op": "bye", **self._stats()})
             raise _Exit(0)
-        elif op == "save_state":
-            self._save_state()
+        elif op == "save_state":  # the vCPUs are paused: the queues hold only what came before
+            self._drain_all()
+            self._send({"op": "state", "devices": self.model.states()})
         elif op == "restore_state":
             self._restore_state(message.get("devices"))
         elif op == "configure":
@@ -280,9 +282,9 @@ class DeviceModelServer:
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
-        self._machine = config.machine
-        self._triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
-        self.model = self._build_model(None)
+        triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
+        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event)
+        self.model = self._machine.build()
         self._epoll = select.epoll()
         self._epoll.register(self.control.fileno(), select.EPOLLIN)
         if config.stdin_fd is not None:
@@ -291,30 +293,15 @@ class DeviceModelServer:
             self._epoll.register(queue.mqd, select.EPOLLIN)
             self._queue_by_fd[queue.mqd] = index
 
-    def _build_model(self, states: dict | None) -> DeviceModel:
-        return DeviceModel(machine=build_machine(self._machine, self.console.write, self._triggers,
-                                                 self._system_event, states))
-
-    # --- Device state (snapshots and migration). ---
-
-    def _save_state(self) -> None:
-        """Every device's record, once the posted writes already queued have reached it.
-
-        The vCPUs are paused, so the queues only hold what was sent before.
-        """
-        self._drain_all()
-        self._send({"op": "state", "devices": self.model.states()})
-
     def _restore_state(self, devices: object) -> None:
-        """Rebuild the machine from saved records; the old one stays if they are refused."""
+        """Rebuild the machine from saved records (snapshots, migration); the old one stays if they are refused."""
         try:
-            model = self._build_model(devices if isinstance(devices, dict) else {})
+            self.model = self._machine.build(devices if isinstance(devices, dict) else {})
         except (DeviceModelError, TypeError, ValueError) as err:
             self._send({"op": "error", "message": f"device state refused: {err}"})
             return
-        self.model = model
         if self.host_input is not None:
-            self.host_input.uart = model.uart
+            self.host_input.uart = self.model.uart
         self._send({"op": "restored"})
 
     # --- Requests. ---
