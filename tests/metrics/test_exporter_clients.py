@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from mpvmm.metrics import server
+from mpvmm import http_server as server
 from mpvmm.metrics.exporter import MetricsExporter
 from tests.metrics.conftest import free_port
 
