@@ -1,4 +1,4 @@
-"""What a user typed, checked the same way by every subcommand: sizes, durations, output files.
+"""What a user typed, checked the same way by every subcommand: sizes, numbers in range, output files.
 
 Failures are one-line errors: ``argparse.ArgumentTypeError`` while parsing,
 ``UsageError`` (exit 2) for a check made once the options are known.
@@ -93,37 +93,39 @@ def _number_text(value: float) -> str:
     return f"{value:.0f}" if abs(value) < 1e15 and value == int(value) else f"{value:g}"
 
 
-def seconds_problem(value: float, low: float, high: float, *, low_allowed: bool = True) -> str | None:
-    """Why ``value`` is not a duration from ``low`` (allowed or not) to ``high`` seconds; None if it is.
+def number_problem(value: float, low: float, high: float, *, unit: str = "seconds",
+                   low_allowed: bool = True) -> str | None:
+    """Why ``value`` is not a number of ``unit`` from ``low`` (allowed or not) to ``high``; None if it is.
 
     NaN fails every comparison, so it is refused with the infinities and
     whatever lies outside the range: a duration must end, and time.sleep,
-    threading and select take none of them.
+    threading, select and JSON take none of them.
     """
     above_low = value >= low if low_allowed else value > low
     if above_low and value <= high:
         return None
     low_text, high_text = _number_text(low), _number_text(high)
     bounds = f"from {low_text} to {high_text}" if low_allowed else f"above {low_text} and at most {high_text}"
-    return f"must be a number of seconds {bounds}, not {_number_text(value)}"
+    return f"must be a number of {unit} {bounds}, not {_number_text(value)}"
 
 
-def parse_seconds(low: float, high: float, *, low_allowed: bool = True) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number of seconds within the range of ``seconds_problem``."""
+def parse_number(low: float, high: float, *, unit: str = "seconds", low_allowed: bool = True) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number within the range of ``number_problem``."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-        problem = seconds_problem(value, low, high, low_allowed=low_allowed)
+            raise argparse.ArgumentTypeError(f"invalid number of {unit} {text!r}") from None
+        problem = number_problem(value, low, high, unit=unit, low_allowed=low_allowed)
         if problem:
             raise argparse.ArgumentTypeError(problem)
         return value
     return parse
 
 
-def check_seconds(value: float, option: str, low: float, high: float, *, low_allowed: bool = True) -> None:
+def check_number(value: float, option: str, low: float, high: float, *, unit: str = "seconds",
+                 low_allowed: bool = True) -> None:
     """The same check for a value that did not come through argparse (a RunConfig, run_top)."""
-    problem = seconds_problem(value, low, high, low_allowed=low_allowed)
+    problem = number_problem(value, low, high, unit=unit, low_allowed=low_allowed)
     if problem:
         raise UsageError(f"{option} {problem}")

@@ -34,6 +34,10 @@ class StopSignals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def signal_received(self) -> int | None:
+        """The first stop signal received, or None (a callable for waits that must give up on one)."""
+        return self.received
+
     def _handle(self, signum, frame):
         if self.received is None:
             self.received = signum

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from mpvmm.arguments import check_seconds, check_writable, format_size, parse_seconds, parse_size, seconds_problem
+from mpvmm.arguments import check_number, check_writable, format_size, number_problem, parse_number, parse_size
 from mpvmm.errors import UsageError
 
 
@@ -55,7 +55,7 @@ def test_unwritable_files_are_named_with_the_reason(path, reason, tmp_path):
     ("0", 0, 10, True, 0.0), ("10", 0, 10, True, 10.0), ("0.25", 0, 10, False, 0.25), ("1e-9", 0, 1, False, 1e-9),
 ])
 def test_durations_in_range(text, low, high, low_allowed, value):
-    assert parse_seconds(low, high, low_allowed=low_allowed)(text) == value
+    assert parse_number(low, high, low_allowed=low_allowed)(text) == value
 
 
 @pytest.mark.parametrize("text, low_allowed, message", [
@@ -67,14 +67,14 @@ def test_durations_in_range(text, low, high, low_allowed, value):
 ])
 def test_durations_out_of_range_or_not_numbers(text, low_allowed, message):
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
-        parse_seconds(0, 3600, low_allowed=low_allowed)(text)
+        parse_number(0, 3600, low_allowed=low_allowed)(text)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -1.0, 1e300])
 def test_a_duration_given_in_code_is_checked_the_same_way(value):
     with pytest.raises(UsageError, match=r"^--seconds must be a number of seconds from 0 to 10, not "):
-        check_seconds(value, "--seconds", 0, 10)
-    assert seconds_problem(value, 0, 10) is not None
+        check_number(value, "--seconds", 0, 10)
+    assert number_problem(value, 0, 10) is not None
 
 
 @pytest.mark.parametrize("size, text", [

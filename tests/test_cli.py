@@ -181,3 +181,17 @@ def test_ctrl_c_at_any_moment_of_start_up_is_quiet(delay, spawn, tmp_path):
     own = stderr.own(timeout=60)
     assert code == 130, own
     assert own in ([], ["mpvmm: stopped by SIGINT; exit code 130"]), own
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--downtime-ms", "nan"), ("--downtime-ms", "0"), ("--downtime-ms", "inf"), ("--timeout", "nan"),
+    ("--timeout", "inf"), ("--timeout", "1e300"), ("--max-bandwidth", "nan"), ("--max-bandwidth", "-1"),
+    ("--max-bandwidth", "inf"),
+])
+def test_ctl_migrate_numbers_are_checked_before_connecting(option, value, tmp_path):
+    """No socket exists: a value that got through would fail to connect (exit 1), or overflow a timeout."""
+    process = subprocess.run([*MPVMM, "ctl", "--api-socket", str(tmp_path / "none.sock"), "migrate",
+                              "tcp:127.0.0.1:1", f"{option}={value}"], capture_output=True, text=True, timeout=30)
+    assert process.returncode == 2
+    lines = process.stderr.splitlines()
+    assert len(lines) == 1 and f"argument {option}: must be a number of " in lines[0], process.stderr

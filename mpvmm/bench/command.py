@@ -14,7 +14,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mpvmm.arguments import check_writable, parse_seconds
+from mpvmm.arguments import check_writable, parse_number
 
 # Workloads with exact, steady exit streams; hostile and faulting ones are no benchmark.
 BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "compute", "atomics", "demo")
@@ -72,7 +72,7 @@ def add_bench_command(commands) -> None:
                        metavar="NAME,...", help=f"workloads: {', '.join(BENCH_WORKLOADS)} (default pio-null)")
     bench.add_argument("--runner", type=_list_of("runner", BENCH_RUNNERS), default=["raw", "native", "python"],
                        metavar="NAME,...", help=f"runners: {', '.join(BENCH_RUNNERS)} (default raw,native,python)")
-    bench.add_argument("--seconds", type=parse_seconds(0, WINDOW_SECONDS_MAX, low_allowed=False), default=2.0,
+    bench.add_argument("--seconds", type=parse_number(0, WINDOW_SECONDS_MAX, low_allowed=False), default=2.0,
                        help="length of each measured window, at most an hour (default 2)")
     bench.add_argument("--repeat", type=_positive_int, default=3,
                        help="runs of each combination; the median is reported (default 3)")

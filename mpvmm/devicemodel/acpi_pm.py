@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mpvmm.devicemodel.device_state import expect_keys, expect_uint
+
 SLEEP_CONTROL_OFFSET = 0
 SLEEP_STATUS_OFFSET = 1
 RESET_OFFSET = 2
@@ -44,3 +46,14 @@ class AcpiPm:
 
     def stats(self) -> dict[str, int]:
         return {"poweroffs": self.events.count(EVENT_POWEROFF), "reboots": self.events.count(EVENT_REBOOT)}
+
+    def state(self) -> dict[str, int]:
+        return self.stats()
+
+    @classmethod
+    def from_state(cls, state: object, on_event: Callable[[str], None] | None = None) -> "AcpiPm":
+        expect_keys(state, ("poweroffs", "reboots"), "acpi-pm")
+        pm = cls(on_event)
+        pm.events = ([EVENT_POWEROFF] * expect_uint(state["poweroffs"], 16, "acpi-pm poweroffs")
+                     + [EVENT_REBOOT] * expect_uint(state["reboots"], 16, "acpi-pm reboots"))
+        return pm

@@ -27,7 +27,7 @@ PENDING_MAX = 64 << 10
 class HostInput:
     def __init__(self, fd: int, uart, epoll: select.epoll):
         self.fd = fd
-        self._uart = uart
+        self.uart = uart  # replaced when the machine is restored from saved states
         self._epoll = epoll
         self._pending = bytearray()
         self.closed = False
@@ -54,7 +54,7 @@ class HostInput:
     def feed(self) -> None:
         """Move what waits into the FIFO as far as it has room (after each read, and after guest accesses)."""
         if self._pending:
-            accepted = self._uart.enqueue_raw_bytes(bytes(self._pending[:self._uart.fifo_capacity()]))
+            accepted = self.uart.enqueue_raw_bytes(bytes(self._pending[:self.uart.fifo_capacity()]))
             del self._pending[:accepted]
 
     def stats(self) -> dict[str, int]:

@@ -15,9 +15,10 @@ The control socket carries a stream of msgpack maps. The supervisor sends
 every queue by name and unlinks the name at once, then answers ``ready`` or
 ``error`` (and exits 1). It asks to die with the supervisor only after that:
 a supervisor killed mid-start-up must not take the device model with it
-before the names it sent are gone. Then ``stats`` is answered with ``stats``, and
-``shutdown`` with ``bye`` once the request queues are drained and the
-console flushed (exit 0). End of file means the supervisor is gone: exit 0.
+before the names it sent are gone. Then ``stats`` is answered with ``stats``,
+``save_state`` and ``restore_state`` carry the devices' state records, and
+``shutdown`` is answered with ``bye`` once the request queues are drained and
+the console flushed (exit 0). End of file means the supervisor is gone: exit 0.
 
 One thread serves everything through epoll: a POSIX message queue descriptor
 is pollable on Linux, so request queues and the control socket wait together.
@@ -44,7 +45,8 @@ from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
-from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
+from mpvmm.devicemodel.machines import MachineBuilder
+from mpvmm.devicemodel.pc import eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION
 from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
@@ -203,6 +205,11 @@ class DeviceModelServer:
             self.console.flush()
             self._send({"op": "bye", **self._stats()})
             raise _Exit(0)
+        elif op == "save_state":  # the vCPUs are paused: the queues hold only what came before
+            self._drain_all()
+            self._send({"op": "state", "devices": self.model.states()})
+        elif op == "restore_state":
+            self._restore_state(message.get("devices"))
         elif op == "configure":
             self._send({"op": "error", "message": "already configured"})
         else:
@@ -279,11 +286,9 @@ class DeviceModelServer:
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
-        if config.machine == "pc":
-            triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
-            self.model = DeviceModel(machine=build_pc_buses(self.console.write, triggers, self._system_event))
-        else:
-            self.model = DeviceModel(console_out=self.console.write)
+        triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
+        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event)
+        self.model = self._machine.build()
         self._epoll = select.epoll()
         self._epoll.register(self.control.fileno(), select.EPOLLIN)
         if config.stdin_fd is not None:
@@ -291,6 +296,17 @@ class DeviceModelServer:
         for index, queue in enumerate(self.request_queues):
             self._epoll.register(queue.mqd, select.EPOLLIN)
             self._queue_by_fd[queue.mqd] = index
+
+    def _restore_state(self, devices: object) -> None:
+        """Rebuild the machine from saved records (snapshots, migration); the old one stays if they are refused."""
+        try:
+            self.model = self._machine.build(devices if isinstance(devices, dict) else {})
+        except (DeviceModelError, TypeError, ValueError) as err:
+            self._send({"op": "error", "message": f"device state refused: {err}"})
+            return
+        if self.host_input is not None:
+            self.host_input.uart = self.model.uart
+        self._send({"op": "restored"})
 
     # --- Requests. ---
 

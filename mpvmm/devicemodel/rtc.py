@@ -13,6 +13,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from mpvmm.devicemodel.device_state import expect_bytes, expect_keys, expect_uint
+from mpvmm.errors import DeviceModelError
+
 INDEX_OFFSET = 0
 DATA_OFFSET = 1
 INDEX_MASK = 0x7F  # bit 7 of the index port masks NMIs on a PC
@@ -86,3 +89,19 @@ class Rtc:
 
     def stats(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes}
+
+    # The time registers are not state: they always show the host's clock.
+    def state(self) -> dict:
+        return {"index": self.index, "ram": bytes(self.ram), "reads": self.reads, "writes": self.writes}
+
+    @classmethod
+    def from_state(cls, state: object, clock: Callable[[], float] = time.time) -> "Rtc":
+        expect_keys(state, ("index", "ram", "reads", "writes"), "rtc")
+        rtc = cls(clock)
+        rtc.index = expect_uint(state["index"], 7, "rtc index")
+        ram = expect_bytes(state["ram"], CMOS_SIZE, "rtc ram")
+        if len(ram) != CMOS_SIZE:
+            raise DeviceModelError(f"rtc ram must be {CMOS_SIZE} bytes")
+        rtc.ram[:] = ram
+        rtc.reads, rtc.writes = (expect_uint(state[key], 64, f"rtc {key}") for key in ("reads", "writes"))
+        return rtc

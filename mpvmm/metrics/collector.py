@@ -54,6 +54,7 @@ class VmSources:
     device_stats: Callable[[], dict] | None = None
     kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)
     kvm_vm_reader: StatsReader | None = None
+    migration: Callable[[], dict | None] | None = None  # the VM's migration report, in or out
 
     def close(self) -> None:
         for reader in [*self.kvm_vcpu_readers, self.kvm_vm_reader]:
@@ -127,6 +128,8 @@ class VmCollector(Collector):
                 families += self._kvm_families(self._sources)
                 families += self._guest_families(self._sources)
                 families += self._device_families(self._sources)
+                if self._sources.migration is not None:
+                    families += migration_families(self._sources.migration())
         return families
 
     # --- The run loop's stats pages. ---
@@ -259,6 +262,34 @@ def console_families(console: dict) -> list[Metric]:
             family = CounterMetricFamily(name, documentation)
             family.add_metric([], console[key])
             families.append(family)
+    return families
+
+
+def migration_families(report: dict | None) -> list[Metric]:
+    """A migration's rounds, pages per round, downtime and time, labelled by this VMM's role in it."""
+    if report is None:
+        return []
+    role = [report["role"]]
+    rounds = GaugeMetricFamily("mpvmm_migration_rounds", "Rounds of pages a live migration sent",
+                               labels=["role"])
+    rounds.add_metric(role, report["rounds"])
+    pages = GaugeMetricFamily("mpvmm_migration_round_pages", "Pages sent in each round of a live migration",
+                              labels=["role", "round"])
+    for index, count in enumerate(report["pages_per_round"], 1):
+        pages.add_metric(role + [str(index)], count)
+    families: list[Metric] = [rounds, pages]
+    if report.get("downtime_ms") is not None:
+        downtime = GaugeMetricFamily("mpvmm_migration_downtime_seconds",
+                                     "From the pause on the source to the VM running on the destination",
+                                     labels=["role"])
+        downtime.add_metric(role, report["downtime_ms"] / 1000)
+        families.append(downtime)
+    duration = report.get("total_seconds", report.get("receive_seconds"))
+    if duration is not None:
+        total = GaugeMetricFamily("mpvmm_migration_duration_seconds", "How long a live migration took in all",
+                                  labels=["role"])
+        total.add_metric(role, duration)
+        families.append(total)
     return families
 
 

@@ -3,7 +3,7 @@
 The port is bound when the exporter is created, which the supervisor does
 before it creates the VM, so a busy port is a usage error that leaves
 nothing behind. One thread named ``metrics`` serves every connection
-(``mpvmm/metrics/server.py``: a deadline for each whole request, a cap on
+(``mpvmm/http_server.py``: a deadline for each whole request, a cap on
 connections), so no client can hold the endpoint or delay the end of a
 run, and ``close`` returns with no thread and no socket left.
 prometheus_client writes the exposition; ``/metrics`` is served, ``/`` is
@@ -14,6 +14,7 @@ import errno
 import gzip
 import socket
 import urllib.parse
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder, gzip_accepted
@@ -21,7 +22,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from mpvmm import __version__
 from mpvmm.errors import UsageError
 from mpvmm.metrics.collector import VmCollector, VmSources, open_kvm_reader
-from mpvmm.metrics.server import HttpServer, Request, Response
+from mpvmm.http_server import HttpServer, Request, Response
 
 LISTEN_BACKLOG = 64
 POINTER_PAGE = (b"<html><head><title>mpvmm</title></head><body><h1>mpvmm</h1>"
@@ -122,8 +123,9 @@ class MetricsExporter:
         # A /proc entry that never exists makes ProcessCollector export nothing.
         return str(self._device_model_pid) if self._device_model_pid else "none"
 
-    def attach(self, vm) -> None:
-        """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model).
+    def attach(self, vm, migration: Callable[[], dict | None] | None = None) -> None:
+        """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model),
+        and ``migration()``'s report of a migration, once there is one.
 
         Call it before the vCPUs start: opening a vCPU's stats fd is a vCPU
         ioctl, which waits for the vCPU's mutex, and a running vCPU holds it
@@ -132,7 +134,8 @@ class MetricsExporter:
         """
         sources = VmSources(stats_pages=[runner.stats for runner in vm.vcpus],
                             worker_pids=_RunnerPids(vm.vcpus.runners),
-                            guest_counts=vm.guest.counts, device_stats=vm.device_model.stats)
+                            guest_counts=vm.guest.counts, device_stats=vm.device_model.stats,
+                            migration=migration)
         vm_stats_fd, vcpu_stats_fds = vm.host.kvm_stats_fds()
         try:
             # One fd per vCPU for the whole run: reopening per scrape would

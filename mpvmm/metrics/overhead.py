@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 
-from mpvmm.arguments import format_size, parse_seconds
+from mpvmm.arguments import format_size, parse_number
 from mpvmm.supervisor.run import RunConfig, Supervisor
 
 SCRAPE_PERIOD_SECONDS = 1.0
@@ -105,7 +105,7 @@ def scrape_cost(cpus: int, scrapes: int, console: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus", type=int, default=2, help="vCPUs of the pio-null runs (default 2)")
-    parser.add_argument("--seconds", type=parse_seconds(0, 3600, low_allowed=False), default=5.0,
+    parser.add_argument("--seconds", type=parse_number(0, 3600, low_allowed=False), default=5.0,
                         help="length of each run, at most an hour (default 5)")
     parser.add_argument("--repeats", type=int, default=3, help="off/on pairs (default 3; 0: scrape cost only)")
     parser.add_argument("--scrape-cpus", type=int, default=64,

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from mpvmm.arguments import TOP_INTERVAL_MAX, check_seconds, format_size
+from mpvmm.arguments import TOP_INTERVAL_MAX, check_number, format_size
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.vcpu_worker.stats_page import PATHS
 
@@ -219,7 +219,7 @@ def rate_table(before: Scrape, after: Scrape) -> Table:
 
 def run_top(url: str, once: bool = False, interval: float = 1.0, console: Console | None = None) -> int:
     """Show rates until Ctrl-C, or (``once``) print one table from two scrapes and return."""
-    check_seconds(interval, "--interval", 0, TOP_INTERVAL_MAX, low_allowed=False)
+    check_number(interval, "--interval", 0, TOP_INTERVAL_MAX, low_allowed=False)
     before = scrape(url)
     if once:
         # Every column whole even when stdout is a pipe or a file (80 columns).

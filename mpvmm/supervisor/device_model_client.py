@@ -11,6 +11,7 @@ few milliseconds between its creation and its opening, nothing is left in
 open a queue once the VM runs.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgpack
@@ -171,6 +173,37 @@ class DeviceModelClient:
         with self._lock:
             self._send({"op": "stats"})
             return _counters(self._receive(REPLY_TIMEOUT_SECONDS))
+
+    # Device state (snapshots, migration). The request goes out when the
+    # block starts and the answer is read when it ends, so the device model
+    # works while the caller reads or writes the vCPUs' state: part of a
+    # migration's downtime.
+
+    @contextlib.contextmanager
+    def saving_state(self) -> Iterator[dict[str, dict]]:
+        """Yields a dict that holds every device's state record, by device name, once the block ends."""
+        with self._lock:
+            self._send({"op": "save_state"})
+            devices: dict[str, dict] = {}
+            try:
+                yield devices
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "state" or not isinstance(reply.get("devices"), dict):
+            raise DeviceModelError(f"device model did not save its state: {reply.get('message', reply)}")
+        devices.update(reply["devices"])
+
+    @contextlib.contextmanager
+    def restoring_state(self, devices: dict[str, dict]) -> Iterator[None]:
+        """Rebuild the device model's devices from saved records; done when the block ends."""
+        with self._lock:
+            self._send({"op": "restore_state", "devices": devices})
+            try:
+                yield
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "restored":
+            raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
 
     def shutdown(self) -> dict:
         """Ask the device model to drain, flush the console and exit; its last counters.

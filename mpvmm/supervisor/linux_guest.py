@@ -185,6 +185,9 @@ class LinuxGuest(Guest):
     def atomic_total(self) -> int | None:
         return None
 
+    def describe(self) -> dict:
+        return {"kind": "linux", "entry": self.entry}
+
     def ending(self, outcome: VcpuOutcome) -> GuestEvent | None:
         """A triple fault resets a PC; a system event is the kernel powering off, rebooting or crashing."""
         match outcome:

@@ -1,15 +1,18 @@
 """One run of a VM from creation to teardown: what ``mpvmm start`` does.
 
 ``Supervisor.run`` builds the VM in one straight line, like Firecracker's
-``builder.rs``: KVM, the metrics endpoint (bound first: a busy port creates
-nothing), guest RAM, the guest, the VM and its vCPUs, the stats pages, the
-device-model process, the vCPU runners. Everything is undone in reverse by
-one ExitStack, whatever fails. What varies comes from the two objects
-``choose`` picks once: the guest (guest.py) and where the vCPUs run
-(vcpu_host.py). The run ends when the guest ends it, when every vCPU has
-exited, when ``--seconds`` runs out or a stop signal arrives (the guest is
-asked to finish, then forced after a grace period), or when a vCPU fails
-or the device model dies (ending.py).
+``builder.rs``: KVM, the control API socket, the guest source, the metrics
+endpoint (bound early: a busy port or path creates nothing), guest RAM, the
+guest, the VM and its vCPUs, the stats pages, the device-model process,
+the vCPU runners; then the guest brings the VM to its saved state, if it
+has one, and the vCPUs start. Everything is undone in reverse by one
+ExitStack, whatever fails. What varies comes from the two objects
+``choose`` picks once: the guest (guest.py: one that boots, a snapshot, or
+a VM arriving from another VMM) and where the vCPUs run (vcpu_host.py).
+The run ends when the guest ends it, when every vCPU has exited, when
+``--seconds`` runs out, a stop signal arrives or the API says stop (the
+guest is asked to finish, then forced after a grace period), when the VM
+migrated away, or when a vCPU fails or the device model dies (ending.py).
 """
 
 from __future__ import annotations
@@ -19,20 +22,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mpvmm.arguments import RUN_SECONDS_MAX, check_seconds, check_writable
+from mpvmm.api.server import ControlApi, NoApi
+from mpvmm.arguments import RUN_SECONDS_MAX, check_number, check_writable
 from mpvmm.errors import DeviceModelError, UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
 from mpvmm.metrics.exporter import MetricsExporter
+from mpvmm.migration.destination import IncomingSource
+from mpvmm.snapshot.restore import SnapshotSource
 from mpvmm.stop_signals import StopSignals
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.builtin_guest import BuiltinGuestSource
+from mpvmm.supervisor.control import VmControl
 from mpvmm.supervisor.device_model_client import DeviceModelClient
-from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, RunEnding, StopSignal, TimeLimit,
-                                     VcpuFailed, device_model_ending, exit_status)
+from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, MigratedAway, RunEnding, StopSignal,
+                                     TimeLimit, VcpuFailed, device_model_ending, exit_status, status_line)
 from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource
-from mpvmm.supervisor.linux_guest import LinuxBoot
 from mpvmm.supervisor.guest_memory import GuestMemory
+from mpvmm.supervisor.linux_guest import LinuxBoot
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vcpu_host import RUNNERS, VcpuHost
 from mpvmm.vcpu_worker.outcome import VcpuOutcome
@@ -57,6 +64,12 @@ class RunConfig:
     cmdline: str | None = None
     metrics_addr: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no /metrics endpoint (the CLI's default is 9477); 0: any free port
+    dirty_rate: int | None = None  # the dirty workload's MiB/s (None: its default)
+    # A VM that does not boot: one saved in a snapshot directory, or one
+    # arriving at tcp:HOST:PORT or unix:PATH. It brings cpus, memory and its guest.
+    restore: str | None = None
+    incoming: str | None = None
+    api_socket: str | None = None  # the control API's Unix socket (api/server.py)
 
 
 @dataclass
@@ -88,6 +101,7 @@ class RunResult:
     device_model: dict = field(default_factory=dict)
     atomic_total: int | None = 0
     fault_registers: dict = field(default_factory=dict)
+    migration: dict | None = None  # how the VM left (source) or arrived (destination), if it moved
     # What could not be collected at the end, and why: "device_model" when
     # it had died or did not answer (stopped, stuck); its counts are missing.
     not_collected: dict[str, str] = field(default_factory=dict)
@@ -101,6 +115,7 @@ class RunningVm:
     """A built VM, as the run's callbacks, the metrics and the tests see it."""
 
     config: RunConfig
+    memory: GuestMemory
     guest: Guest
     host: VcpuHost
     vcpus: VcpuSet
@@ -117,19 +132,30 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
     if config.runner not in RUNNERS:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
     if config.seconds is not None:
-        check_seconds(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
+        check_number(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
     if config.console is not None:
         check_writable(config.console, "--console")
     limits.check_host(config.cpus, config.memory)
 
 
-def choose(config: RunConfig) -> tuple[GuestSource, type[VcpuHost]]:
-    """The guest and the vCPU host of ``config``, checked; the only place either is chosen."""
+def choose(config: RunConfig, cancelled: Callable[[], int | None] = lambda: None) -> tuple[GuestSource, type[VcpuHost]]:
+    """The guest and the vCPU host of ``config``, checked; the only place either is chosen.
+
+    A restore reads and checks the whole snapshot here; an incoming VM is
+    waited for here (until ``cancelled()`` names a stop signal).
+    """
     host = RUNNERS[config.runner]
+    if config.restore is not None or config.incoming is not None:
+        if not host.has_machine_state:
+            raise UsageError(f"--runner {config.runner} has a VM per vCPU and no one machine state to "
+                             "bring back (use --runner native or python)")
+        if config.restore is not None:
+            return SnapshotSource.from_directory(config.restore), host
+        return IncomingSource.accept(config.incoming, cancelled), host
     if config.kernel is None:
         if config.initrd is not None or config.cmdline is not None:
             raise UsageError("--initrd and --cmdline need --kernel")
-        return BuiltinGuestSource(config.cpus, config.workload, config.memory), host
+        return BuiltinGuestSource(config.cpus, config.workload, config.memory, config.dirty_rate), host
     if not host.shares_interrupt_controller:
         raise UsageError(f"--runner {config.runner} has no shared interrupt controller and cannot boot Linux")
     return LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory), host
@@ -160,12 +186,19 @@ class Supervisor:
         with contextlib.ExitStack() as stack:
             if signals is None:
                 signals = stack.enter_context(StopSignals())
-            vm = self._build(stack)
+            control = VmControl()
+            vm, api = self._build(stack, signals, control)
+            # The runners wait, up, while a restored or arriving guest writes its
+            # saved state; resuming is then all that is left of its downtime.
+            vm.vcpus.start(paused=True)
+            vm.guest.restore(vm, signals.signal_received)
             started = time.monotonic()
-            vm.vcpus.start()
+            vm.vcpus.resume()
+            vm.guest.started()
+            control.running(vm)
             if self.on_started:
                 self.on_started(vm)
-            ending = self._wait(vm, signals, started)
+            ending = self._wait(vm, signals, started, control, api)
             seconds = time.monotonic() - started
             if self.on_stopped:
                 self.on_stopped(vm)
@@ -173,19 +206,24 @@ class Supervisor:
                 vm.metrics.detach()  # the device model's control socket is _collect's from here
             return self._collect(vm, ending, seconds)
 
-    def _build(self, stack: contextlib.ExitStack) -> RunningVm:
+    def _build(self, stack: contextlib.ExitStack, signals: StopSignals,
+               control: VmControl) -> tuple[RunningVm, ControlApi | NoApi]:
         """Every part of the VM, in order; each one's teardown on ``stack``."""
         config = self.config
         kvm = stack.enter_context(Kvm())
         kvm.require_capabilities()
         validate(config, kvm.max_vcpus())
-        source, host_class = choose(config)
+        api = stack.enter_context(ControlApi(config.api_socket, control.status) if config.api_socket else NoApi())
+        source, host_class = choose(config, signals.signal_received)
+        stack.enter_context(source)
+        config = source.machine_config(config)  # a restored or arriving VM brings its own machine
+        validate(config, kvm.max_vcpus())  # that machine, against this host
         metrics = None
         if config.metrics_port is not None:
             metrics = stack.enter_context(MetricsExporter(config.metrics_addr, config.metrics_port, {
                 "cpus": str(config.cpus), "memory_bytes": str(config.memory),
                 "runner": config.runner, "workload": source.workload}))
-        memory = stack.enter_context(GuestMemory(config.memory))
+        memory = stack.enter_context(source.create_memory(config.memory))
         guest = source.load(memory)
         host = stack.enter_context(host_class(kvm, memory, guest, config.cpus))
         irq_fds = host.connect_irq_lines(source.machine.irq_lines)
@@ -196,18 +234,27 @@ class Supervisor:
             stdin_fd=terminal.input_fd))
         vcpus = VcpuSet(host.create_runners(stats, paravirt_routes(), device_model.channels))
         stack.callback(vcpus.stop_and_join)
-        vm = RunningVm(config, guest, host, vcpus, device_model, metrics)
+        vm = RunningVm(config, memory, guest, host, vcpus, device_model, metrics)
         if metrics:
             # Before the vCPUs start: opening a vCPU's stats fd would wait on a running vCPU.
-            metrics.attach(vm)
+            metrics.attach(vm, control.migration_report)
             stack.callback(metrics.detach)  # runs before the stats pages are unmapped
-        return vm
+        return vm, api
 
     # --- While it runs. ---
 
-    def _wait(self, vm: RunningVm, signals: StopSignals, started: float) -> RunEnding:
-        """Wait for the end of the run; returns how it ended, every vCPU stopped."""
+    def _wait(self, vm: RunningVm, signals: StopSignals, started: float, control: VmControl,
+              api: ControlApi | NoApi) -> RunEnding:
+        """Wait for the end of the run, doing what the API asks; returns how it ended, every vCPU stopped."""
         deadline = None if self.config.seconds is None else started + self.config.seconds
+
+        def abort() -> str | None:
+            """Why a long command (a migration) must give up now, if it must."""
+            ending = self._ended(vm)
+            if signals.received is not None:
+                ending = StopSignal(signals.received)
+            return None if ending is None else f"the run is ending: {status_line(ending)}"
+
         while True:
             ending = self._ended(vm)
             if ending is not None:
@@ -221,7 +268,14 @@ class Supervisor:
             if deadline is not None and time.monotonic() >= deadline:
                 self._finish(vm)
                 return TimeLimit()
-            time.sleep(POLL_SECONDS)
+            command = api.next_command(POLL_SECONDS)
+            ending = control.execute(command, abort) if command is not None else None
+            if isinstance(ending, MigratedAway):
+                vm.vcpus.stop_and_join()  # paused; guest RAM is the destination's now
+                return ending
+            if ending is not None:
+                self._finish(vm)
+                return ending
 
     @staticmethod
     def _ended(vm: RunningVm) -> RunEnding | None:
@@ -248,6 +302,7 @@ class Supervisor:
         No grace while the device model is dead or stopped: a vCPU waiting
         for its answer could not finish anyway.
         """
+        vm.vcpus.resume()  # a paused guest cannot finish by itself
         vm.guest.request_stop()
         end = time.monotonic() + vm.guest.stop_grace_seconds
         while (time.monotonic() < end and not vm.vcpus.all_done() and vm.device_model.alive()
@@ -269,10 +324,11 @@ class Supervisor:
             not_collected["device_model"] = str(err)
         outcomes = [runner.outcome() for runner in vm.vcpus]
         code, status, fault_registers = exit_status(ending, outcomes)
-        return RunResult(self.config, code, status, seconds,
+        migration = ending.report if isinstance(ending, MigratedAway) else vm.guest.arrival
+        return RunResult(vm.config, code, status, seconds,
                          vcpus=[_vcpu_result(runner, outcome, vm.guest) for runner, outcome in zip(vm.vcpus, outcomes)],
                          device_model=device_stats, atomic_total=vm.guest.atomic_total(),
-                         fault_registers=fault_registers, not_collected=not_collected)
+                         fault_registers=fault_registers, migration=migration, not_collected=not_collected)
 
 
 def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> VcpuResult:

@@ -77,6 +77,19 @@ def render_summary(result, console: Console) -> None:
         console.print(f"terminal input: {dropped_input} bytes typed ahead past what may wait for the guest, dropped")
     for part, why in result.not_collected.items():
         console.print(f"not collected: {part.replace('_', ' ')}: {why}")
+    if result.migration is not None:
+        console.print(migration_line(result.migration))
+
+
+def migration_line(report: dict) -> str:
+    """One line for either end of a migration: where, downtime, time, rounds and pages per round."""
+    where = f"to {report['to']}" if report["role"] == "source" else f"from {report['from']}"
+    seconds = report.get("total_seconds", report.get("receive_seconds"))
+    pages = ", ".join(str(count) for count in report["pages_per_round"]) or "none"
+    downtime = report.get("downtime_ms")
+    return (f"migration {where} ({report['memory']} RAM): downtime "
+            f"{'-' if downtime is None else f'{downtime:.1f}'} ms, {seconds:.2f} s in all, "
+            f"{report['rounds']} rounds, pages per round: {pages}")
 
 
 def report_dict(result) -> dict:
@@ -112,6 +125,7 @@ def report_dict(result) -> dict:
         "fault_registers": {str(k): v for k, v in result.fault_registers.items()},
         "not_collected": result.not_collected,
         "output_errors": result.output_errors,
+        "migration": result.migration,
     }
 
 

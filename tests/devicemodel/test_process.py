@@ -408,3 +408,30 @@ def test_config_refuses_bad_messages(change):
         Config.from_message({**GOOD_CONFIG, **change})
     with pytest.raises(DeviceModelError):
         Config.from_message("configure")
+
+
+def test_save_state_sees_queued_writes_and_restore_state_rebuilds_the_devices(harness):
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    for value in (3, 4):  # posted: still queued, maybe, when save_state arrives
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, value, 0)
+    harness.send({"op": "save_state"})
+    saved = harness.recv()
+    assert saved["op"] == "state"
+    assert saved["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 7, "reads": 0}
+    assert set(saved["devices"]) == set(harness.stats()["stats"]["devices"])
+
+    devices = dict(saved["devices"], **{"testdev-pio": {"writes": 40, "write_sum": 100, "reads": 1}})
+    harness.send({"op": "restore_state", "devices": devices})
+    assert harness.recv() == {"op": "restored"}
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 5, 0)
+    harness.request(0, KIND_READ, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 0, 1)
+    assert harness.reply(0) == (1, testdev_pattern(0, 4))
+    assert harness.stats()["stats"]["devices"]["testdev-pio"] == {"writes": 41, "write_sum": 105, "reads": 2}
+
+    # A bad record is refused and the machine stays as it was.
+    harness.send({"op": "restore_state", "devices": dict(devices, **{"testdev-pio": {"writes": -1}})})
+    refused = harness.recv()
+    assert refused["op"] == "error" and "test device" in refused["message"]
+    assert harness.stats()["stats"]["devices"]["testdev-pio"]["writes"] == 41
+    assert harness.proc.poll() is None

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 
-from mpvmm.metrics import server
+from mpvmm import http_server as server
 
 SLOW_BYTE_SECONDS = 2.5  # one byte every 2-3 s: under any per-read timeout
 POLL_SECONDS = 0.2

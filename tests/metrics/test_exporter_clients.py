@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from mpvmm.metrics import server
+from mpvmm import http_server as server
 from mpvmm.metrics.exporter import MetricsExporter
 from tests.metrics.conftest import free_port
 from tests.metrics.hostile_clients import SLOW_BYTE_SECONDS, HostileClients, SlowClient
@@ -210,7 +210,8 @@ def test_close_after_the_server_thread_saw_the_stop_flag_and_left(endpoint):
     """close() sets the stop flag, then writes to the wake-up pipe. A server thread woken meanwhile
     by a client sees the flag first and leaves, closing its end of the pipe: the write then fails
     with EPIPE, which close() must take as the thread being gone (the soak met it as a
-    BrokenPipeError out of a run's teardown). Here the thread leaves first, for certain."""
+    BrokenPipeError out of a run's teardown, before the server moved to mpvmm/http_server.py).
+    Here the thread leaves first, for certain."""
     server_ = endpoint._server
     server_._stopping = True
     socket.create_connection(("127.0.0.1", endpoint.port)).close()  # wakes it: it sees the flag

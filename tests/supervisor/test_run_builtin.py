@@ -25,6 +25,7 @@ MAIN_OP = {
     "mmio": "mmio_writes",
     "uart": "uart_bytes",
     "atomics": "atomic_increments",
+    "dirty": "dirty_pages",
 }
 CONSOLE_LINE = re.compile(r"^vcpu (\d+) (online|demo round \d+|uart line \d+)$")
 
