@@ -1,7 +1,6 @@
 """The ``mpvmm`` command. Errors become one line on stderr and an exit code here."""
 
 import argparse
-import signal
 import sys
 
 from rich.console import Console
@@ -16,6 +15,7 @@ from mpvmm.guest.abi import WORKLOADS
 from mpvmm.migration.address import parse as parse_address
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
 from mpvmm.output import GuardedStream, open_standard_fds, say
+from mpvmm.stop_signals import StopSignals
 from mpvmm.x86.linux import DEFAULT_CMDLINE
 
 
@@ -110,9 +110,8 @@ def check_machine_options(args) -> None:
         raise UsageError(f"{bringer} brings the VM's own machine; {', '.join(given)} cannot be given with it")
 
 
-def cmd_start(args) -> int:
+def cmd_start(args, stop_signals: StopSignals | None = None) -> int:
     # Imported here so that `mpvmm --help` works without the native extension.
-    from mpvmm.stop_signals import StopSignals
     from mpvmm.supervisor.run import RunConfig, Supervisor
     from mpvmm.supervisor.terminal import stdin_terminal
 
@@ -127,12 +126,14 @@ def cmd_start(args) -> int:
                        metrics_port=None if args.no_metrics else args.metrics_port,
                        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                        restore=args.restore, incoming=args.incoming, api_socket=args.api_socket)
-    # One StopSignals from here to the end: a Ctrl-C stops the VM cleanly, one
-    # more cannot cut the summary or the report short, and none can land
-    # between creating the report check's probe file and removing it.
-    with StopSignals() as signals:
+    # One StopSignals to the end: a Ctrl-C stops the VM cleanly, one more
+    # cannot cut the summary or the report short, and none can land between
+    # creating the report check's probe file and removing it.
+    with stop_signals or StopSignals() as signals:
         if args.report:
             check_writable(args.report, "--report", replaced=True)
+        if signals.received is not None:
+            return 128 + signals.received  # stopped while mpvmm loaded: nothing created
         result = _summarise(Supervisor(config, stdin_fd=stdin_terminal()).run(signals), args.report)
     say(f"mpvmm: {result.status}; exit code {result.exit_code}")
     for index, registers in result.fault_registers.items():
@@ -171,18 +172,22 @@ def cmd_top(args) -> int:
     return run_top(args.url, once=args.once, interval=args.interval)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop_signals: StopSignals | None = None) -> int:
+    """The mpvmm command. ``stop_signals``: installed by the program from its first line
+    (``mpvmm.__main__``); ``start`` keeps it for its run, the other subcommands get the
+    usual KeyboardInterrupt back. A stop signal before a subcommand starts is exit 128+N."""
     try:
         open_standard_fds()
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        if stop_signals is not None:
+            if args.func is not cmd_start:
+                stop_signals.restore()
+            if stop_signals.received is not None:
+                return 128 + stop_signals.received  # nothing has been created yet
+        return cmd_start(args, stop_signals) if args.func is cmd_start else args.func(args)
     except MpvmmError as err:
         say(f"mpvmm: error: {err}")
         return err.exit_code
-    except KeyboardInterrupt:
-        # Ctrl-C before a run catches stop signals (or in a subcommand that
-        # does not): nothing is left to clean up, so leave as a stopped run does.
-        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -20,19 +20,29 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class StopSignals:
     """Turns the stop signals into a flag while installed (the first one received).
 
-    Installed for a whole ``mpvmm start`` (cli.py), it covers the summary and
-    the report too: a second Ctrl-C cannot cut them short.
+    The mpvmm program installs one at its first line (``mpvmm.__main__``),
+    so a stop signal is never a KeyboardInterrupt that an import could
+    swallow (CPython drops one raised in a weakref callback, and the run it
+    should have stopped then ran on); ``mpvmm start`` keeps it to the end,
+    through the summary and the report; other subcommands get the usual
+    KeyboardInterrupt back (``restore``).
     """
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
 
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
+    def install(self) -> "StopSignals":
+        if not self._previous and threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def restore(self) -> None:
+        """Put back the handlers in place before ``install``. Idempotent."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def signal_received(self) -> int | None:
         """The first stop signal received, or None (a callable for waits that must give up on one)."""
@@ -42,9 +52,11 @@ class StopSignals:
         if self.received is None:
             self.received = signum
 
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self.restore()
 
 
 def ignore_stop_signals() -> None:

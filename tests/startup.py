@@ -2,10 +2,10 @@
 
 Run it with PYTHONPROFILEIMPORTTIME=1: every finished import is a line on
 stderr. ``mpvmm.__main__`` imports ``signal`` and then, inside the ``try``
-that makes a KeyboardInterrupt quiet, everything else, so the first import
-line after ``signal``'s comes from mpvmm's own code. Before that Python
-itself is starting (``site``), and a Ctrl-C there is the interpreter's to
-report.
+that makes a KeyboardInterrupt quiet, the stop-signal flag and everything
+else, so the first import line after ``signal``'s comes from mpvmm's own
+code. Before that Python itself is starting (``site``), and a Ctrl-C there
+is the interpreter's to report.
 """
 
 from __future__ import annotations

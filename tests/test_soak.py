@@ -281,9 +281,10 @@ def run_in_process(cycle: Cycle, tmp_path, rng: random.Random) -> None:
 def run_cli(cycle: Cycle, tmp_path, rng: random.Random) -> None:
     """`mpvmm start` signalled as a process group (Ctrl-C, `timeout`) at a random moment from its first line.
 
-    A signal before the run catches them ends it quietly (SIGINT: exit 130;
-    SIGTERM, SIGHUP: their default action) with nothing created; from then
-    on it is a clean stop, 128+N, with the summary and a complete report.
+    A signal while mpvmm loads ends it quietly, 128+N, with nothing created
+    (only SIGTERM or SIGHUP in the few lines before the flag is installed
+    take their default action, -N); once the run is built it is a clean
+    stop, 128+N, with the summary and a complete report.
     """
     shape, report = cycle.shape, tmp_path / "report.json"
     signum = cycle.details["signal"] = rng.choice(STOP_SIGNALS)
@@ -315,8 +316,8 @@ def run_cli(cycle: Cycle, tmp_path, rng: random.Random) -> None:
         assert data["status"] == f"stopped by {name}" and data["not_collected"] == {}
         assert own == [f"mpvmm: stopped by {name}; exit code {code}"], own
     else:
-        # Stopped before the run caught stop signals, quietly: nothing was created.
-        quiet_exits = (130,) if signum == signal.SIGINT else (-signum,)
+        # Stopped while it loaded, quietly: nothing was created.
+        quiet_exits = (128 + signum,) if signum == signal.SIGINT else (128 + signum, -signum)
         assert code in quiet_exits and own == [], (code, own)
 
 
