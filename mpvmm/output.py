@@ -122,17 +122,9 @@ def write_atomically(path: str, data: bytes) -> None:
     # os.urandom, not the secrets module: that loads OpenSSL, whose exit
     # handler makes a syscall (futex) the device model's filter refuses.
     temporary = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.tmp")
-    # An existing file keeps its permissions; a new one gets the umask's, like open().
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                 stat.S_IMODE(mode) if mode is not None else 0o666)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # An existing file keeps its permissions; a new one gets the umask's, like open().
+        write_new_file(temporary, data, stat.S_IMODE(mode) if mode is not None else 0o666)
         os.rename(temporary, os.path.join(folder, name))
     except BaseException:
         try:
@@ -140,3 +132,15 @@ def write_atomically(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def write_new_file(path: str, data: bytes, mode: int) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
