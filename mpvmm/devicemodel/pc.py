@@ -29,8 +29,6 @@ RTC_NAME = "rtc"
 I8042_NAME = "i8042"
 ACPI_PM_NAME = "acpi-pm"
 I8042_PORT_COUNT = layout.I8042_COMMAND_PORT - layout.I8042_DATA_PORT + 1
-# irqfd names in the configure message, and the GSI each is registered on.
-IRQ_LINES = {"com1": layout.COM1_IRQ, "i8042": 1}
 EVENT_I8042_RESET = "reboot"
 _ONE = (1).to_bytes(8, "little")
 

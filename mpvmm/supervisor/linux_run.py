@@ -24,8 +24,8 @@ from mpvmm.supervisor.linux_guest import LinuxBoot, LinuxGuestReport
 from mpvmm.supervisor.run import Supervisor
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vm import VirtualMachine
+from mpvmm.x86 import layout
 
-IRQ_LINES = {"com1": 4, "i8042": 1}  # device name -> GSI (ISA IRQ = IOAPIC pin, KVM's default)
 
 # How each way a guest can end reads in the status line, and its exit code.
 ENDINGS = {
@@ -71,7 +71,7 @@ class LinuxSupervisor(Supervisor):
         stack.callback(self.vm.close)
         self.boot.setup_vcpus(kvm, self.vm)
         self.irq_fds = {}
-        for name, gsi in IRQ_LINES.items():
+        for name, gsi in layout.IRQ_LINES.items():
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             stack.callback(os.close, fd)
             self.vm.vm.irqfd(fd, gsi)

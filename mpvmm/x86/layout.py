@@ -89,4 +89,11 @@ RTC_PORT_COUNT = 2
 # ACPI hardware-reduced sleep control/status and reset registers (FADT).
 ACPI_PM_PORT = 0x600
 ACPI_PM_PORT_COUNT = 4
+
+# --- Interrupts: ISA IRQ n is IOAPIC pin n (GSI n), KVM's default routing,
+# which the MP table and the MADT describe (no source overrides).
 COM1_IRQ = 4
+I8042_KEYBOARD_IRQ = 1
+# The irqfd of each device that raises an interrupt: device name -> GSI.
+# The supervisor registers one eventfd per entry, the device model signals it.
+IRQ_LINES = {"com1": COM1_IRQ, "i8042": I8042_KEYBOARD_IRQ}

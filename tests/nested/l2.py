@@ -1,0 +1,103 @@
+"""Booting a kernel with mpvmm inside an L1: the host side of ``l2_run``.
+
+``NestedLinux(l1).boot(kernel, initrd, cpus=2, ...)`` writes a request into
+the shared folder, runs ``python -m tests.nested.l2_run`` in L1 from this
+checkout's virtual environment, and returns an ``L2Result``. An mpvmm run
+that outlives its bound raises ``LayerError("L2", ...)``; the L1 command
+around it has the bound plus ``STARTUP_MARGIN`` (Python's first imports over
+9p take seconds), so a hang inside L2 is reported as L2's, not as the
+command's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from tests.nested.l1 import L1, REPO, LayerError
+
+STARTUP_MARGIN = 120.0
+# Boot phases: the first line of each, as the kernel and our init print it.
+PHASES = {
+    "banner": "Linux version",
+    "all_cpus_up": "smp: Brought up",
+    "init": "mpvmm-init:",
+}
+
+
+@dataclass
+class L2Result:
+    status: int
+    stderr: str
+    console: str
+    seconds: float
+    phases: dict[str, float]
+    metrics: str | None = None
+    scrape_error: str | None = None
+    terminal_restored: bool | None = None
+    steps_left: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """For assertion messages: the status, stderr and the console's end."""
+        return (f"exit status {self.status}, {self.seconds:.0f} s, phases {self.phases}\n"
+                f"--- stderr ---\n{self.stderr[-2000:]}\n--- console, last 4000 characters ---\n"
+                f"{self.console[-4000:]}")
+
+
+class NestedLinux:
+    def __init__(self, l1: L1, python: str | None = None):
+        self.l1 = l1
+        self.python = python or os.path.join(REPO, ".venv", "bin", "python")
+        if not os.path.exists(self.python):
+            self.python = sys.executable
+        self._boots = 0
+
+    def boot(self, kernel: str, initrd: str, cpus: int, *, memory: str = "512M", cmdline: str,
+             console_file: bool = False, bound: float = 300.0, metrics_port: int | None = None,
+             terminal_steps: list[tuple[str, str]] | None = None, extra_args: list[str] = ()) -> L2Result:
+        """``mpvmm start --kernel ...`` in L1; the console goes to a file (``--console``), else to stdout.
+
+        ``terminal_steps``: run on a pseudo-terminal and type each text once the
+        console shows its cue. ``metrics_port``: serve /metrics there and
+        scrape it once every CPU is up, until every vCPU shows exits.
+        """
+        self._boots += 1
+        stem = os.path.join(self.l1.share, f"l2-{self._boots:02d}")
+        console = f"{stem}-console.log" if console_file else None
+        argv = [self.python, "-m", "mpvmm", "start", "--kernel", kernel, "--initrd", initrd,
+                "--cpus", str(cpus), "--memory", memory, "--cmdline", cmdline, *extra_args]
+        argv += ["--console", console] if console else []
+        argv += ["--metrics-port", str(metrics_port)] if metrics_port is not None else ["--no-metrics"]
+        request = {"argv": argv, "bound": bound, "console": console, "console_copy": f"{stem}-stdout.log",
+                   "phases": PHASES, "result": f"{stem}-result.json"}
+        if metrics_port is not None:
+            request["metrics"] = {"port": metrics_port, "after": PHASES["all_cpus_up"], "cpus": cpus}
+        if terminal_steps is not None:
+            request["pty"] = {"steps": [{"wait": cue, "send": text} for cue, text in terminal_steps]}
+        with open(f"{stem}-request.json", "w") as f:
+            json.dump(request, f)
+        command = self.l1.run(f"{self.python} -m tests.nested.l2_run {stem}-request.json",
+                              timeout=bound + STARTUP_MARGIN)
+        if command.status != 0 or not os.path.exists(request["result"]):
+            raise LayerError("command", f"l2_run exited with status {command.status}",
+                             f"--- stdout ---\n{command.stdout[-2000:]}\n--- stderr ---\n{command.stderr[-3000:]}")
+        with open(request["result"]) as f:
+            outcome = json.load(f)
+        text = _read(console or request["console_copy"])
+        if outcome["timed_out"]:
+            raise LayerError("L2", f"mpvmm did not end within {bound:.0f} s (phases seen: {outcome['phases']})",
+                             f"--- stderr ---\n{outcome['stderr'][-2000:]}\n--- L2 console, last lines ---\n"
+                             + "\n".join(text.splitlines()[-30:]))
+        return L2Result(outcome["status"], outcome["stderr"], text, outcome["seconds"], outcome["phases"],
+                        outcome["metrics"], outcome["scrape_error"], outcome.get("terminal_restored"),
+                        outcome["steps_left"])
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
