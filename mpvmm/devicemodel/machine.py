@@ -133,6 +133,23 @@ class DeviceModel:
             return all_ones(request.size) if is_read else None
         return None
 
+    def timer_deadline(self) -> float | None:
+        """The earliest ``time.time()`` at which a device wants ``run_timers`` (the RTC's update cycle)."""
+        deadlines = [device.timer_deadline() for device in self._timed()]
+        return min((deadline for deadline in deadlines if deadline is not None), default=None)
+
+    def run_timers(self) -> None:
+        """Let every device with a clock catch up with it (each one checks its own deadline)."""
+        for name, device in self.devices.items():
+            if hasattr(device, "on_timer"):
+                try:
+                    device.on_timer()
+                except Exception:
+                    self.device_errors[name] += 1
+
+    def _timed(self) -> list:
+        return [device for device in self.devices.values() if hasattr(device, "timer_deadline")]
+
     def handle_message(self, data: bytes) -> bytes | None:
         """Decode, dispatch and, for a read, encode the reply; None otherwise.
 

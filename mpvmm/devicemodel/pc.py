@@ -48,7 +48,7 @@ def build_pc_buses(
     on_event: Callable[[str], None],
 ):
     pio, mmio, devices = build_buses(console_out, triggers.get("com1"))
-    rtc = Rtc()
+    rtc = Rtc(trigger=triggers.get("rtc"))
     i8042 = I8042(reset=lambda: on_event(EVENT_I8042_RESET), trigger=triggers.get("i8042"))
     acpi_pm = AcpiPm(on_event)
     pio.insert(BusRange(layout.RTC_PORT, layout.RTC_PORT_COUNT), rtc, RTC_NAME)

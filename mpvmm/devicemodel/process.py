@@ -35,6 +35,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from typing import Callable, Sequence
 
 import msgpack
@@ -326,7 +327,8 @@ class DeviceModelProcess:
         while True:
             if not more:
                 self.console.flush()  # about to sleep: show what the guest wrote
-            events = self._epoll.poll(0 if more else -1)
+            events = self._epoll.poll(0 if more else self._timer_timeout())
+            self.model.run_timers()
             if not events:
                 more = []
                 continue
@@ -342,6 +344,11 @@ class DeviceModelProcess:
             more = self._serve(ready) if ready else []
             if self.host_input is not None:
                 self.host_input.rearm()
+
+    def _timer_timeout(self) -> float:
+        """Seconds until a device's next timer (the RTC's update cycle), or -1: none is due."""
+        deadline = self.model.timer_deadline()
+        return -1 if deadline is None else max(0.0, deadline - time.time())
 
     def close(self) -> None:
         """Release everything opened so far; safe after a failed configure."""

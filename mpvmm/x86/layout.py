@@ -94,6 +94,7 @@ ACPI_PM_PORT_COUNT = 4
 # which the MP table and the MADT describe (no source overrides).
 COM1_IRQ = 4
 I8042_KEYBOARD_IRQ = 1
+RTC_IRQ = 8
 # The irqfd of each device that raises an interrupt: device name -> GSI.
 # The supervisor registers one eventfd per entry, the device model signals it.
-IRQ_LINES = {"com1": COM1_IRQ, "i8042": I8042_KEYBOARD_IRQ}
+IRQ_LINES = {"com1": COM1_IRQ, "i8042": I8042_KEYBOARD_IRQ, "rtc": RTC_IRQ}

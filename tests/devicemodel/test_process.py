@@ -14,6 +14,7 @@ import msgpack
 import posix_ipc
 import pytest
 
+from mpvmm.devicemodel import rtc
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.console import Console
 from mpvmm.devicemodel.config import Config
@@ -28,7 +29,7 @@ from mpvmm.devicemodel.protocol import (
     encode_request,
 )
 from mpvmm.errors import DeviceModelError
-from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT
+from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT, RTC_PORT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
@@ -63,13 +64,13 @@ class Harness:
             name, posix_ipc.O_CREX, mode=0o600, max_messages=depth, max_message_size=MAX_MESSAGE_SIZE
         )
 
-    def start(self, stdout=subprocess.DEVNULL):
+    def start(self, stdout=subprocess.DEVNULL, pass_fds=()):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-            pass_fds=(child.fileno(), self.shm.fd),
+            pass_fds=(child.fileno(), self.shm.fd, *pass_fds),
             stdout=stdout,
             env=env,
         )
@@ -204,6 +205,21 @@ def test_full_session(harness, tmp_path):
     assert bye["stats"]["devices"]["com1"]["out_bytes"] == 6
     assert harness.proc.wait(TIMEOUT) == 0
     assert console.read_bytes() == b"hello\n"
+
+
+def test_the_rtc_update_interrupt_arrives_with_no_guest_access(harness):
+    """The process wakes for the RTC's update cycle on its own and signals the RTC's irqfd."""
+    irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        harness.start(pass_fds=(irqfd,))
+        assert harness.configure(machine="pc", irqfds={"rtc": irqfd})["op"] == "ready"
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, rtc.REG_STATUS_B, 0)
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT + 1, 1, rtc.STATUS_B_24H | rtc.STATUS_B_UIE, 0)
+        ready, _, _ = select.select([irqfd], [], [], 3.0)  # the next whole second, and a margin
+        assert ready == [irqfd] and os.eventfd_read(irqfd) == 1
+        assert harness.stats()["stats"]["devices"]["rtc"]["interrupts"] == 1
+    finally:
+        os.close(irqfd)
 
 
 def test_shutdown_drains_posted_writes_first(harness, tmp_path):

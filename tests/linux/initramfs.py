@@ -2,8 +2,8 @@
 
 Its /init mounts /proc, /sys and /dev, reports what the kernel found (``mpvmm-init:``
 lines: the CPU count, the PNP devices and their resources, the interrupt
-counts of the serial port, the i8042 and the RTC, the RTC's time, the
-keyboard port) and then ends as the test asks: ``poweroff``, ``reboot``,
+counts of the serial port, the i8042 and the RTC after an RTC alarm, the
+RTC's time, the keyboard port) and then ends as the test asks: ``poweroff``, ``reboot``,
 ``panic`` (a sysrq crash; with ``panic=-1`` the kernel reboots at once) or
 ``shell`` (``cat`` echoes what is typed, without the tty's own echo, so
 each typed line comes back exactly once, from a guest process). Every line
@@ -30,16 +30,25 @@ mount -t devtmpfs devtmpfs /dev
 echo "{MARKER} cpus=$(grep -c ^processor /proc/cpuinfo)"
 echo "{MARKER} online=$(cat /sys/devices/system/cpu/online)"
 for device in /sys/bus/pnp/devices/*; do
-    [ -e "$device/id" ] && echo "{MARKER} pnp $(cat "$device/id") $(grep -v state "$device/resources" | tr '\n' ' ')"
+    [ -e "$device/id" ] && echo "{MARKER} pnp $(cat "$device/id") $(grep -v state "$device/resources" | tr '\\n' ' ')"
 done
+# An RTC alarm two seconds ahead (one may pass while the slow CMOS reads set it): its
+# interrupt shows in /proc/interrupts. ACPI boots only: without ACPI rtc_cmos cannot wake.
+echo +2 > /sys/class/rtc/rtc0/wakealarm 2>/dev/null && sleep 4
 grep -E 'ttyS0|i8042|rtc0' /proc/interrupts | while read -r line; do echo "{MARKER} irq $line"; done
 echo "{MARKER} rtc $(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null)"
 echo "{MARKER} serio $(cat /sys/bus/serio/devices/serio0/description 2>/dev/null)"
 """
+# echo returns once its bytes are in the tty buffer, and the kernel's last messages
+# would interleave with them, or a power-off cut them: wait until the UART's
+# transmit count has stood still for half a second.
+DRAIN = """sent=; now=$(cat /proc/tty/driver/serial)
+while [ "$sent" != "$now" ]; do sleep 0.5; sent=$now; now=$(cat /proc/tty/driver/serial); done
+"""
 ENDINGS = {
-    "poweroff": "poweroff -f\n",
-    "reboot": "reboot -f\n",
-    "panic": f"echo \"{MARKER} panicking\"\necho c > /proc/sysrq-trigger\n",
+    "poweroff": DRAIN + "poweroff -f\n",
+    "reboot": DRAIN + "reboot -f\n",
+    "panic": f"echo \"{MARKER} panicking\"\n{DRAIN}echo c > /proc/sysrq-trigger\n",
     "shell": f"stty -echo\necho \"{SHELL_PROMPT}\"\nexec cat\n",
 }
 INIT_SCRIPT = REPORT + ENDINGS["poweroff"]

@@ -106,7 +106,8 @@ class _Console:
 
 class L1:
     def __init__(self, assets: Assets, workdir: str, cpus: int = 2, memory: str = "3G",
-                 bounds: Bounds = Bounds(), qemu: str = QEMU, extra_cmdline: str = ""):
+                 bounds: Bounds = Bounds(), qemu: str = QEMU, extra_cmdline: str = "",
+                 modules: list[str] | None = None):
         if any(ch.isspace() for ch in workdir):
             raise ValueError(f"the L1 work folder must not contain spaces: {workdir!r}")
         self.assets = assets
@@ -118,6 +119,8 @@ class L1:
         self.bounds = bounds
         self.qemu = qemu
         self.extra_cmdline = extra_cmdline
+        self.modules = modules
+        self.start_failure: LayerError | None = None
         self.process = None
         self.console = _Console(os.path.join(workdir, "l1-console.log"))
         self.boot_seconds: dict[str, float] = {}
@@ -141,7 +144,7 @@ class L1:
     def start(self) -> None:
         initrd = os.path.join(self.workdir, "l1-initramfs.cpio")
         with open(initrd, "wb") as f:
-            f.write(l1_image.build_l1_initramfs(self.assets.busybox, self.assets.module_root))
+            f.write(l1_image.build_l1_initramfs(self.assets.busybox, self.assets.module_root, self.modules))
         # A previous L1's leftovers: its console, its power-off request, a command it never took.
         stale = [self.console.path, os.path.join(self.share, "poweroff")]
         stale += glob.glob(os.path.join(self.share, "cmd", "*"))
@@ -212,7 +215,13 @@ class L1:
     def run(self, command: str, timeout: float, cwd: str = REPO) -> CommandResult:
         """Run shell ``command`` in L1 (cwd ``cwd``); the status is the command's own."""
         if not self.running:
-            self.start()
+            if self.start_failure is not None:  # do not wait through every bound again
+                raise LayerError(self.start_failure.layer, f"(an earlier start) {self.start_failure.message}")
+            try:
+                self.start()
+            except LayerError as err:
+                self.start_failure = err
+                raise
         self._commands += 1
         name = f"{self._commands:04d}"
         script = f"cd {shlex.quote(cwd)} || exit 125\n{command}\n"

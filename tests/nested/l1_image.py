@@ -91,15 +91,18 @@ def module_paths() -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
-def build_l1_initramfs(busybox_path: str, module_root: str) -> bytes:
-    """An uncompressed newc archive: L1 unpacks it faster than a gzip one under TCG."""
+def build_l1_initramfs(busybox_path: str, module_root: str, modules: list[str] | None = None) -> bytes:
+    """An uncompressed newc archive (L1 unpacks it faster than a gzip one under TCG).
+
+    ``modules``: what to load, in order (default: l1-modules.txt).
+    """
     with open(busybox_path, "rb") as f:
         busybox = f.read()
     directory = stat.S_IFDIR | 0o755
     files = {name: (directory, b"") for name in ("bin", "dev", "proc", "sys", "modules")}
     files["bin/busybox"] = (stat.S_IFREG | 0o755, busybox)
     files["init"] = (stat.S_IFREG | 0o755, INIT_SCRIPT.encode())
-    modules = module_paths()
+    modules = module_paths() if modules is None else modules
     files["modules.list"] = (stat.S_IFREG | 0o644, "\n".join(modules).encode() + b"\n")
     for module in modules:
         parts = module.split("/")

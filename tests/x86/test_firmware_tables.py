@@ -186,7 +186,7 @@ def test_iasl_reads_every_pc_device_in_the_dsdt(tmp_path):
     assert "PNP0F13" not in dsl  # no AUX (mouse) port: the device model has none
     rtc = _device_block(dsl, "RTC")
     assert 'EisaId ("PNP0B00")' in rtc and _io(layout.RTC_PORT, layout.RTC_PORT_COUNT) in rtc
-    assert "IRQ" not in rtc  # the RTC raises no interrupts: Linux must not wait for one
+    assert f"IRQNoFlags ()\n                    {{{layout.RTC_IRQ}}}" in rtc
     pm = _device_block(dsl, "PMRG")
     assert 'EisaId ("PNP0C02")' in pm and _io(layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_COUNT) in pm
     assert "Scope (\\_SB)" in dsl
