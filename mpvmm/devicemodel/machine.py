@@ -150,15 +150,21 @@ class DeviceModel:
     def _timed(self) -> list:
         return [device for device in self.devices.values() if hasattr(device, "timer_deadline")]
 
+    def decode(self, data: bytes) -> Request | None:
+        """The request in ``data``, or None: a malformed one is counted under its reason."""
+        try:
+            return decode_request(data)
+        except MessageRejected as err:
+            self.rejected[err.reason] += 1
+            return None
+
     def handle_message(self, data: bytes) -> bytes | None:
         """Decode, dispatch and, for a read, encode the reply; None otherwise.
 
         A malformed message is counted under its reason and dropped.
         """
-        try:
-            request = decode_request(data)
-        except MessageRejected as err:
-            self.rejected[err.reason] += 1
+        request = self.decode(data)
+        if request is None:
             return None
         value = self.handle(request)
         if value is None:

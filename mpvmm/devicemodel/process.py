@@ -21,7 +21,10 @@ console flushed (exit 0). End of file means the supervisor is gone: exit 0.
 
 One thread serves everything through epoll: a POSIX message queue descriptor
 is pollable on Linux, so request queues and the control socket wait together.
-Nothing a guest sends can end the loop.
+Requests are taken in rounds over the ready queues, and a read is answered
+only after every write then queued by any vCPU (rounds.py says why). The
+loop also wakes for device timers (the RTC's update cycle). Nothing a guest
+sends can end the loop.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import msgpack
 import posix_ipc
@@ -46,7 +49,8 @@ from mpvmm.devicemodel.console import Console
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
-from mpvmm.devicemodel.protocol import SCHEMA_VERSION
+from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
+from mpvmm.devicemodel.rounds import KEPT_READ, serve_round, writes_before_reads
 from mpvmm.devicemodel.sandbox import confine
 from mpvmm.errors import DeviceModelError
 
@@ -68,28 +72,6 @@ class _Exit(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
-
-
-def serve_round(
-    queues: Sequence, ready: Sequence[int], handle: Callable[[int, bytes], None], batch: int
-) -> list[int]:
-    """Take up to ``batch`` messages from each ready queue in turn.
-
-    The queues are non-blocking (an empty one raises BusyError). Returns the
-    indices of the queues that filled their batch and may hold more.
-    """
-    more = []
-    for index in ready:
-        queue = queues[index]
-        for _ in range(batch):
-            try:
-                message, _priority = queue.receive()
-            except posix_ipc.BusyError:
-                break
-            handle(index, message)
-        else:
-            more.append(index)
-    return more
 
 
 def _raise_fd_limit() -> None:
@@ -152,6 +134,8 @@ class DeviceModelProcess:
         self.replies_dropped = 0
         self.internal_errors = 0
         self.host_input: HostInput | None = None
+        self._kept_reads: list[tuple[int, Request]] = []
+        self._queue_depth = 0
 
     # --- Control channel. ---
 
@@ -266,6 +250,7 @@ class DeviceModelProcess:
                 queue.block = False
                 queues.append(queue)
         self.received = [0] * len(self.request_queues)
+        self._queue_depth = max((queue.max_messages for queue in self.request_queues), default=0)
         if config.console is None:
             self.console = Console(sys.stdout.fileno(), owns_fd=False)
         else:
@@ -286,14 +271,39 @@ class DeviceModelProcess:
 
     # --- Requests. ---
 
-    def _handle(self, index: int, message: bytes) -> None:
+    def _take(self, index: int, message: bytes) -> bool:
+        """Perform a write at once; keep a read for the end of the round (KEPT_READ)."""
         self.received[index] += 1
+        request = self.model.decode(message)
+        if request is None:
+            return False
+        if request.is_read:
+            self._kept_reads.append((index, request))
+            return KEPT_READ
         try:
-            reply = self.model.handle_message(message)
+            self.model.handle(request)
         except Exception:  # DeviceModel already guards; this is the last fence
             self.internal_errors += 1
+        return False
+
+    def _answer_reads(self) -> None:
+        """Every write queued by now is performed first, then each kept read is answered."""
+        if not self._kept_reads:
             return
-        if reply is None:
+        writes_before_reads(self.request_queues, [index for index, _ in self._kept_reads],
+                            self._queues_ready_now, self._take, self._queue_depth)
+        reads, self._kept_reads = self._kept_reads, []
+        for index, request in reads:
+            self._answer(index, request)
+
+    def _queues_ready_now(self) -> list[int]:
+        return [self._queue_by_fd[fd] for fd, _mask in self._epoll.poll(0) if fd in self._queue_by_fd]
+
+    def _answer(self, index: int, request: Request) -> None:
+        try:
+            reply = encode_reply(request.seq, self.model.handle(request))
+        except Exception:  # DeviceModel already guards; this is the last fence
+            self.internal_errors += 1
             return
         # The reply goes to the queue paired with the one the request came
         # from, whatever vcpu number the (untrusted) message claims.
@@ -306,7 +316,8 @@ class DeviceModelProcess:
     def _drain_all(self) -> None:
         ready = list(range(len(self.request_queues)))
         for _ in range(SHUTDOWN_DRAIN_ROUNDS):
-            ready = serve_round(self.request_queues, ready, self._handle, PER_QUEUE_BATCH)
+            ready = serve_round(self.request_queues, ready, self._take, PER_QUEUE_BATCH)
+            self._answer_reads()
             if not ready:
                 break
 
@@ -315,9 +326,9 @@ class DeviceModelProcess:
         order = sorted(ready)
         start = self._rounds % len(order)
         self._rounds += 1
-        return serve_round(
-            self.request_queues, order[start:] + order[:start], self._handle, PER_QUEUE_BATCH
-        )
+        more = serve_round(self.request_queues, order[start:] + order[:start], self._take, PER_QUEUE_BATCH)
+        self._answer_reads()
+        return more
 
     def loop(self) -> None:
         control_fd = self.control.fileno()

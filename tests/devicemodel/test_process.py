@@ -18,7 +18,7 @@ from mpvmm.devicemodel import rtc
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.console import Console
 from mpvmm.devicemodel.config import Config
-from mpvmm.devicemodel.process import serve_round
+from mpvmm.devicemodel.rounds import serve_round, writes_before_reads
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
@@ -324,6 +324,47 @@ class FakeQueue:
         if not self.messages:
             raise posix_ipc.BusyError("empty")
         return self.messages.pop(0), 0
+
+
+def test_serve_round_stops_at_a_kept_read():
+    queue = FakeQueue([b"w", b"r", b"after"])
+    taken = []
+
+    def take(index, message):
+        taken.append(message)
+        return message == b"r"
+
+    assert serve_round([queue], [0], take, batch=8) == []
+    assert taken == [b"w", b"r"] and queue.messages == [b"after"]
+
+
+def test_writes_before_reads_drains_the_other_queues_up_to_their_depth():
+    waiting = FakeQueue([b"never"])  # its vCPU waits on a kept read: nothing is taken
+    busy = FakeQueue([b"w"] * 12)
+    idle = FakeQueue([])
+    taken = []
+    writes_before_reads([waiting, busy, idle], [0], lambda: [0, 1], lambda i, m: taken.append(i), depth=10)
+    assert taken == [1] * 10 and waiting.messages == [b"never"]
+    single = FakeQueue([b"w"])
+    writes_before_reads([single], [0], lambda: [0], lambda i, m: taken.append(i), depth=10)
+    assert single.messages == [b"w"]  # one vCPU: nothing to order against
+
+
+def test_a_read_sees_every_write_queued_before_it_by_another_vcpu(harness):
+    """vCPU 0 posts nine scratch-register writes, vCPU 1 then reads it: it must see the ninth.
+
+    Everything is queued before the device model starts, so its first round
+    takes a batch of eight from queue 0 and then the read from queue 1.
+    """
+    if queue_depth() < 10:
+        pytest.skip("needs queues of depth 10 (fs.mqueue.msg_max)")
+    scratch = COM1_PORT + 7
+    for value in range(1, 10):
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, scratch, 1, value, 0)
+    harness.request(1, KIND_READ, 1, SPACE_PIO, scratch, 1, 0, 1)
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    assert harness.reply(1) == (1, 9)
 
 
 def test_serve_round_is_fair():
