@@ -1,4 +1,4 @@
-"""Reading what the test initramfs's init reported (``mpvmm-init:`` lines) from a console."""
+"""What the test initramfs's init reported (``mpvmm-init:`` lines), and a nested boot to it."""
 
 from __future__ import annotations
 
@@ -33,3 +33,22 @@ def print_phases(name: str, result) -> None:
     """The boot phases, printed for the record (pytest -s or -rP shows them)."""
     phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in result.phases.items())
     print(f"\n{name}: {phases}, end {result.seconds:.1f} s")
+
+
+# How each ending of the test init reads in mpvmm's status line (all exit 0).
+STATUS_LINES = {"poweroff": "guest powered off", "reboot": "guest rebooted", "panic": "guest rebooted"}
+
+
+def boot_to_init(nested_linux, kernel: str, images: dict[str, str], ending: str, cpus: int, name: str, **options):
+    """Boot ``images[ending]`` nested; check the ending and that Linux and init saw every CPU.
+
+    Returns the ``L2Result`` and init's report for the test's own checks.
+    """
+    result = nested_linux.boot(kernel, images[ending], cpus, bound=NESTED_BOOT_BOUND, **options)
+    print_phases(name, result)
+    assert result.status == 0 and STATUS_LINES[ending] in result.stderr, result.describe()
+    assert f"smp: Brought up 1 node, {cpus} CPU" in result.console, result.describe()
+    report = init_report(result.console)
+    online = "0" if cpus == 1 else f"0-{cpus - 1}"
+    assert report.get("cpus") == [str(cpus)] and report.get("online") == [online], result.describe()
+    return result, report

@@ -9,7 +9,7 @@ sysrq crash with ``panic=-1`` reboots at once, through the i8042 reset
 
 import pytest
 
-from tests.linux.guest_report import NESTED_BOOT_BOUND, init_report, irq_count, print_phases
+from tests.linux.guest_report import boot_to_init, irq_count
 
 pytestmark = pytest.mark.nested_kvm
 
@@ -17,14 +17,10 @@ CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off acpi=off"
 
 
 def test_generic_kernel_uses_the_mp_table_and_a_panic_reboots(nested_linux, generic_kernel, init_images):
-    result = nested_linux.boot(generic_kernel, init_images["panic"], 2, cmdline=CMDLINE, bound=NESTED_BOOT_BOUND)
-    print_phases("generic kernel (MP table), 2 vCPUs, panic", result)
-    assert result.status == 0 and "guest rebooted" in result.stderr, result.describe()
+    result, report = boot_to_init(nested_linux, generic_kernel, init_images, "panic", 2,
+                                  "generic kernel (MP table), 2 vCPUs, panic", cmdline=CMDLINE)
     assert "Intel MultiProcessor Specification v1.4" in result.console, result.describe()
     assert "MPTABLE: OEM ID: MPVMM" in result.console
-    assert "smp: Brought up 1 node, 2 CPUs" in result.console
-    report = init_report(result.console)
-    assert report.get("cpus") == ["2"] and report.get("online") == ["0-1"], result.describe()
     assert "pnp" not in report  # no ACPI, so no PNP devices: the MP table alone routed IRQ 4
     assert irq_count(report, "ttyS0", 4) > 0
     assert report.get("panicking") == [""]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import shlex
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ class L1:
         self.extra_cmdline = extra_cmdline
         self.modules = modules
         self.start_failure: LayerError | None = None
+        self.retried_starts: list[str] = []
         self.process = None
         self.console = _Console(os.path.join(workdir, "l1-console.log"))
         self.boot_seconds: dict[str, float] = {}
@@ -130,7 +132,9 @@ class L1:
     # --- Start. ---
 
     def qemu_argv(self, initrd: str) -> list[str]:
-        cmdline = f"console=ttyS0 panic=-1 NESTED_SHARE={self.share} {self.extra_cmdline}".strip()
+        # no_timer_check: under TCG on a loaded host, Linux's early check that the PIT ticks through
+        # the IOAPIC can fail and panic L1 ("IO-APIC + timer doesn't work!"; seen here at load 7).
+        cmdline = f"console=ttyS0 panic=-1 no_timer_check NESTED_SHARE={self.share} {self.extra_cmdline}".strip()
         return [
             self.qemu, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt",
             "-smp", str(self.cpus), "-m", self.memory,
@@ -217,11 +221,7 @@ class L1:
         if not self.running:
             if self.start_failure is not None:  # do not wait through every bound again
                 raise LayerError(self.start_failure.layer, f"(an earlier start) {self.start_failure.message}")
-            try:
-                self.start()
-            except LayerError as err:
-                self.start_failure = err
-                raise
+            self._start_with_one_retry()
         self._commands += 1
         name = f"{self._commands:04d}"
         script = f"cd {shlex.quote(cwd)} || exit 125\n{command}\n"
@@ -252,6 +252,20 @@ class L1:
             status = int(f.read().strip() or -1)
         return CommandResult(status, self._read(run_dir, f"{name}.out"), self._read(run_dir, f"{name}.err"),
                              seconds)
+
+    def _start_with_one_retry(self) -> None:
+        """An L1 that panicked or hung while booting gets one more try (TCG's hiccups pass);
+        QEMU failing to start does not, and a second failure is remembered."""
+        for attempt in (1, 2):
+            try:
+                self.start()
+                return
+            except LayerError as err:
+                if attempt == 2 or err.layer == "QEMU start":
+                    self.start_failure = err
+                    raise
+                self.retried_starts.append(str(err))
+                print(f"nested KVM: L1 start failed, trying once more: {err.message}", file=sys.stderr)
 
     def _heartbeat_age(self) -> float:
         try:

@@ -32,6 +32,7 @@ class L2Result:
     status: int
     stderr: str
     console: str
+    stdout: str  # the console too, unless it went to a file
     seconds: float
     phases: dict[str, float]
     metrics: str | None = None
@@ -108,7 +109,8 @@ class NestedLinux:
             raise LayerError("L2", f"mpvmm did not end within {bound:.0f} s (phases seen: {outcome['phases']})",
                              f"--- stderr ---\n{outcome['stderr'][-2000:]}\n--- L2 console, last lines ---\n"
                              + "\n".join(text.splitlines()[-30:]))
-        return L2Result(outcome["status"], outcome["stderr"], text, outcome["seconds"], outcome["phases"],
+        return L2Result(outcome["status"], outcome["stderr"], text, _read(request["console_copy"]),
+                        outcome["seconds"], outcome["phases"],
                         outcome["metrics"], outcome["scrape_error"], outcome.get("terminal_restored"),
                         outcome["steps_left"])
 

@@ -7,8 +7,9 @@ the mpvmm argv, the bound, where the guest console goes (``--console FILE``,
 or mpvmm's stdout, or a pseudo-terminal for the interactive tests), marker
 texts whose first appearance it times (the boot phases), a metrics port to
 scrape during the boot, and, for a terminal, steps of "wait for this text,
-then type that". The result: exit status, stderr, the seconds at which each
-phase appeared, the last scrape, the terminal's mode before and after, and
+then type that". The result: exit status, stderr (stdout is in the
+``console_copy`` file: the console itself, or what mpvmm printed beside a
+console file), the seconds at which each phase appeared, the last scrape, the terminal's mode before and after, and
 ``timed_out`` when mpvmm outlived the bound: then its process group is
 killed, and the host reports the layer "L2".
 """
@@ -101,18 +102,18 @@ def run(request: dict) -> dict:
         leader, follower = os.openpty()
         popen.update(stdin=follower, stdout=follower, preexec_fn=_controlling_terminal)
         mode_before = termios.tcgetattr(follower)
-    elif request.get("console") is None:
-        popen["stdout"] = subprocess.PIPE
     else:
-        popen["stdout"] = subprocess.DEVNULL
+        popen["stdout"] = subprocess.PIPE
     started = time.monotonic()
     process = subprocess.Popen(request["argv"], **popen)
+    stdout = None  # mpvmm's stdout, kept apart when the console goes to a file
     if pty is not None:
         output = _Output(console_path, leader)
     elif request.get("console") is None:
         output = _Output(console_path, process.stdout.fileno())
     else:
         output = _Output(request["console"])
+        stdout = _Output(console_path, process.stdout.fileno())
     stderr_chunks: list[bytes] = []
     stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read()), daemon=True)
     stderr_reader.start()
@@ -154,6 +155,8 @@ def run(request: dict) -> dict:
         os.close(leader)
     else:
         output.join()
+    if stdout is not None:
+        stdout.join()
     text = output.text()
     for phase, marker in request.get("phases", {}).items():  # the last lines, read after the exit
         if phase not in phases and marker in text:
