@@ -32,7 +32,8 @@ def irq_count(report: dict[str, list[str]], device: str, pin: int) -> int:
 def print_phases(name: str, result) -> None:
     """The boot phases, printed for the record (pytest -s or -rP shows them)."""
     phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in result.phases.items())
-    print(f"\n{name}: {phases}, end {result.seconds:.1f} s")
+    retried = " (booted again after a triple fault in QEMU's SVM)" if result.retried else ""
+    print(f"\n{name}: {phases}, end {result.seconds:.1f} s{retried}")
 
 
 # How each ending of the test init reads in mpvmm's status line (all exit 0).

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tests.nested.l1 import L1, REPO, LayerError
 
 STARTUP_MARGIN = 120.0
+TRIPLE_FAULT = "guest reset by a triple fault"
 # Boot phases: the first line of each, as the kernel and our init print it.
 PHASES = {
     "banner": "Linux version",
@@ -39,6 +40,7 @@ class L2Result:
     scrape_error: str | None = None
     terminal_restored: bool | None = None
     steps_left: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)  # an earlier boot's triple fault, described
 
     def describe(self) -> str:
         """For assertion messages: the status, stderr and the console's end."""
@@ -50,10 +52,9 @@ class L2Result:
 class NestedLinux:
     """Boots kernels in ``l1``; after ``vms_per_l1`` VMs the next boot gets a fresh L1.
 
-    One VM per L1 by default: measured on the 2-core development VM, 2 of 5
-    4-vCPU boots that followed another VM in the same L1 ended in a triple
-    fault inside QEMU's emulated SVM, and none of 10 boots in a fresh L1 did;
-    a fresh L1 costs about 15 s (boot and Python's first imports over 9p).
+    One VM per L1 by default: boots that follow other VMs in the same L1 end
+    in a triple fault more often (see ``boot``), and a fresh L1 costs about
+    15 s (its boot and Python's first imports over 9p).
     """
 
     def __init__(self, l1: L1, python: str | None = None, vms_per_l1: int = 1):
@@ -66,9 +67,30 @@ class NestedLinux:
         self._vms_in_l1 = 0  # VMs booted in the L1 now running
         self._counted_l1 = None  # its QEMU process
 
-    def boot(self, kernel: str, initrd: str, cpus: int, *, memory: str = "512M", cmdline: str,
-             console_file: bool = False, bound: float = 300.0, metrics_port: int | None = None,
-             terminal_steps: list[tuple[str, str]] | None = None, extra_args: list[str] = ()) -> L2Result:
+    def boot(self, kernel: str, initrd: str, cpus: int, **options) -> L2Result:
+        """``mpvmm start --kernel ...`` in L1 (``boot_once``'s options); a triple fault is tried once more.
+
+        QEMU's emulated SVM sometimes resets an L2 by a triple fault mid-boot,
+        at a different point each time. Measured on the 2-core development VM:
+        mpvmm, 1 of 22 boots in a fresh L1 and 3 of 9 that followed other VMs
+        in the same L1; QEMU/KVM itself in L1 as the control, 0 of 8 fresh and
+        1 of 5 in the same L1 (4 vCPUs). So a triple fault gets one more boot
+        in a fresh L1, said on stderr and kept in ``L2Result.retried``; two in
+        a row fail the test.
+        """
+        result = self.boot_once(kernel, initrd, cpus, **options)
+        if result.status == 1 and TRIPLE_FAULT in result.stderr:
+            print(f"nested KVM: L2 reset by a triple fault after {result.seconds:.0f} s "
+                  f"(phases {result.phases}); booting once more in a fresh L1", file=sys.stderr)
+            self.l1.close()
+            retried = self.boot_once(kernel, initrd, cpus, **options)
+            retried.retried = [result.describe()]
+            return retried
+        return result
+
+    def boot_once(self, kernel: str, initrd: str, cpus: int, *, memory: str = "512M", cmdline: str,
+                  console_file: bool = False, bound: float = 300.0, metrics_port: int | None = None,
+                  terminal_steps: list[tuple[str, str]] | None = None, extra_args: list[str] = ()) -> L2Result:
         """``mpvmm start --kernel ...`` in L1; the console goes to a file (``--console``), else to stdout.
 
         ``terminal_steps``: run on a pseudo-terminal and type each text once the
