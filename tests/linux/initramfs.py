@@ -3,7 +3,8 @@
 Its /init mounts /proc, /sys and /dev, reports what the kernel found (``mpvmm-init:``
 lines: the CPU count, the PNP devices and their resources, the interrupt
 counts of the serial port, the i8042 and the RTC after an RTC alarm, the
-RTC's time, the keyboard port) and then ends as the test asks: ``poweroff``, ``reboot``,
+RTC's time, the keyboard port, and from dmesg the kernel's lines about the
+CPUs and the MP table, so that a boot with ``quiet`` can be checked too) and then ends as the test asks: ``poweroff``, ``reboot``,
 ``panic`` (a sysrq crash; with ``panic=-1`` the kernel reboots at once) or
 ``shell`` (``cat`` echoes what is typed, without the tty's own echo, so
 each typed line comes back exactly once, from a guest process). Every line
@@ -22,6 +23,7 @@ TRAILER = "TRAILER!!!"
 MARKER = "mpvmm-init:"
 SHELL_PROMPT = f"{MARKER} type a line"
 
+KERNEL_LINES = "smp: Brought up|MPTABLE: OEM ID|MultiProcessor Specification"
 REPORT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -38,6 +40,8 @@ echo +2 > /sys/class/rtc/rtc0/wakealarm 2>/dev/null && sleep 4
 grep -E 'ttyS0|i8042|rtc0' /proc/interrupts | while read -r line; do echo "{MARKER} irq $line"; done
 echo "{MARKER} rtc $(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null)"
 echo "{MARKER} serio $(cat /sys/bus/serio/devices/serio0/description 2>/dev/null)"
+# The kernel lines the tests check, also when "quiet" kept them off the console.
+dmesg | grep -E "{KERNEL_LINES}" | while read -r line; do echo "{MARKER} dmesg $line"; done
 """
 # echo returns once its bytes are in the tty buffer, and the kernel's last messages
 # would interleave with them, or a power-off cut them: wait until the UART's

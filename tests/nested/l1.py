@@ -167,7 +167,7 @@ class L1:
         try:
             self._wait_for_layers(started)
         except BaseException:
-            self.close()
+            self._discard()  # no agent to ask for a power-off yet
             raise
 
     def _wait_for_layers(self, started: float) -> None:
@@ -290,7 +290,7 @@ class L1:
     def _discard(self) -> None:
         """Kill QEMU now: L1's state is unknown."""
         if self.process is not None:
-            kill_group(self.process, grace=1.0)
+            self._discard()
 
     def close(self) -> None:
         """Power L1 off (the agent polls for it), then kill QEMU's group whatever happened."""
@@ -304,6 +304,4 @@ class L1:
             deadline = time.monotonic() + self.bounds.stop
             while self.process.poll() is None and time.monotonic() < deadline:
                 time.sleep(POLL_SECONDS)
-        kill_group(self.process, grace=1.0)
-        if self._finalizer is not None:
-            self._finalizer.detach()
+        self._discard()
