@@ -290,7 +290,9 @@ class L1:
     def _discard(self) -> None:
         """Kill QEMU now: L1's state is unknown."""
         if self.process is not None:
-            self._discard()
+            kill_group(self.process, grace=1.0)
+        if self._finalizer is not None:
+            self._finalizer.detach()
 
     def close(self) -> None:
         """Power L1 off (the agent polls for it), then kill QEMU's group whatever happened."""
