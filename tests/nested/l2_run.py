@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,14 @@ def _every_vcpu_exited(text: str, cpus: int) -> bool:
     return True
 
 
+def _seen_phases(request: dict, text: str, phases: dict[str, float], now: float) -> None:
+    """Time each phase whose marker starts a console line (after the kernel's timestamp, if any),
+    so that init echoing a kernel line from dmesg is not taken for the kernel printing it."""
+    for phase, marker in request.get("phases", {}).items():
+        if phase not in phases and re.search(rf"^(\[ *[0-9.]+\] )?{re.escape(marker)}", text, re.MULTILINE):
+            phases[phase] = now
+
+
 def run(request: dict) -> dict:
     console_path = request["console_copy"]
     pty = request.get("pty")
@@ -130,9 +139,7 @@ def run(request: dict) -> dict:
             os.killpg(process.pid, signal.SIGKILL)
             break
         text = output.text()
-        for phase, marker in request.get("phases", {}).items():
-            if phase not in phases and marker in text:
-                phases[phase] = elapsed
+        _seen_phases(request, text, phases, elapsed)
         if steps and steps[0]["wait"] in text:
             os.write(leader, steps.pop(0)["send"].encode())
         if metrics is not None and metrics["after"] in text and (
@@ -157,10 +164,7 @@ def run(request: dict) -> dict:
         output.join()
     if stdout is not None:
         stdout.join()
-    text = output.text()
-    for phase, marker in request.get("phases", {}).items():  # the last lines, read after the exit
-        if phase not in phases and marker in text:
-            phases[phase] = seconds
+    _seen_phases(request, output.text(), phases, seconds)  # the last lines, read after the exit
     return result
 
 
