@@ -6,8 +6,9 @@ counts of the serial port, the i8042 and the RTC after an RTC alarm, the
 RTC's time, the keyboard port, and from dmesg the kernel's lines about the
 CPUs and the MP table, so that a boot with ``quiet`` can be checked too) and then ends as the test asks: ``poweroff``, ``reboot``,
 ``panic`` (a sysrq crash; with ``panic=-1`` the kernel reboots at once) or
-``shell`` (``cat`` echoes what is typed, without the tty's own echo, so
-each typed line comes back exactly once, from a guest process). Every line
+``shell`` (a busybox shell reads the console, without the tty's own echo,
+so a typed command shows only through what it prints, and a line typed to
+``cat`` comes back exactly once, from a guest process). Every line
 is userspace output on the console, so it reaches the test only if the
 UART's interrupt works.
 """
@@ -53,7 +54,7 @@ ENDINGS = {
     "poweroff": DRAIN + "poweroff -f\n",
     "reboot": DRAIN + "reboot -f\n",
     "panic": f"echo \"{MARKER} panicking\"\n{DRAIN}echo c > /proc/sysrq-trigger\n",
-    "shell": f"stty -echo\necho \"{SHELL_PROMPT}\"\nexec cat\n",
+    "shell": f"stty -echo\necho \"{SHELL_PROMPT}\"\nexec sh\n",
 }
 INIT_SCRIPT = REPORT + ENDINGS["poweroff"]
 

@@ -57,12 +57,16 @@ def test_four_vcpus_with_the_console_in_a_file_reboot(nested_linux, debian_kerne
 
 def test_a_typed_line_reaches_a_guest_shell_and_ctrl_c_stops_the_vm(nested_linux, debian_kernel, init_images):
     """mpvmm on a pseudo-terminal: keys go to the guest's UART, Ctrl-C stops the VM."""
-    line = "typed on the host, echoed by cat in the guest"
+    started, line = "cat-is-running", "typed on the host, echoed by cat in the guest"
+    steps = [(SHELL_PROMPT, f"echo {started}; cat\r"),  # a command for the guest's shell
+             (started, line + "\r"),  # a line for cat
+             (line, "\x03")]  # Ctrl-C, for mpvmm
     # quiet: the kernel's log is not what this test is about, and every byte of it is an exit.
     result = nested_linux.boot(debian_kernel, init_images["shell"], 1, cmdline=CMDLINE + " quiet",
-                               bound=NESTED_BOOT_BOUND, terminal_steps=[(SHELL_PROMPT, line + "\r"), (line, "\x03")])
+                               bound=NESTED_BOOT_BOUND, terminal_steps=steps)
     assert result.steps_left == [], result.describe()
     assert result.status == 130 and "stopped by SIGINT" in result.stderr, result.describe()
     after_prompt = result.console.split(SHELL_PROMPT, 1)[1]
-    assert after_prompt.count(line) == 1  # from cat alone: neither tty echoes it
+    assert after_prompt.count(started) == 1  # the shell ran the typed command (no tty echoes it)
+    assert after_prompt.split(started, 1)[1].count(line) == 1  # cat's output alone
     assert result.terminal_restored
