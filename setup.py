@@ -1,8 +1,8 @@
-"""Build of the two native parts: the run-loop extension and the built-in guest.
+"""Build of the native parts: the run-loop extension, the bench's raw loop and the built-in guest.
 
 The guest is freestanding x86-64 code compiled with the same gcc that builds
 the extension, linked at the address layout.py gives it, and shipped in the
-package as an ELF that the supervisor loads (mpvmm/x86/elf.py).
+package as an ELF that the supervisor loads (mpvmm/x86/loader.py).
 """
 
 import re
@@ -61,13 +61,14 @@ setup(
         Extension(
             "mpvmm.vcpu_worker._runloop",
             sources=["mpvmm/vcpu_worker/_runloop.c"],
-            depends=["mpvmm/guest/abi.h"],
+            depends=["mpvmm/guest/abi.h", "mpvmm/vcpu_worker/outcome.h"],
             extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
         ),
         # The bench's reference loop: KVM alone, no routing or stats (mpvmm bench).
         Extension(
-            "mpvmm.vcpu_worker._rawloop",
-            sources=["mpvmm/vcpu_worker/_rawloop.c"],
+            "mpvmm.bench._rawloop",
+            sources=["mpvmm/bench/_rawloop.c"],
+            depends=["mpvmm/vcpu_worker/outcome.h"],
             extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
         ),
     ],

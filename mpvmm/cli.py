@@ -1,32 +1,23 @@
 """The ``mpvmm`` command. Errors become one line on stderr and an exit code here."""
 
 import argparse
-import re
 import sys
 
 from rich.console import Console
 
 from mpvmm import __version__
+from mpvmm.arguments import check_writable, parse_size
 from mpvmm.bench.command import add_bench_command
+from mpvmm.api.server import DEFAULT_DOWNTIME_MS, DEFAULT_MIGRATION_TIMEOUT_S
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.guest.abi import WORKLOADS
+from mpvmm.migration.address import parse as parse_address
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
-from mpvmm.usage import check_writable
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_SIZE_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-PAGE_SIZE = 4096
+from mpvmm.x86.linux import DEFAULT_CMDLINE
 
 
-def parse_size(text: str) -> int:
-    """'256M', '1G', '1GiB', '4096' -> bytes; a page-aligned positive size."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 2G, 1048576)")
-    size = int(match.group(1)) << _SIZE_SHIFTS[match.group(2).lower()]
-    if size <= 0 or size % PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive multiple of {PAGE_SIZE} bytes")
-    return size
+DEFAULT_MEMORY = "256M"
+DEFAULT_WORKLOAD = "demo"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,10 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpvmm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     start = commands.add_parser("start", help="run a VM with the built-in guest")
-    start.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
-    start.add_argument("--memory", type=parse_size, default="256M", help="guest RAM (default 256M)")
-    start.add_argument("--workload", default="demo", choices=WORKLOADS, metavar="NAME",
+    # The machine's options default to None so that --restore and --incoming,
+    # whose VM brings its own machine, can tell that one was given.
+    start.add_argument("--cpus", type=int, default=None, help="number of vCPUs (default 1)")
+    start.add_argument("--memory", type=parse_size, default=None, help="guest RAM (default 256M)")
+    start.add_argument("--workload", default=None, choices=WORKLOADS, metavar="NAME",
                        help=f"built-in guest workload: {', '.join(WORKLOADS)} (default demo)")
+    start.add_argument("--dirty-rate", type=int, default=None, metavar="MIB",
+                       help="MiB/s the dirty workload writes, over all vCPUs (default 16)")
     start.add_argument("--seconds", type=float, default=None,
                        help="stop after this many seconds (default: until Ctrl-C or the guest exits)")
     start.add_argument("--runner", default="native", choices=("native", "python", "process"),
@@ -60,9 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--kernel", metavar="PATH",
                        help="boot this Linux kernel (bzImage or vmlinux) instead of the built-in guest")
     start.add_argument("--initrd", metavar="PATH", help="initial ramdisk for --kernel")
-    start.add_argument("--cmdline", metavar="STR", help="kernel command line (default: "
-                       "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux)")
+    start.add_argument("--cmdline", metavar="STR", help=f"kernel command line (default: {DEFAULT_CMDLINE})")
+    start.add_argument("--api-socket", metavar="PATH",
+                       help="serve the control API (HTTP, JSON) on this Unix socket: see `mpvmm ctl`")
+    start.add_argument("--restore", metavar="DIR", help="carry on the VM saved in this snapshot directory")
+    start.add_argument("--incoming", metavar="URL",
+                       help="wait for a VM migrating in at tcp:HOST:PORT or unix:PATH, then run it")
     start.set_defaults(func=cmd_start)
+    ctl = commands.add_parser("ctl", help="control a VM started with --api-socket")
+    ctl.add_argument("--api-socket", required=True, metavar="PATH", help="the VM's API socket")
+    actions = ctl.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, text in (("status", "the VM's state and counts, as JSON"), ("pause", "pause every vCPU"),
+                         ("resume", "resume a paused VM"), ("stop", "end the run, as --seconds would")):
+        actions.add_parser(action, help=text)
+    actions.add_parser("snapshot", help="save the paused VM to a new directory").add_argument("target", metavar="DIR")
+    migrate = actions.add_parser("migrate", help="move the running VM to a VMM started with --incoming URL")
+    migrate.add_argument("target", metavar="URL", help="tcp:HOST:PORT or unix:PATH")
+    migrate.add_argument("--downtime-ms", type=float, default=DEFAULT_DOWNTIME_MS, metavar="MS",
+                         help=f"how long the VM may be paused (default {DEFAULT_DOWNTIME_MS})")
+    migrate.add_argument("--timeout", type=float, default=DEFAULT_MIGRATION_TIMEOUT_S, metavar="SECONDS",
+                         help=f"give up and run on here after this long (default {DEFAULT_MIGRATION_TIMEOUT_S:g})")
+    migrate.add_argument("--max-bandwidth", type=float, default=None, metavar="MIB",
+                         help="send pages at most this many MiB/s (default: as fast as the link goes)")
+    ctl.set_defaults(func=cmd_ctl)
     top = commands.add_parser("top", help="live per-vCPU exit rates of a running VM, like kvm_stat")
     top.add_argument("--url", default=DEFAULT_METRICS_URL,
                      help=f"the VM's metrics endpoint (default {DEFAULT_METRICS_URL})")
@@ -75,27 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options that describe the machine: a restored or arriving VM brings its own.
+MACHINE_OPTIONS = ("cpus", "memory", "workload", "dirty_rate", "kernel", "initrd", "cmdline")
+
+
+def check_machine_options(args) -> None:
+    """--restore and --incoming take the machine from the VM they bring back; refuse one given too."""
+    if args.restore is not None and args.incoming is not None:
+        raise UsageError("--restore and --incoming each bring a VM: give one of them")
+    bringer = "--restore" if args.restore is not None else "--incoming" if args.incoming is not None else None
+    given = [f"--{name.replace('_', '-')}" for name in MACHINE_OPTIONS if getattr(args, name) is not None]
+    if bringer and given:
+        raise UsageError(f"{bringer} brings the VM's own machine; {', '.join(given)} cannot be given with it")
+
+
 def cmd_start(args) -> int:
     # Imported here so that `mpvmm --help` works without the native extension.
     from mpvmm.supervisor.run import RunConfig, Supervisor
     from mpvmm.supervisor.summary import render_summary, write_report
+    from mpvmm.supervisor.terminal import stdin_terminal
 
-    config = RunConfig(cpus=args.cpus, memory=args.memory, workload=args.workload,
+    check_machine_options(args)
+    if args.incoming is not None:
+        parse_address(args.incoming)  # a bad address is exit 2 before anything else
+    config = RunConfig(cpus=1 if args.cpus is None else args.cpus,
+                       memory=parse_size(DEFAULT_MEMORY) if args.memory is None else args.memory,
+                       workload=args.workload or DEFAULT_WORKLOAD, dirty_rate=args.dirty_rate,
                        seconds=args.seconds, runner=args.runner, console=args.console,
                        metrics_addr=args.metrics_addr,
                        metrics_port=None if args.no_metrics else args.metrics_port,
-                       kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline)
+                       kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
+                       restore=args.restore, incoming=args.incoming, api_socket=args.api_socket)
     if args.report:
         check_writable(args.report, "--report")
-    if args.kernel is None and (args.initrd is not None or args.cmdline is not None):
-        raise UsageError("--initrd and --cmdline need --kernel")
-    if args.kernel is not None:
-        from mpvmm.supervisor.linux_run import LinuxSupervisor, stdin_terminal
-
-        supervisor = LinuxSupervisor(config, stdin_fd=stdin_terminal())
-    else:
-        supervisor = Supervisor(config)
-    result = supervisor.run()
+    result = Supervisor(config, stdin_fd=stdin_terminal()).run()
     # Wide enough for every column even when stdout is a pipe or a file.
     console = Console(width=max(Console().width, 132))
     render_summary(result, console)
@@ -106,6 +134,12 @@ def cmd_start(args) -> int:
         print(f"mpvmm: vcpu {index} registers: " +
               " ".join(f"{name}={value:#x}" for name, value in registers.items()), file=sys.stderr)
     return result.exit_code
+
+
+def cmd_ctl(args) -> int:
+    from mpvmm.api.client import run_ctl
+
+    return run_ctl(args)
 
 
 def cmd_top(args) -> int:

@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+from tests.vm_process import kill_leftovers
+
 MQUEUE_DIR = "/dev/mqueue"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,6 +95,7 @@ def no_leaks(kvm_available):
     """Fails the test if it left an IPC object, a device model or an fd behind."""
     objects, processes, fds = ipc_objects(), device_model_processes(), open_fds()
     yield
+    kill_leftovers()  # the mpvmm processes a failed test started (a passing one ended them)
     assert ipc_objects() - objects == set(), "shared memory or message queues left behind"
     assert device_model_processes() - processes == set(), "device-model process left running"
     assert open_fds() <= fds, "file descriptors leaked"

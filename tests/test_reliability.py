@@ -12,6 +12,7 @@ import pytest
 
 from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, Supervisor
+from mpvmm.vcpu_worker.outcome import Exited, Stopped
 from tests.conftest import device_model_processes, ipc_objects, open_fds
 
 SUPERVISOR_ALIVE_TIMEOUT = 10
@@ -36,14 +37,14 @@ def test_hostile_guest_is_survived(runner, tmp_path, no_leaks):
     """UART floods, every port written, random MMIO read and written, from 4 vCPUs."""
     samples = []
 
-    def watch_device_model(supervisor):
-        with open(f"/proc/{supervisor.device_model.pid}/status") as f:
+    def watch_device_model(vm):
+        with open(f"/proc/{vm.device_model.pid}/status") as f:
             status = dict(line.split(":", 1) for line in f if ":" in line)
         samples.append(("confined", status["NoNewPrivs"].strip(), status["Seccomp"].strip(),
-                        os.sched_getscheduler(supervisor.device_model.pid) == os.SCHED_BATCH))
+                        os.sched_getscheduler(vm.device_model.pid) == os.SCHED_BATCH))
         for _ in range(4):
             time.sleep(0.4)
-            samples.append(rss_kib(supervisor.device_model.pid))
+            samples.append(rss_kib(vm.device_model.pid))
 
     result = run(tmp_path, watch_device_model, cpus=4, workload="hostile", seconds=2.0, runner=runner)
     assert result.exit_code == 0, result.status
@@ -52,7 +53,7 @@ def test_hostile_guest_is_survived(runner, tmp_path, no_leaks):
     assert sum(dm["rejected"].values()) == 0
     for vcpu in result.vcpus:
         ops = vcpu.guest.ops
-        assert vcpu.outcome == "exited"
+        assert isinstance(vcpu.outcome, Exited)
         assert ops["hostile_port_writes"] > 0 and ops["hostile_mmio_reads"] > 0
         # Every MMIO poke exits (none hits RAM or an in-kernel device);
         # some port writes land on KVM's own PIC/PIT and never reach us.
@@ -80,10 +81,10 @@ def test_killed_device_model_is_noticed_within_a_second(tmp_path, no_leaks):
     """Every vCPU blocked in a sync read when the device model dies still stops."""
     killed = {}
 
-    def kill_device_model(supervisor):
+    def kill_device_model(vm):
         time.sleep(0.3)
         killed["at"] = time.monotonic()
-        os.kill(supervisor.device_model.pid, signal.SIGKILL)
+        os.kill(vm.device_model.pid, signal.SIGKILL)
 
     started = time.monotonic()
     result = run(tmp_path, kill_device_model, cpus=4, workload="pio-device", seconds=30)
@@ -91,7 +92,7 @@ def test_killed_device_model_is_noticed_within_a_second(tmp_path, no_leaks):
     assert result.exit_code == 1
     assert result.status == "device model died (killed by signal 9)"
     assert ended - killed["at"] < 1.0
-    assert all(v.outcome == "stopped" for v in result.vcpus)
+    assert all(v.outcome == Stopped() for v in result.vcpus)
 
 
 def _wait_for(predicate, timeout, what):
@@ -199,17 +200,17 @@ def soak(cycles: int, tmp_path, seed: int) -> None:
         stop_after = rng.uniform(0.05, 0.6)
         graceful = rng.random() < 0.5
 
-        def stop(supervisor):
+        def stop(vm):
             time.sleep(stop_after)
             if graceful:
-                supervisor.guest.request_stop()  # the guest finishes its round and exits
+                vm.guest.request_stop()  # the guest finishes its round and exits
             else:
-                for worker in supervisor.workers:  # forced: lands mid-exit, mid-sync-read
-                    worker.stop()
+                for runner in vm.vcpus:  # forced: lands mid-exit, mid-sync-read
+                    runner.stop()
 
         result = run(tmp_path, stop, **config)
         assert result.exit_code == 0, (cycle, config, result.status)
-        assert all(v.outcome in ("exited", "stopped") for v in result.vcpus), (cycle, config)
+        assert all(isinstance(v.outcome, Exited | Stopped) for v in result.vcpus), (cycle, config)
         now = (ipc_objects(), device_model_processes(), open_fds(), threading.active_count())
         assert now == baseline, (cycle, config, now, baseline)
 

@@ -14,7 +14,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mpvmm.usage import check_writable
+from mpvmm.arguments import check_writable
 
 # Workloads with exact, steady exit streams; hostile and faulting ones are no benchmark.
 BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "compute", "atomics", "demo")

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from mpvmm.errors import MpvmmError
 from mpvmm.guest import abi
 from mpvmm.kvm import bindings as kb
-from mpvmm.supervisor.run import RunConfig, Supervisor
+from mpvmm.supervisor.run import RunConfig, RunningVm, Supervisor
 
+RAW_RUNNER = "raw"  # the reference loop; every other runner is a --runner of mpvmm start
 WARMUP_SECONDS = 0.25  # after every vCPU is online: past start-up, into the steady loop
 ONLINE_TIMEOUT_SECONDS = 10.0
 SLICE_SECONDS = 0.25  # how often the window looks for the run's end or a stop signal
@@ -66,26 +67,26 @@ class RunSample:
 
 
 class _SupervisorProbe:
-    """Reads a Supervisor's stats pages and guest reports."""
+    """Reads a running VM's stats pages and guest reports."""
 
-    def __init__(self, supervisor: Supervisor):
-        self.supervisor = supervisor
-        self.guest = supervisor.guest
-        self.cpus = supervisor.config.cpus
+    def __init__(self, vm: RunningVm):
+        self.vm = vm
+        self.guest = vm.guest
+        self.cpus = vm.config.cpus
 
     def snapshot(self) -> Snapshot:
-        stats = [w.stats for w in self.supervisor.workers]
+        stats = [runner.stats for runner in self.vm.vcpus]
         now = time.monotonic()
         exits = [s.exits[kb.KVM_EXIT_IO] + s.exits[kb.KVM_EXIT_MMIO] for s in stats]
         buckets = [sum(column) for column in zip(*(s.sync_latency_buckets for s in stats))]
         return Snapshot(now, exits, buckets, sum(s.sync_latency_sum_ns for s in stats), _guest_ops(self))
 
     def tids(self) -> list[int]:
-        return [w.stats.tid for w in self.supervisor.workers]
+        return [runner.stats.tid for runner in self.vm.vcpus]
 
     def done(self) -> bool:
         """The run is ending: a vCPU left or the device model died (the supervisor says why)."""
-        return any(w.done for w in self.supervisor.workers) or not self.supervisor.device_model.alive()
+        return any(runner.done for runner in self.vm.vcpus) or not self.vm.device_model.alive()
 
     def request_stop(self) -> None:
         self.guest.request_stop()  # the supervisor's wait loop forces what does not finish
@@ -226,26 +227,38 @@ def measure(workload: str, runner: str, cpus: int, seconds: float, *, pin: bool 
     """
     window: _Window | None = None
 
-    def started(run):
+    def started(probe) -> None:
         nonlocal window
-        probe = _RawProbe(run) if runner == "raw" else _SupervisorProbe(run)
         window = _Window(probe, workload, runner, seconds, pin, on_progress)
         window.measure()
 
     what = f"{runner} runner, {workload}, {cpus} vCPUs"
-    if runner == "raw":
-        from mpvmm.bench.raw import RawRun  # needs the native extension; keep --help free of it
-
-        result = RawRun(cpus, workload, memory=RunConfig().memory, on_started=started).run()
-        if not result.ok:
-            raise BenchRunError(f"{what}: {result.status}")
+    if runner == RAW_RUNNER:
+        _run_raw(what, workload, cpus, started)
     else:
-        config = RunConfig(cpus=cpus, workload=workload, runner=runner, console=os.devnull,
-                           seconds=WARMUP_SECONDS + ONLINE_TIMEOUT_SECONDS + seconds + SAFETY_SECONDS,
-                           metrics_port=0)
-        result = Supervisor(config, on_started=started).run()
-        if result.exit_code != 0:
-            raise BenchRunError(f"{what}: {result.status}", result.exit_code)
+        _run_supervised(what, workload, runner, cpus, WARMUP_SECONDS + ONLINE_TIMEOUT_SECONDS + seconds + SAFETY_SECONDS,
+                        started)
     if window is None or window.sample is None:
         raise BenchRunError(f"{what}: the run ended before its window did")
     return window.sample
+
+
+def _run_raw(what: str, workload: str, cpus: int, started) -> None:
+    """The reference loop, KVM alone (raw.py); the window ends it."""
+    from mpvmm.bench.raw import RawRun  # needs the native extension; keep --help free of it
+
+    result = RawRun(cpus, workload, memory=RunConfig().memory, on_started=lambda run: started(_RawProbe(run))).run()
+    if not result.ok:
+        raise BenchRunError(f"{what}: {result.status}")
+
+
+def _run_supervised(what: str, workload: str, runner: str, cpus: int, limit: float, started) -> None:
+    """A run of ``mpvmm start``'s code, /metrics served on any free port as by default.
+
+    ``limit`` is the run's own --seconds: a safety net, the window always ends it first.
+    """
+    config = RunConfig(cpus=cpus, workload=workload, runner=runner, console=os.devnull, seconds=limit,
+                       metrics_port=0)
+    result = Supervisor(config, on_started=lambda vm: started(_SupervisorProbe(vm))).run()
+    if result.exit_code != 0:
+        raise BenchRunError(f"{what}: {result.status}", result.exit_code)

@@ -13,21 +13,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mpvmm.devicemodel.serial import LSR_OFFSET
+from mpvmm.bench import _rawloop
+from mpvmm.devicemodel.devices import TESTDEV_PATTERN
+from mpvmm.devicemodel.serial import LSR_IDLE_BIT, LSR_OFFSET, LSR_THR_EMPTY_BIT
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.kvm.system import Kvm
-from mpvmm.supervisor.builtin_guest import BuiltinGuest, GuestCounts, min_memory
-from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
+from mpvmm.supervisor.builtin_guest import BuiltinGuest, BuiltinGuestSource
+from mpvmm.supervisor.guest import GuestCounts
+from mpvmm.supervisor.guest_memory import GuestMemory, map_shared, unmap
 from mpvmm.supervisor.vm import VirtualMachine
-from mpvmm.vcpu_worker import _rawloop
-from mpvmm.vcpu_worker import stats as st
-from mpvmm.vcpu_worker.worker import OUTCOME_NAMES, kick, stop_and_join
+from mpvmm.vcpu_worker.outcome import Exited, VcpuOutcome, from_loop, report_fields
+from mpvmm.vcpu_worker.runner import stop_and_join
+from mpvmm.vcpu_worker.thread_runner import kick
 from mpvmm.x86 import layout
-from mpvmm.x86.usermode import write_boot_structures
 
-CONTROL_STRIDE = 64  # one cache line per vCPU, so no two loops write the same line
-STOP_GRACE_SECONDS = 3.0  # as the supervisor's: the guest finishes its round, then is forced
-FORCE_STOP_SECONDS = 5.0
+CONTROL_STRIDE = _rawloop.layout()["CONTROL_STRIDE"]  # one cache line per vCPU
 POLL_SECONDS = 0.01
 
 
@@ -41,21 +41,21 @@ class RawControl(ctypes.Structure):
     ]
 
 
-def machine_addresses() -> tuple[int, ...]:
-    """Where the guest's devices are, in the order _rawloop.run takes them."""
+def raw_machine() -> tuple[int, ...]:
+    """Where the guest's devices are and what they answer, in the order _rawloop.run takes them."""
     return (
         layout.MMIO_TESTDEV_ADDR, layout.MMIO_TESTDEV_SIZE,
         layout.PIO_TESTDEV_PORT, layout.PIO_TESTDEV_PORT_COUNT,
-        layout.NULL_PORT, layout.SLEEP_PORT, layout.DEBUG_EXIT_PORT,
-        layout.COM1_PORT + LSR_OFFSET,
+        layout.NULL_PORT, layout.SLEEP_PORT, layout.DEBUG_EXIT_PORT, layout.PARAVIRT_PORT_COUNT,
+        layout.COM1_PORT + LSR_OFFSET, LSR_THR_EMPTY_BIT | LSR_IDLE_BIT,
+        TESTDEV_PATTERN,
     )
 
 
 @dataclass
 class RawVcpuResult:
     index: int
-    outcome: str
-    outcome_value: int
+    outcome: VcpuOutcome
     io_exits: int
     mmio_exits: int
     guest: GuestCounts
@@ -73,7 +73,7 @@ class RawResult:
     @property
     def ok(self) -> bool:
         """Every vCPU left through the debug-exit port with status 0."""
-        return all(v.outcome == "exited" and v.outcome_value == 0 for v in self.vcpus)
+        return all(v.outcome == Exited(0) for v in self.vcpus)
 
 
 class _RawVcpu:
@@ -90,7 +90,7 @@ class _RawVcpu:
     def _main(self) -> None:
         try:
             self.result = _rawloop.run(self.vcpu.fd, self.vcpu.run_address, ctypes.addressof(self.control),
-                                       machine_addresses(), f"vcpu{self.index}")
+                                       raw_machine(), f"vcpu{self.index}")
         except BaseException as err:  # reported in the result, never lost
             self.error = err
 
@@ -106,9 +106,12 @@ class _RawVcpu:
         self.control.stop = 1
         kick(self.vcpu, self._thread)
 
-    def join(self, timeout: float) -> bool:
+    def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def kill(self) -> bool:
+        return False  # a thread cannot be killed
 
 
 class RawRun:
@@ -126,20 +129,16 @@ class RawRun:
     def run(self) -> RawResult:
         if self.cpus < 1:
             raise UsageError(f"--cpus must be at least 1, not {self.cpus}")
-        if self.memory_size < min_memory(self.cpus):
-            raise UsageError(f"{self.memory_size >> 20} MiB is too small for {self.cpus} vCPUs")
+        source = BuiltinGuestSource(self.cpus, self.workload, self.memory_size)
         with contextlib.ExitStack() as stack:
             kvm = stack.enter_context(Kvm())
             kvm.require_capabilities()
             if self.cpus > kvm.max_vcpus():
                 raise UsageError(f"--cpus {self.cpus} is more than KVM allows on this host ({kvm.max_vcpus()})")
             memory = stack.enter_context(GuestMemory(self.memory_size))
-            self.guest = BuiltinGuest(memory, self.cpus, self.workload)
-            write_boot_structures(memory)
-            vm = VirtualMachine(kvm, memory, self.cpus)
-            stack.callback(vm.close)
-            for index in range(self.cpus):
-                vm.enter_user_mode(index, *self.guest.entry_arguments(index))
+            self.guest = source.load(memory)
+            vm = stack.enter_context(VirtualMachine(kvm, memory, range(self.cpus)))
+            self.guest.set_up_vcpus(kvm, vm.vcpus)
             size = self.cpus * CONTROL_STRIDE
             base = map_shared(-1, size)  # zeroed, page aligned
             stack.callback(unmap, base, size)
@@ -172,7 +171,7 @@ class RawRun:
     def request_stop(self) -> None:
         """Ask the guest to finish; force the vCPUs that do not in time (from any thread)."""
         self.guest.request_stop()
-        end = time.monotonic() + STOP_GRACE_SECONDS
+        end = time.monotonic() + self.guest.stop_grace_seconds
         while time.monotonic() < end and not self.done():
             time.sleep(POLL_SECONDS)
         for vcpu in self.vcpus:
@@ -181,7 +180,7 @@ class RawRun:
 
     def _force_stop(self) -> None:
         """Stop every vCPU still running and wait for its thread (the teardown needs them gone)."""
-        stop_and_join(self.vcpus, FORCE_STOP_SECONDS)
+        stop_and_join(self.vcpus)
 
     def _collect(self, seconds: float) -> RawResult:
         result = RawResult(self.cpus, self.workload, "guest exited", seconds,
@@ -189,10 +188,11 @@ class RawRun:
         for vcpu in self.vcpus:
             if vcpu.error is not None:
                 raise MpvmmError(f"raw vcpu {vcpu.index} failed: {vcpu.error}") from vcpu.error
-            outcome, value, io_exits, mmio_exits = vcpu.result
-            name = OUTCOME_NAMES.get(outcome, "unknown")
-            if outcome != st.OUTCOME_EXITED:
+            code, value, io_exits, mmio_exits = vcpu.result
+            outcome = from_loop(code, value, vcpu.vcpu.kvm_run)
+            if not isinstance(outcome, Exited):
+                name, value = report_fields(outcome)
                 result.status = f"vcpu {vcpu.index} {name} ({value})"
-            result.vcpus.append(RawVcpuResult(vcpu.index, name, value, io_exits, mmio_exits,
+            result.vcpus.append(RawVcpuResult(vcpu.index, outcome, io_exits, mmio_exits,
                                               self.guest.counts(vcpu.index)))
         return result

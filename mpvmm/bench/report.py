@@ -49,7 +49,7 @@ def host_info() -> dict:
         "usable_cores": len(os.sched_getaffinity(0)),
         "kernel": platform.release(),
         "python_version": platform.python_version(),
-        # These machines run KVM nested on PVM, where an exit costs ~25 us (DESIGN.md, fact 5).
+        # These machines run KVM nested on PVM, where an exit costs ~25 us (docs/design.md, "PVM hosts").
         "kvm_nested_on_pvm": os.path.isdir("/sys/module/kvm_pvm"),
         "load_average": list(os.getloadavg()),  # at the start; the bench adds load_average_after
         "mpvmm_version": __version__,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mpvmm.devicemodel.device_state import expect_keys, expect_uint
 from mpvmm.x86.acpi import (
     RESET_OFFSET,
     RESET_VALUE,
@@ -75,3 +76,16 @@ class AcpiPm:
     def stats(self) -> dict[str, int]:
         return {"poweroffs": self.events.count(EVENT_POWEROFF), "reboots": self.events.count(EVENT_REBOOT),
                 "ignored_writes": self.ignored_writes}
+
+    # No register holds anything between accesses (WAK_STS is never set): the state is the counts.
+    def state(self) -> dict[str, int]:
+        return self.stats()
+
+    @classmethod
+    def from_state(cls, state: object, on_event: Callable[[str], None] | None = None) -> "AcpiPm":
+        expect_keys(state, ("poweroffs", "reboots", "ignored_writes"), "acpi-pm")
+        pm = cls(on_event)
+        pm.events = ([EVENT_POWEROFF] * expect_uint(state["poweroffs"], 16, "acpi-pm poweroffs")
+                     + [EVENT_REBOOT] * expect_uint(state["reboots"], 16, "acpi-pm reboots"))
+        pm.ignored_writes = expect_uint(state["ignored_writes"], 64, "acpi-pm ignored writes")
+        return pm

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Protocol
 
 from mpvmm.errors import DeviceModelError
 
@@ -23,6 +23,20 @@ ADDRESS_LIMIT = 1 << 64
 
 class BusError(DeviceModelError):
     """A device range is invalid or collides with one already on the bus."""
+
+
+class Device(Protocol):
+    """What every device on a bus is: a pure state machine seen through offsets."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """Plain counters of what the device saw, for the device model's stats."""
+
+    def state(self) -> dict:
+        """Everything needed to rebuild the device (its class's ``from_state``), as msgpack-able values."""
 
 
 @dataclass(frozen=True, order=True)
@@ -67,7 +81,7 @@ class BusEntry(NamedTuple):
     """One device on a bus: where it sits, the object, and its name for stats."""
 
     range: BusRange
-    device: Any
+    device: Device
     name: str
 
 
@@ -80,7 +94,7 @@ class Bus:
         self._bases: list[int] = []
         self._entries: list[BusEntry] = []
 
-    def insert(self, bus_range: BusRange, device: Any, name: str) -> None:
+    def insert(self, bus_range: BusRange, device: Device, name: str) -> None:
         """Put ``device`` at ``bus_range``; refuse a range another device owns."""
         if not isinstance(bus_range, BusRange):
             raise BusError(f"{self.name} bus: insert needs a BusRange, got {bus_range!r}")
@@ -95,7 +109,7 @@ class Bus:
         self._bases.insert(index, bus_range.base)
         self._entries.insert(index, BusEntry(bus_range, device, name))
 
-    def lookup(self, address: int) -> tuple[Any, str, int] | None:
+    def lookup(self, address: int) -> tuple[Device, str, int] | None:
         """The ``(device, name, offset)`` that owns ``address``, or None."""
         index = bisect.bisect_right(self._bases, address) - 1
         if index < 0:

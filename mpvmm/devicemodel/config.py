@@ -26,6 +26,9 @@ class Config:
     machine: str = "builtin"
     irqfds: tuple[tuple[str, int], ...] = ()
     stdin_fd: int | None = None
+    # Guest RAM is mapped read-only unless set: the devices so far never
+    # write guest memory; a virtio device process will.
+    ram_writable: bool = False
 
     @classmethod
     def from_message(cls, message: object) -> "Config":
@@ -59,5 +62,8 @@ class Config:
             raise DeviceModelError("irqfds must map device names to file descriptors")
         if stdin_fd is not None and (type(stdin_fd) is not int or stdin_fd < 0):
             raise DeviceModelError("stdin_fd must be a file descriptor or None")
+        ram_writable = message.get("ram_writable", False)
+        if type(ram_writable) is not bool:
+            raise DeviceModelError("ram_writable must be true or false")
         return cls(ram_fd, ram_size, tuple(requests), tuple(replies), console,
-                   machine, tuple(sorted(irqfds.items())), stdin_fd)
+                   machine, tuple(sorted(irqfds.items())), stdin_fd, ram_writable)

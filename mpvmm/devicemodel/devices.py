@@ -6,6 +6,8 @@ Both are pure state machines with ``read(offset, size)`` and
 
 from __future__ import annotations
 
+from mpvmm.devicemodel.device_state import expect_keys, expect_uint
+
 # The test device answers every read with this pattern XOR the offset, so a
 # guest can check that the value it got came from the right register and
 # width (a stale or misrouted reply would not match).
@@ -55,6 +57,18 @@ class TestDevice:
     def stats(self) -> dict[str, int]:
         return {"writes": self.writes, "write_sum": self.write_sum, "reads": self.reads}
 
+    # Its counts are its state: a restored VM's totals go on from the saved ones.
+    def state(self) -> dict[str, int]:
+        return self.stats()
+
+    @classmethod
+    def from_state(cls, state: object) -> "TestDevice":
+        expect_keys(state, ("writes", "write_sum", "reads"), "test device")
+        device = cls()
+        device.writes, device.write_sum, device.reads = (
+            expect_uint(state[key], 64, f"test device {key}") for key in ("writes", "write_sum", "reads"))
+        return device
+
 
 class Sink:
     """Ports a guest pokes that we deliberately ignore, like kvmtool's x86/ioport.c.
@@ -78,3 +92,13 @@ class Sink:
 
     def stats(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes}
+
+    def state(self) -> dict[str, int]:
+        return self.stats()
+
+    @classmethod
+    def from_state(cls, state: object) -> "Sink":
+        expect_keys(state, ("reads", "writes"), "sink")
+        sink = cls()
+        sink.reads, sink.writes = (expect_uint(state[key], 64, f"sink {key}") for key in ("reads", "writes"))
+        return sink

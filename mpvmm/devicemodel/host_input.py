@@ -17,14 +17,14 @@ READ_SIZE = 64
 class HostInput:
     def __init__(self, fd: int, uart, epoll: select.epoll):
         self.fd = fd
-        self._uart = uart
+        self.uart = uart  # replaced when the machine is restored from saved states
         self._epoll = epoll
         self._armed = True
         self.closed = False
         epoll.register(fd, select.EPOLLIN)
 
     def on_readable(self) -> None:
-        room = self._uart.fifo_capacity()
+        room = self.uart.fifo_capacity()
         if room == 0:
             self._arm(False)
             return
@@ -37,11 +37,11 @@ class HostInput:
         if not data:
             self.close()
             return
-        self._uart.enqueue_raw_bytes(data)
+        self.uart.enqueue_raw_bytes(data)
 
     def rearm(self) -> None:
         """After guest accesses: listen again if the FIFO has room."""
-        if not self.closed and not self._armed and self._uart.fifo_capacity():
+        if not self.closed and not self._armed and self.uart.fifo_capacity():
             self._arm(True)
 
     def _arm(self, on: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
-from mpvmm.devicemodel.bus import Bus, BusRange
+from mpvmm.devicemodel.bus import Bus, BusRange, Device
 from mpvmm.devicemodel.devices import Sink, TestDevice, all_ones
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
@@ -23,6 +23,7 @@ from mpvmm.devicemodel.protocol import (
     encode_reply,
 )
 from mpvmm.devicemodel.serial import Serial
+from mpvmm.errors import DeviceModelError
 from mpvmm.x86.layout import (
     COM1_PORT,
     COM1_PORT_COUNT,
@@ -50,19 +51,43 @@ SPACE_NAMES = {SPACE_PIO: "pio", SPACE_MMIO: "mmio"}
 OPS = ("read", "write")
 
 
+def make_device(cls, states: dict | None, name: str, **hooks):
+    """A new ``cls`` with ``hooks`` (its trigger, output ...), or one rebuilt from ``states[name]``.
+
+    ``states`` is None for a machine that boots afresh, or the per-device
+    records a restored machine saved, keyed by device name.
+    """
+    if states is None:
+        return cls(**hooks)
+    if name not in states:
+        raise DeviceModelError(f"the saved device states have no record for {name}")
+    return cls.from_state(states[name], **hooks)
+
+
+def check_all_restored(states: dict | None, devices: dict[str, Device]) -> None:
+    """Refuse saved states for devices this machine does not have."""
+    if states is not None and set(states) - set(devices):
+        raise DeviceModelError(f"the saved device states name devices this machine lacks: "
+                               f"{', '.join(sorted(set(states) - set(devices)))}")
+
+
 def build_buses(
     console_out: Callable[[bytes], None] | None = None,
     com1_trigger: Callable[[], None] | None = None,
-) -> tuple[Bus, Bus, dict[str, object]]:
+    states: dict | None = None,
+) -> tuple[Bus, Bus, dict[str, Device]]:
     """Create the machine's devices and place them on the pio and mmio buses.
 
     Returns ``(pio, mmio, devices_by_name)``. The test device has one instance
-    per bus, so a test can tell which path a guest access took.
+    per bus, so a test can tell which path a guest access took. With
+    ``states`` (device name -> ``state()`` record) each device is rebuilt
+    from its record instead.
     """
     pio, mmio = Bus("pio"), Bus("mmio")
-    uart = Serial(trigger=com1_trigger, out=console_out)
-    pio_testdev, mmio_testdev = TestDevice(), TestDevice()
-    port80, pci_config = Sink(), Sink()
+    uart = make_device(Serial, states, COM1_NAME, trigger=com1_trigger, out=console_out)
+    pio_testdev = make_device(TestDevice, states, PIO_TESTDEV_NAME)
+    mmio_testdev = make_device(TestDevice, states, MMIO_TESTDEV_NAME)
+    port80, pci_config = make_device(Sink, states, PORT80_NAME), make_device(Sink, states, PCI_CONFIG_NAME)
     pio.insert(BusRange(COM1_PORT, COM1_PORT_COUNT), uart, COM1_NAME)
     pio.insert(BusRange(PIO_TESTDEV_PORT, PIO_TESTDEV_PORT_COUNT), pio_testdev, PIO_TESTDEV_NAME)
     pio.insert(BusRange(POST_DIAGNOSTIC_PORT, 1), port80, PORT80_NAME)
@@ -96,7 +121,7 @@ class DeviceModel:
         console_out: Callable[[bytes], None] | None = None,
         com1_trigger: Callable[[], None] | None = None,
         *,
-        machine: tuple[Bus, Bus, dict[str, object]] | None = None,
+        machine: tuple[Bus, Bus, dict[str, Device]] | None = None,
     ):
         # ``machine`` replaces the standard device set (tests, other boards).
         if machine is None:
@@ -171,6 +196,10 @@ class DeviceModel:
             return None
         return encode_reply(request.seq, value)
 
+    def states(self) -> dict[str, dict]:
+        """Every device's ``state()`` record, keyed by its name: what a snapshot keeps."""
+        return {name: device.state() for name, device in self.devices.items()}
+
     def stats(self) -> dict:
         """Plain counters, nested by name (msgpack-able, string keys only)."""
         return {
@@ -183,8 +212,5 @@ class DeviceModel:
             },
             "rejected": {reason: self.rejected[reason] for reason in REJECT_REASONS},
             "device_errors": {name: self.device_errors[name] for name in self.devices},
-            "devices": {
-                name: device.stats() if hasattr(device, "stats") else {}
-                for name, device in self.devices.items()
-            },
+            "devices": {name: device.stats() for name, device in self.devices.items()},
         }

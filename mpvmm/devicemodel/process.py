@@ -15,9 +15,10 @@ The control socket carries a stream of msgpack maps. The supervisor sends
 every queue by name and unlinks the name at once, then answers ``ready`` or
 ``error`` (and exits 1). It asks to die with the supervisor only after that:
 a supervisor killed mid-start-up must not take the device model with it
-before the names it sent are gone. Then ``stats`` is answered with ``stats``, and
-``shutdown`` with ``bye`` once the request queues are drained and the
-console flushed (exit 0). End of file means the supervisor is gone: exit 0.
+before the names it sent are gone. Then ``stats`` is answered with ``stats``,
+``save_state`` and ``restore_state`` carry the devices' state records, and
+``shutdown`` is answered with ``bye`` once the request queues are drained and
+the console flushed (exit 0). End of file means the supervisor is gone: exit 0.
 
 One thread serves everything through epoll: a POSIX message queue descriptor
 is pollable on Linux, so request queues and the control socket wait together.
@@ -45,13 +46,14 @@ import msgpack
 import posix_ipc
 
 from mpvmm.devicemodel.config import Config
-from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
-from mpvmm.devicemodel.pc import build_pc_buses, eventfd_trigger
+from mpvmm.devicemodel.machines import MachineBuilder
+from mpvmm.devicemodel.pc import eventfd_trigger
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
 from mpvmm.devicemodel.rounds import KEPT_READ, serve_round, writes_before_reads
-from mpvmm.devicemodel.sandbox import confine
+from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
 
 # Messages taken from one queue before the next queue gets its turn, so one
@@ -114,7 +116,7 @@ def _batch_scheduling() -> None:
         pass  # not Linux, or refused: ordinary scheduling still works
 
 
-class DeviceModelProcess:
+class DeviceModelServer:
     """Owns the control socket, guest RAM, the queues, the console and the model."""
 
     def __init__(self, control: socket.socket, parent: int):
@@ -124,7 +126,7 @@ class DeviceModelProcess:
         self.ram: mmap.mmap | None = None
         self.request_queues: list = []
         self.reply_queues: list = []
-        self.console: Console | None = None
+        self.console: HostConsole | None = None
         self.model: DeviceModel | None = None
         self._epoll: select.epoll | None = None
         self._queue_by_fd: dict[int, int] = {}
@@ -136,6 +138,7 @@ class DeviceModelProcess:
         self.host_input: HostInput | None = None
         self._kept_reads: list[tuple[int, Request]] = []
         self._queue_depth = 0
+        self.confinement: Confinement | None = None
 
     # --- Control channel. ---
 
@@ -184,6 +187,11 @@ class DeviceModelProcess:
             self.console.flush()
             self._send({"op": "bye", **self._stats()})
             raise _Exit(0)
+        elif op == "save_state":  # the vCPUs are paused: the queues hold only what came before
+            self._drain_all()
+            self._send({"op": "state", "devices": self.model.states()})
+        elif op == "restore_state":
+            self._restore_state(message.get("devices"))
         elif op == "configure":
             self._send({"op": "error", "message": "already configured"})
         else:
@@ -215,12 +223,16 @@ class DeviceModelProcess:
         try:
             config = Config.from_message(message)
             self._open(config)
+            # Everything is open: give up what a hostile guest would want next
+            # (sandbox.py). The uid first: changing it clears the parent-death signal.
+            confinement = drop_privileges()
             _die_with_parent(self.parent)  # only now: every name is unlinked
-            confine()  # everything is open: give up what a hostile guest would want next
+            self.confinement = restrict(confinement)
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
             raise _Exit(1) from err
-        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION})
+        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION,
+                    "sandbox": self.confinement.as_message()})
 
     def _open(self, config: Config) -> None:
         try:
@@ -231,7 +243,7 @@ class DeviceModelProcess:
             raise DeviceModelError(f"guest RAM fd {config.ram_fd} holds {size} bytes, configure says {config.ram_size}")
         # Kept mapped for the virtio devices to come; the fd is not needed.
         try:
-            self.ram = mmap.mmap(config.ram_fd, config.ram_size)
+            self.ram = map_guest_ram(config.ram_fd, config.ram_size, config.ram_writable)
         finally:
             os.close(config.ram_fd)
         for names, queues, reading in (
@@ -252,15 +264,13 @@ class DeviceModelProcess:
         self.received = [0] * len(self.request_queues)
         self._queue_depth = max((queue.max_messages for queue in self.request_queues), default=0)
         if config.console is None:
-            self.console = Console(sys.stdout.fileno(), owns_fd=False)
+            self.console = HostConsole(sys.stdout.fileno(), owns_fd=False)
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self.console = Console(os.open(config.console, flags, 0o600), owns_fd=True)
-        if config.machine == "pc":
-            triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
-            self.model = DeviceModel(machine=build_pc_buses(self.console.write, triggers, self._system_event))
-        else:
-            self.model = DeviceModel(console_out=self.console.write)
+            self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
+        triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
+        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event)
+        self.model = self._machine.build()
         self._epoll = select.epoll()
         self._epoll.register(self.control.fileno(), select.EPOLLIN)
         if config.stdin_fd is not None:
@@ -268,6 +278,17 @@ class DeviceModelProcess:
         for index, queue in enumerate(self.request_queues):
             self._epoll.register(queue.mqd, select.EPOLLIN)
             self._queue_by_fd[queue.mqd] = index
+
+    def _restore_state(self, devices: object) -> None:
+        """Rebuild the machine from saved records (snapshots, migration); the old one stays if they are refused."""
+        try:
+            self.model = self._machine.build(devices if isinstance(devices, dict) else {})
+        except (DeviceModelError, TypeError, ValueError) as err:
+            self._send({"op": "error", "message": f"device state refused: {err}"})
+            return
+        if self.host_input is not None:
+            self.host_input.uart = self.model.uart
+        self._send({"op": "restored"})
 
     # --- Requests. ---
 
@@ -401,4 +422,4 @@ def main(argv: Sequence[str]) -> int:
         print(f"mpvmm device model: control fd {argv[0]} is not a socket: {err}", file=sys.stderr)
         return 2
     control.setblocking(True)
-    return DeviceModelProcess(control, parent).run()
+    return DeviceModelServer(control, parent).run()

@@ -25,6 +25,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from mpvmm.devicemodel.device_state import expect_bytes, expect_keys, expect_uint
+from mpvmm.errors import DeviceModelError
+
 INDEX_OFFSET = 0
 DATA_OFFSET = 1
 INDEX_MASK = 0x7F  # bit 7 of the index port masks NMIs on a PC
@@ -167,3 +170,33 @@ class Rtc:
 
     def stats(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes, "interrupts": self.interrupts}
+
+    # The time registers are not state: they always show the host's clock.
+    # Register C (a pending alarm or update flag, and IRQF) is, and so is the
+    # second whose update cycle ran last: cycles that end while the machine is
+    # saved run at its first timer or read of C after the restore, as a
+    # battery-backed RTC's would have.
+    _STATE_KEYS = ("index", "ram", "flags", "last_update", "reads", "writes", "interrupts")
+
+    def state(self) -> dict:
+        return {"index": self.index, "ram": bytes(self.ram), "flags": self.flags,
+                "last_update": self._last_update, "reads": self.reads, "writes": self.writes,
+                "interrupts": self.interrupts}
+
+    @classmethod
+    def from_state(cls, state: object, clock: Callable[[], float] = time.time,
+                   trigger: Callable[[], None] | None = None) -> "Rtc":
+        expect_keys(state, cls._STATE_KEYS, "rtc")
+        rtc = cls(clock, trigger)
+        rtc.index = expect_uint(state["index"], 7, "rtc index")
+        ram = expect_bytes(state["ram"], CMOS_SIZE, "rtc ram")
+        if len(ram) != CMOS_SIZE:
+            raise DeviceModelError(f"rtc ram must be {CMOS_SIZE} bytes")
+        rtc.ram[:] = ram
+        rtc.flags = expect_uint(state["flags"], 8, "rtc flags")
+        # IRQF was raised before the save; the interrupt controller's saved state holds that edge.
+        # A host whose clock is behind the saved one starts counting update cycles from its own now.
+        rtc._last_update = min(expect_uint(state["last_update"], 64, "rtc last update"), rtc._last_update)
+        rtc.reads, rtc.writes, rtc.interrupts = (expect_uint(state[key], 64, f"rtc {key}")
+                                                 for key in ("reads", "writes", "interrupts"))
+        return rtc

@@ -24,22 +24,44 @@ from ctypes import c_uint64 as u64
 from mpvmm.kvm.bindings_x86 import (  # noqa: F401  (re-exported)
     KVM_APIC_REG_SIZE,
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_IOAPIC_NUM_PINS,
+    KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_XCRS,
     KVM_NR_INTERRUPTS,
+    KVM_NR_IRQCHIPS,
+    KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_PAYLOAD,
+    KVM_VCPUEVENT_VALID_SHADOW,
+    KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    KVM_VCPUEVENT_VALID_SMM,
+    KVM_VCPUEVENT_VALID_TRIPLE_FAULT,
     cpuid2_type,
     kvm_cpuid2,
     kvm_cpuid_entry2,
     kvm_debug_exit_arch,
+    kvm_debugregs,
     kvm_dtable,
     kvm_fpu,
+    kvm_ioapic_state,
     kvm_lapic_state,
     kvm_msr_entry,
     kvm_msr_list,
     kvm_msrs,
+    kvm_pic_state,
+    kvm_pit_channel_state,
+    kvm_pit_state2,
     kvm_regs,
     kvm_segment,
     kvm_sregs,
+    kvm_vcpu_events,
+    kvm_xcr,
+    kvm_xcrs,
+    kvm_xsave,
     msr_list_type,
     msrs_type,
+    xsave_type,
 )
 
 KVM_API_VERSION = 12
@@ -54,15 +76,6 @@ class kvm_userspace_memory_region(Structure):
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
-
-
-class _kvm_irq_level_u(Union):
-    _fields_ = [("irq", u32), ("status", s32)]
-
-
-class kvm_irq_level(Structure):
-    _anonymous_ = ("_u",)
-    _fields_ = [("_u", _kvm_irq_level_u), ("level", u32)]
 
 
 class kvm_pit_config(Structure):
@@ -108,8 +121,35 @@ KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
 
-class kvm_enable_cap(Structure):
-    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+# --- linux/kvm.h: state save and restore, dirty logging ---------------------------
+
+
+class _kvm_irqchip_chip(Union):
+    _fields_ = [("dummy", u8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(Structure):
+    """One chip of the in-kernel irqchip, chosen by ``chip_id`` (KVM_IRQCHIP_*)."""
+
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", _kvm_irqchip_chip)]
+
+
+class kvm_clock_data(Structure):
+    """The VM's kvmclock (KVM_GET_CLOCK): nanoseconds, and with flags the host's realtime and TSC."""
+
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64), ("host_tsc", u64),
+                ("pad", u32 * 4)]  # fmt: skip
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
+class kvm_dirty_log(Structure):
+    """A memslot's dirty bitmap (one bit per page), written at ``dirty_bitmap``, a host address."""
+
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
 # --- linux/kvm.h: binary statistics (api.rst, KVM_GET_STATS_FD) ----------------
@@ -160,9 +200,15 @@ KVM_CAP_MP_STATE = 14
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
+KVM_CAP_PIT_STATE2 = 35
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_INTERNAL_ERROR_DATA = 40
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_SIGNAL_MSI = 77
@@ -174,6 +220,7 @@ KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_DISABLE_EXITS = 143
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_XSAVE2 = 208
 
 # --- linux/kvm.h: exits ----------------------------------------------------------
 
@@ -227,6 +274,12 @@ EXIT_REASON_NAMES: dict[int, str] = {
     for name, value in list(globals().items())
     if name.startswith("KVM_EXIT_")
 }
+
+
+def exit_reason_name(reason: int) -> str:
+    """``"io"`` for KVM_EXIT_IO; the number itself for a reason newer than this table."""
+    return EXIT_REASON_NAMES.get(reason, str(reason))
+
 
 # kvm_run.io.direction
 KVM_EXIT_IO_IN = 0
@@ -393,9 +446,11 @@ class kvm_run(Structure):
 STRUCTURES: tuple[type, ...] = (
     kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu, kvm_cpuid_entry2,
     kvm_cpuid2, kvm_msr_entry, kvm_msrs, kvm_msr_list, kvm_lapic_state,
-    kvm_debug_exit_arch, kvm_userspace_memory_region, kvm_irq_level,
-    kvm_pit_config, kvm_mp_state, kvm_ioeventfd, kvm_irqfd, kvm_enable_cap,
+    kvm_debug_exit_arch, kvm_userspace_memory_region,
+    kvm_pit_config, kvm_mp_state, kvm_ioeventfd, kvm_irqfd,
     kvm_stats_header, kvm_stats_desc, kvm_run,
+    kvm_pic_state, kvm_ioapic_state, kvm_irqchip, kvm_pit_channel_state, kvm_pit_state2,
+    kvm_clock_data, kvm_vcpu_events, kvm_debugregs, kvm_xsave, kvm_xcr, kvm_xcrs, kvm_dirty_log,
 )  # fmt: skip
 
 assert ctypes.sizeof(_kvm_run_exit) == 256, "the kvm_run exit union must stay 256 bytes"

@@ -11,15 +11,16 @@ twice or after a failed constructor, like CPython's ``SharedMemory``.
 import ctypes
 import errno
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from mpvmm.errors import KvmError, KvmIoctlError
 from mpvmm.kvm import bindings as b
 from mpvmm.kvm import ioctls
-from mpvmm.kvm.call import ioctl as _ioctl
+from mpvmm.kvm.ioctls import ioctl as _ioctl
 from mpvmm.kvm.vcpu import Vcpu
 
 # What mpvmm cannot run without, by the kernel's name (Kvm.require_capabilities).
+# KVM_CAP_IOEVENTFD is not among them: nothing registers an ioeventfd yet.
 REQUIRED_CAPABILITIES: dict[str, int] = {
     "KVM_CAP_USER_MEMORY": b.KVM_CAP_USER_MEMORY,
     "KVM_CAP_IRQCHIP": b.KVM_CAP_IRQCHIP,
@@ -27,7 +28,6 @@ REQUIRED_CAPABILITIES: dict[str, int] = {
     "KVM_CAP_SET_TSS_ADDR": b.KVM_CAP_SET_TSS_ADDR,
     "KVM_CAP_SET_IDENTITY_MAP_ADDR": b.KVM_CAP_SET_IDENTITY_MAP_ADDR,
     "KVM_CAP_EXT_CPUID": b.KVM_CAP_EXT_CPUID,
-    "KVM_CAP_IOEVENTFD": b.KVM_CAP_IOEVENTFD,
     "KVM_CAP_IRQFD": b.KVM_CAP_IRQFD,
     "KVM_CAP_IMMEDIATE_EXIT": b.KVM_CAP_IMMEDIATE_EXIT,
     "KVM_CAP_MP_STATE": b.KVM_CAP_MP_STATE,
@@ -78,7 +78,8 @@ class Kvm:
         return _ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, cap)
 
     def require_capabilities(self, caps: Mapping[str, int] = REQUIRED_CAPABILITIES) -> None:
-        """Raise KvmError naming every capability in ``caps`` that KVM lacks."""
+        """Raise KvmError unless KVM speaks API 12 and has every capability in ``caps``."""
+        self.check_api_version()
         missing = [name for name, cap in caps.items() if not self.check_extension(cap)]
         if missing:
             raise KvmError(
@@ -153,10 +154,6 @@ class Vm:
         self.fd = fd
         self.mmap_size = mmap_size
 
-    def check_extension(self, cap: int) -> int:
-        """Like Kvm.check_extension, for this VM (KVM_CAP_CHECK_EXTENSION_VM)."""
-        return _ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, cap)
-
     def create_irqchip(self) -> None:
         """The in-kernel PIC pair, IOAPIC and per-vCPU local APICs."""
         _ioctl(self.fd, "KVM_CREATE_IRQCHIP", ioctls.KVM_CREATE_IRQCHIP)
@@ -206,19 +203,44 @@ class Vm:
         request = b.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resamplefd)
         _ioctl(self.fd, "KVM_IRQFD", ioctls.KVM_IRQFD, request)
 
-    def irq_line(self, irq: int, level: int) -> None:
-        """Set the level of an in-kernel irqchip input (1 raised, 0 lowered)."""
-        request = b.kvm_irq_level(irq=irq, level=level)
-        _ioctl(self.fd, "KVM_IRQ_LINE", ioctls.KVM_IRQ_LINE, request)
+    def check_extension(self, cap: int) -> int:
+        """Like Kvm.check_extension, for this VM (some answers, KVM_CAP_XSAVE2's, are per VM)."""
+        return _ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, cap)
 
-    def enable_cap(self, cap: int, args: Sequence[int] = (), flags: int = 0) -> None:
-        """Turn on a VM capability that needs enabling (up to four arguments)."""
-        request = b.kvm_enable_cap(cap=cap, flags=flags)
-        if len(args) > len(request.args):
-            raise ValueError(f"KVM_ENABLE_CAP takes at most {len(request.args)} arguments")
-        for i, arg in enumerate(args):
-            request.args[i] = arg
-        _ioctl(self.fd, "KVM_ENABLE_CAP", ioctls.KVM_ENABLE_CAP, request)
+    def get_irqchip(self, chip_id: int) -> b.kvm_irqchip:
+        """One chip of the in-kernel irqchip: KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC."""
+        chip = b.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, "KVM_GET_IRQCHIP", ioctls.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: b.kvm_irqchip) -> None:
+        _ioctl(self.fd, "KVM_SET_IRQCHIP", ioctls.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> b.kvm_pit_state2:
+        state = b.kvm_pit_state2()
+        _ioctl(self.fd, "KVM_GET_PIT2", ioctls.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: b.kvm_pit_state2) -> None:
+        _ioctl(self.fd, "KVM_SET_PIT2", ioctls.KVM_SET_PIT2, state)
+
+    def get_clock(self) -> b.kvm_clock_data:
+        """The VM's kvmclock in nanoseconds (with ``flags`` saying what else KVM filled in)."""
+        clock = b.kvm_clock_data()
+        _ioctl(self.fd, "KVM_GET_CLOCK", ioctls.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock: b.kvm_clock_data) -> None:
+        _ioctl(self.fd, "KVM_SET_CLOCK", ioctls.KVM_SET_CLOCK, clock)
+
+    def get_dirty_log(self, slot: int, bitmap_address: int) -> None:
+        """Write slot ``slot``'s dirty bitmap at ``bitmap_address`` and start a new one.
+
+        The slot must have been set with KVM_MEM_LOG_DIRTY_PAGES; the buffer
+        holds one bit per page, rounded up to 64 bits.
+        """
+        log = b.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_address)
+        _ioctl(self.fd, "KVM_GET_DIRTY_LOG", ioctls.KVM_GET_DIRTY_LOG, log)
 
     def create_vcpu(self, index: int) -> "Vcpu":
         """vCPU ``index`` (also its initial APIC ID), with its kvm_run page mapped."""
@@ -226,7 +248,7 @@ class Vm:
         return Vcpu(fd, index, self.mmap_size)
 
     def stats_fd(self) -> int:
-        """A new fd for this VM's binary statistics (read with stats.StatsReader)."""
+        """A new fd for this VM's binary statistics (read with binary_stats.StatsReader)."""
         return _ioctl(self.fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
 
     def close(self) -> None:

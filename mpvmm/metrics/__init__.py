@@ -1,4 +1,4 @@
-"""Prometheus metrics of a running VM, collected at scrape time (DESIGN.md, "Metrics").
+"""Prometheus metrics of a running VM, collected at scrape time (docs/design.md, "Metrics").
 
 ``exporter`` serves ``/metrics``; ``collector`` turns the per-vCPU stats
 pages, KVM's binary stats, the guest's reports and the device model's

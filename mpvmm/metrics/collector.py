@@ -28,9 +28,9 @@ from prometheus_client.utils import floatToGoString
 
 from mpvmm.errors import MpvmmError
 from mpvmm.kvm import bindings as kb
-from mpvmm.kvm.stats import StatsReader
+from mpvmm.kvm.binary_stats import StatsReader
 from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, in_base_units, kvm_histograms, kvm_metrics
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 
 # Exit reasons exported for every vCPU from the start, so that their rate()
 # is right from the first exit on; any other reason is exported once some
@@ -40,25 +40,21 @@ BASELINE_EXIT_REASONS = (
     kb.KVM_EXIT_IO, kb.KVM_EXIT_MMIO, kb.KVM_EXIT_INTR, kb.KVM_EXIT_HLT, kb.KVM_EXIT_SHUTDOWN,
     kb.KVM_EXIT_FAIL_ENTRY, kb.KVM_EXIT_INTERNAL_ERROR, kb.KVM_EXIT_SYSTEM_EVENT,
 )
-LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in st.LATENCY_BOUNDS_SECONDS) + ("+Inf",)
+LATENCY_BUCKET_LABELS = tuple(floatToGoString(b) for b in stats_page.LATENCY_BOUNDS_SECONDS) + ("+Inf",)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def exit_reason_name(reason: int) -> str:
-    """The label of a stats-page exit slot; the same names as the --report JSON."""
-    return kb.EXIT_REASON_NAMES.get(reason, str(reason))
 
 
 @dataclass
 class VmSources:
     """What a scrape reads. The collector owns (and closes) only the KVM readers."""
 
-    stats_pages: list[st.VcpuStats]
+    stats_pages: list[stats_page.VcpuStats]
     worker_pids: Sequence[int] = field(default_factory=list)  # 0: a thread of this process
-    guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts
+    guest_counts: Callable[[int], object] | None = None  # index -> GuestCounts, or None (a kernel)
     device_stats: Callable[[], dict] | None = None
     kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)
     kvm_vm_reader: StatsReader | None = None
+    migration: Callable[[], dict | None] | None = None  # the VM's migration report, in or out
 
     def close(self) -> None:
         for reader in [*self.kvm_vcpu_readers, self.kvm_vm_reader]:
@@ -132,6 +128,8 @@ class VmCollector(Collector):
                 families += self._kvm_families(self._sources)
                 families += self._guest_families(self._sources)
                 families += self._device_families(self._sources)
+                if self._sources.migration is not None:
+                    families += migration_families(self._sources.migration())
         return families
 
     # --- The run loop's stats pages. ---
@@ -160,8 +158,8 @@ class VmCollector(Collector):
         for index, (page, counts) in enumerate(zip(pages, exit_counts)):
             vcpu = str(index)
             for reason in sorted(reasons):
-                exits.add_metric([vcpu, exit_reason_name(reason)], counts[reason])
-            for route, count in zip(st.PATHS, page.paths):
+                exits.add_metric([vcpu, kb.exit_reason_name(reason)], counts[reason])
+            for route, count in zip(stats_page.PATHS, page.paths):
                 routes.add_metric([vcpu, route], count)
             latency.add_metric([vcpu], cumulative_buckets(LATENCY_BUCKET_LABELS, page.sync_latency_buckets),
                                page.sync_latency_sum_ns / 1e9)
@@ -204,10 +202,13 @@ class VmCollector(Collector):
     def _guest_families(self, sources: VmSources) -> list[Metric]:
         if sources.guest_counts is None:
             return []
+        counts = [sources.guest_counts(index) for index in range(len(sources.stats_pages))]
+        if any(vcpu_counts is None for vcpu_counts in counts):
+            return []  # a guest that keeps no counts for us
         ops = CounterMetricFamily("mpvmm_guest_ops", "What the built-in guest says it did, by op",
                                   labels=["vcpu", "op"])
-        for index in range(len(sources.stats_pages)):
-            for op, count in sources.guest_counts(index).ops.items():
+        for index, vcpu_counts in enumerate(counts):
+            for op, count in vcpu_counts.ops.items():
                 ops.add_metric([str(index), op], count)
         return [ops]
 
@@ -247,6 +248,34 @@ def device_families(stats: dict) -> list[Metric]:
     for device, count in stats.get("device_errors", {}).items():
         errors.add_metric([device], count)
     return [requests, unmapped, rejected, errors]
+
+
+def migration_families(report: dict | None) -> list[Metric]:
+    """A migration's rounds, pages per round, downtime and time, labelled by this VMM's role in it."""
+    if report is None:
+        return []
+    role = [report["role"]]
+    rounds = GaugeMetricFamily("mpvmm_migration_rounds", "Rounds of pages a live migration sent",
+                               labels=["role"])
+    rounds.add_metric(role, report["rounds"])
+    pages = GaugeMetricFamily("mpvmm_migration_round_pages", "Pages sent in each round of a live migration",
+                              labels=["role", "round"])
+    for index, count in enumerate(report["pages_per_round"], 1):
+        pages.add_metric(role + [str(index)], count)
+    families: list[Metric] = [rounds, pages]
+    if report.get("downtime_ms") is not None:
+        downtime = GaugeMetricFamily("mpvmm_migration_downtime_seconds",
+                                     "From the pause on the source to the VM running on the destination",
+                                     labels=["role"])
+        downtime.add_metric(role, report["downtime_ms"] / 1000)
+        families.append(downtime)
+    duration = report.get("total_seconds", report.get("receive_seconds"))
+    if duration is not None:
+        total = GaugeMetricFamily("mpvmm_migration_duration_seconds", "How long a live migration took in all",
+                                  labels=["role"])
+        total.add_metric(role, duration)
+        families.append(total)
+    return families
 
 
 def cumulative_buckets(labels: Sequence[str], counts: Sequence[int]) -> list[tuple[str, int]]:

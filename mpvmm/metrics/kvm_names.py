@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from prometheus_client.utils import floatToGoString
 
-from mpvmm.kvm.stats import StatsDescriptor
+from mpvmm.kvm.binary_stats import StatsDescriptor
 
 # KVM names its time statistics by their scale ("halt_wait_ns"); once the
 # value is converted to seconds the scale suffix would lie, so it goes.

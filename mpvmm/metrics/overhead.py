@@ -18,6 +18,7 @@ import urllib.request
 from mpvmm.supervisor.run import RunConfig, Supervisor
 
 SCRAPE_PERIOD_SECONDS = 1.0
+PAUSE_TIMEOUT_SECONDS = 5.0
 
 
 class _Scraper:
@@ -50,11 +51,11 @@ def run_once(cpus: int, seconds: float, metrics: bool, console: str) -> tuple[fl
     config = RunConfig(cpus=cpus, memory=64 << 20, workload="pio-null", seconds=seconds, console=console,
                        metrics_port=0 if metrics else None)
 
-    def start_scraping(supervisor):
+    def start_scraping(vm):
         if metrics:
-            scrapers.append(_Scraper(supervisor.metrics.url, SCRAPE_PERIOD_SECONDS))
+            scrapers.append(_Scraper(vm.metrics.url, SCRAPE_PERIOD_SECONDS))
 
-    def stop_scraping(supervisor):
+    def stop_scraping(vm):
         for scraper in scrapers:
             scraper.stop()
 
@@ -85,15 +86,14 @@ def scrape_cost(cpus: int, scrapes: int, console: str) -> dict:
     """
     found = {}
 
-    def measure(supervisor):
+    def measure(vm):
         time.sleep(0.5)
-        found["running"], _, found["bytes"] = _scrape_times(supervisor.metrics.url, scrapes)
-        for worker in supervisor.workers:
-            worker.pause()
-        time.sleep(0.5)
-        found["paused"], found["cpu"], _ = _scrape_times(supervisor.metrics.url, scrapes)
-        for worker in supervisor.workers:
-            worker.resume()
+        found["running"], _, found["bytes"] = _scrape_times(vm.metrics.url, scrapes)
+        vm.vcpus.pause()
+        if not vm.vcpus.wait_paused(PAUSE_TIMEOUT_SECONDS):
+            raise SystemExit("the vCPUs did not pause")
+        found["paused"], found["cpu"], _ = _scrape_times(vm.metrics.url, scrapes)
+        vm.vcpus.resume()
 
     config = RunConfig(cpus=cpus, memory=256 << 20, workload="demo", seconds=0.1, console=console,
                        metrics_port=0)

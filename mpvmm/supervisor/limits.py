@@ -29,7 +29,7 @@ def _read_int(path: str) -> int | None:
 
 
 def queue_depth() -> int:
-    """Messages per queue: 10, or less where msg_max is lower (DESIGN.md, fact 4)."""
+    """Messages per queue: 10, or less where msg_max is lower (docs/design.md, "Message-queue limits")."""
     msg_max = _read_int(f"{MQUEUE_SYSCTL}/msg_max") or PREFERRED_QUEUE_DEPTH
     return min(PREFERRED_QUEUE_DEPTH, msg_max)
 

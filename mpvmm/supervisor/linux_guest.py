@@ -1,26 +1,40 @@
-"""A Linux kernel in a VM: reading it, placing it, and the boot state of every vCPU.
+"""A Linux kernel in a VM (``mpvmm start --kernel``): reading it, placing it, booting its vCPUs.
 
-``LinuxBoot.from_files`` reads and checks the kernel, initrd and command
-line before anything else is created (bad input is a one-line error, exit
-2); ``load`` writes the kernel, initrd, command line, zero page, MP table,
-ACPI tables, GDT and page tables into guest RAM; ``setup_vcpus`` gives the
-BSP the 64-bit entry state and leaves every AP in KVM's UNINITIALIZED state
-for the kernel's INIT/SIPI through the in-kernel LAPICs.
+``LinuxBoot.from_files`` reads and checks the kernel, initrd and command line
+before anything else is created (bad input is a one-line error, exit 2);
+``load`` writes the kernel, initrd, command line, zero page, MP table, ACPI
+tables, GDT and page tables into guest RAM; the ``LinuxGuest`` it returns
+gives the BSP the 64-bit entry state and leaves every AP in KVM's
+UNINITIALIZED state for the kernel's INIT/SIPI through the in-kernel LAPICs.
+
+The kernel runs on the "pc" device set, its UART and i8042 interrupts
+raised through irqfds, the host terminal feeding its console. It ends the
+run itself: power-off and reboot through the device model (ACPI, i8042
+reset), a triple fault or a KVM system event through a vCPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mpvmm.devicemodel.pc import IRQ_LINES
 from mpvmm.errors import GuestLoadError, UsageError
-from mpvmm.guest import abi
-from mpvmm.supervisor.builtin_guest import GuestCounts
+from mpvmm.kvm import bindings as kb
+from mpvmm.supervisor.ending import GuestEvent
+from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource, MachineSpec
+from mpvmm.vcpu_worker.outcome import Fault, VcpuOutcome
 from mpvmm.x86 import acpi, bzimage, e820, layout, linux, mptable, zeropage
 from mpvmm.x86.loader import load_elf
 
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux"
 # Below this a kernel has no room to decompress or run, whatever its size.
 MIN_MEMORY = 32 << 20
+# A vCPU's KVM_EXIT_SYSTEM_EVENT type -> how the guest ended.
+SYSTEM_EVENTS = {
+    kb.KVM_SYSTEM_EVENT_SHUTDOWN: GuestEvent.POWER_OFF,
+    kb.KVM_SYSTEM_EVENT_RESET: GuestEvent.REBOOT,
+    kb.KVM_SYSTEM_EVENT_CRASH: GuestEvent.CRASH,
+}
 
 
 class InitrdError(GuestLoadError):
@@ -39,16 +53,17 @@ def _align_down(value: int, alignment: int) -> int:
     return value & ~(alignment - 1)
 
 
-@dataclass
-class LinuxBoot:
+@dataclass(frozen=True)
+class LinuxBoot(GuestSource):
     """A checked kernel, initrd and command line, ready to be loaded."""
+
+    machine = MachineSpec("pc", IRQ_LINES, host_input=True)
+    workload = "linux"
 
     kernel: bzimage.KernelImage
     initrd: bytes | None
     cmdline: bytes
     cpus: int
-    entry: int = 0
-    initrd_address: int = 0
 
     @classmethod
     def from_files(cls, kernel_path: str, initrd_path: str | None, cmdline: str | None,
@@ -69,7 +84,7 @@ class LinuxBoot:
             if len(initrd) > memory_size:
                 raise InitrdError(f"initrd {initrd_path} ({len(initrd)} bytes) is larger than guest memory "
                                   f"({memory_size} bytes)")
-        text = DEFAULT_CMDLINE if cmdline is None else cmdline
+        text = linux.DEFAULT_CMDLINE if cmdline is None else cmdline
         try:
             encoded = text.encode("ascii")
         except UnicodeEncodeError:
@@ -83,8 +98,8 @@ class LinuxBoot:
 
     # --- Into guest memory. ---
 
-    def load(self, memory) -> None:
-        kernel_end = self._load_kernel(memory)
+    def load(self, memory) -> "LinuxGuest":
+        entry, kernel_end = self._load_kernel(memory)
         low_ram_end = min(memory.size, layout.MMIO_HOLE_START)
         initrd = None
         if self.initrd is not None:
@@ -97,7 +112,6 @@ class LinuxBoot:
                     f"initrd ({len(self.initrd)} bytes) does not fit guest memory above the kernel "
                     f"(which ends at {kernel_end:#x}); give the VM more --memory")
             memory.write(address, self.initrd)
-            self.initrd_address = address
             initrd = (address, len(self.initrd))
         memory.write(layout.LINUX_CMDLINE_ADDR, self.cmdline + b"\0")
         memory.write(layout.LINUX_MPTABLE_ADDR, mptable.build_mptable(layout.LINUX_MPTABLE_ADDR, self.cpus))
@@ -112,16 +126,16 @@ class LinuxBoot:
         memory.write(layout.LINUX_GDT_ADDR, linux.gdt_bytes())
         for address, table in linux.identity_tables():
             memory.write(address, table)
+        return LinuxGuest(entry, self.cpus)
 
-    def _load_kernel(self, memory) -> int:
-        """Load the kernel; returns the first address past what it will use."""
+    def _load_kernel(self, memory) -> tuple[int, int]:
+        """Load the kernel; returns its entry and the first address past what it will use."""
         kernel = self.kernel
         if kernel.vmlinux is not None:
             loaded = load_elf(memory, kernel.vmlinux, "kernel")
             if loaded.low < layout.LINUX_HIGH_MEMORY:
                 raise bzimage.KernelImageError("kernel loads below 1 MiB, over the boot structures")
-            self.entry = loaded.entry
-            return loaded.high
+            return loaded.entry, loaded.high
         # The bzImage's own decompressor: it moves itself to LOAD_PHYSICAL_ADDR
         # (or higher) and needs init_size bytes from there.
         header = kernel.header
@@ -132,37 +146,53 @@ class LinuxBoot:
             raise bzimage.KernelImageError(f"kernel needs {end >> 20} MiB of guest memory to decompress; "
                                            f"give the VM more --memory")
         memory.write(address, code)
-        self.entry = address + bzimage.STARTUP_64_OFFSET
-        return end
+        return address + bzimage.STARTUP_64_OFFSET, end
 
-    # --- vCPUs. ---
 
-    def setup_vcpus(self, kvm, vm) -> None:
-        """CPUID, MSRs and LINT0/1 on every vCPU; the entry state on the BSP only."""
+class LinuxGuest(Guest):
+    """A kernel loaded at ``entry`` for ``cpus`` vCPUs."""
+
+    stop_grace_seconds = 0.0  # a kernel has no stop flag to ask for: its vCPUs are stopped at once
+
+    def __init__(self, entry: int, cpus: int):
+        self.entry = entry
+        self.cpus = cpus
+
+    def set_up_vcpus(self, kvm, vcpus: Sequence) -> None:
+        """CPUID, MSRs and LINT0/1 on every vCPU; the entry state on the BSP (vCPU 0) only."""
         supported = kvm.supported_cpuid()
         msrs = linux.boot_msrs(set(kvm.msr_index_list()))
-        for vcpu in vm.vcpus:
+        for vcpu in vcpus:
             vcpu.set_cpuid2(linux.linux_cpuid(supported, vcpu.index, self.cpus))
             vcpu.set_msrs(msrs)
             lapic = vcpu.get_lapic()
             linux.set_lint_modes(lapic)
             vcpu.set_lapic(lapic)
-        bsp = vm.vcpus[0]
-        sregs = bsp.get_sregs()
-        linux.boot_sregs(sregs)
-        bsp.set_sregs(sregs)
-        bsp.set_regs(linux.boot_regs(self.entry))
-        bsp.set_fpu(linux.boot_fpu())
-
-
-class LinuxGuestReport:
-    """The built-in guest's report interface, empty: a kernel keeps no counts for us."""
+            if vcpu.index == 0:
+                sregs = vcpu.get_sregs()
+                linux.boot_sregs(sregs)
+                vcpu.set_sregs(sregs)
+                vcpu.set_regs(linux.boot_regs(self.entry))
+                vcpu.set_fpu(linux.boot_fpu())
 
     def request_stop(self) -> None:
-        pass
+        pass  # nothing to ask: stop_grace_seconds is 0
 
-    def counts(self, index: int) -> GuestCounts:
-        return GuestCounts(state=0, status=0, ops=dict.fromkeys(abi.OPS, 0), pio_write_sum=0, mmio_write_sum=0)
+    def counts(self, index: int) -> GuestCounts | None:
+        return None  # a kernel keeps no counts for us
 
-    def atomic_total(self) -> int:
-        return 0
+    def atomic_total(self) -> int | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"kind": "linux", "entry": self.entry}
+
+    def ending(self, outcome: VcpuOutcome) -> GuestEvent | None:
+        """A triple fault resets a PC; a system event is the kernel powering off, rebooting or crashing."""
+        match outcome:
+            case Fault(reason=kb.KVM_EXIT_SHUTDOWN):
+                return GuestEvent.TRIPLE_FAULT
+            case Fault(reason=kb.KVM_EXIT_SYSTEM_EVENT, system_event=event_type):
+                return SYSTEM_EVENTS.get(event_type)
+            case _:
+                return None

@@ -1,43 +1,52 @@
 """One run of a VM from creation to teardown: what ``mpvmm start`` does.
 
-Order of creation (undone in reverse by one ExitStack, whatever fails):
-KVM, the metrics endpoint (bound first: a busy port creates nothing),
-guest RAM, the guest image, the VM and its vCPUs, the per-vCPU stats
-area, the device-model process and its queues, the vCPU workers. The run
-ends when every vCPU has exited, when ``--seconds`` runs out or a stop
-signal arrives (the guest is asked to finish, then forced after a grace
-period), or when a vCPU faults or the device model dies.
+``Supervisor.run`` builds the VM in one straight line, like Firecracker's
+``builder.rs``: KVM, the control API socket, the guest source, the metrics
+endpoint (bound early: a busy port or path creates nothing), guest RAM, the
+guest, the VM and its vCPUs, the stats pages, the device-model process,
+the vCPU runners; then the guest brings the VM to its saved state, if it
+has one, and the vCPUs start. Everything is undone in reverse by one
+ExitStack, whatever fails. What varies comes from the two objects
+``choose`` picks once: the guest (guest.py: one that boots, a snapshot, or
+a VM arriving from another VMM) and where the vCPUs run (vcpu_host.py).
+The run ends when the guest ends it, when every vCPU has exited, when
+``--seconds`` runs out, a stop signal arrives or the API says stop (the
+guest is asked to finish, then forced after a grace period), when the VM
+migrated away, or when a vCPU fails or the device model dies (ending.py).
 """
 
+from __future__ import annotations
+
 import contextlib
-import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mpvmm.api.server import ControlApi, NoApi
 from mpvmm.errors import UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
 from mpvmm.metrics.exporter import MetricsExporter
+from mpvmm.migration.destination import IncomingSource
+from mpvmm.snapshot.restore import SnapshotSource
 from mpvmm.supervisor import limits
-from mpvmm.supervisor.builtin_guest import BuiltinGuest, GuestCounts, min_memory
-from mpvmm.supervisor.device_model import DeviceModelProcess
-from mpvmm.supervisor.memory import GuestMemory, map_shared, unmap
-from mpvmm.supervisor.routes import builtin_routes
-from mpvmm.supervisor.vm import VirtualMachine
-from mpvmm.vcpu_worker import stats as st
-from mpvmm.vcpu_worker.native import run_native
-from mpvmm.vcpu_worker.process_worker import ProcessWorker
-from mpvmm.vcpu_worker.python_loop import run_python
-from mpvmm.vcpu_worker.worker import VcpuWorker, stop_and_join
-from mpvmm.x86.usermode import write_boot_structures
+from mpvmm.supervisor.builtin_guest import BuiltinGuestSource
+from mpvmm.supervisor.control import VmControl
+from mpvmm.supervisor.device_model_client import DeviceModelClient
+from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, MigratedAway, RunEnding, StopSignal,
+                                     TimeLimit, VcpuFailed, device_model_ending, exit_status, status_line)
+from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource
+from mpvmm.supervisor.guest_memory import GuestMemory
+from mpvmm.supervisor.linux_guest import LinuxBoot
+from mpvmm.supervisor.terminal import RawTerminal
+from mpvmm.supervisor.vcpu_host import RUNNERS, VcpuHost
+from mpvmm.vcpu_worker.outcome import VcpuOutcome
+from mpvmm.vcpu_worker.route_table import paravirt_routes
+from mpvmm.vcpu_worker.runner import VcpuRunner, VcpuSet
+from mpvmm.vcpu_worker.stats_page import PATHS, StatsArea
 
-# The loop each runner's workers run; "process" runs the Python loop in a
-# forked process per vCPU, each with a VM of its own (process_worker.py).
-RUNNERS = {"native": run_native, "python": run_python, "process": run_python}
-STOP_GRACE_SECONDS = 3.0  # how long the guest gets to finish before vCPUs are forced off
-FORCE_STOP_SECONDS = 5.0  # how long a forced worker gets to leave its loop
 POLL_SECONDS = 0.05
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -50,12 +59,18 @@ class RunConfig:
     seconds: float | None = None
     runner: str = "native"
     console: str | None = None
-    # A Linux kernel instead of the built-in guest (linux_run.LinuxSupervisor).
+    # A Linux kernel instead of the built-in guest (linux_guest.py).
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str | None = None
     metrics_addr: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no /metrics endpoint (the CLI's default is 9477); 0: any free port
+    dirty_rate: int | None = None  # the dirty workload's MiB/s (None: its default)
+    # A VM that does not boot: one saved in a snapshot directory, or one
+    # arriving at tcp:HOST:PORT or unix:PATH. It brings cpus, memory and its guest.
+    restore: str | None = None
+    incoming: str | None = None
+    api_socket: str | None = None  # the control API's Unix socket (api/server.py)
 
 
 @dataclass
@@ -63,8 +78,7 @@ class VcpuResult:
     """What one vCPU did, as the VMM counted it and as the guest reports it."""
 
     index: int
-    outcome: str
-    outcome_value: int
+    outcome: VcpuOutcome
     exits: dict[str, int]
     paths: dict[str, int]
     runs: int
@@ -73,7 +87,7 @@ class VcpuResult:
     sync_latency_sum_seconds: float
     sleep_seconds: float
     posted_stalls: int
-    guest: GuestCounts
+    guest: GuestCounts | None  # None: the guest keeps no counts for us (a kernel)
     pid: int  # the process that ran the vCPU: the supervisor, or its own worker process
     cpu_seconds: float | None  # that worker process's CPU time (process runner only)
 
@@ -86,12 +100,26 @@ class RunResult:
     seconds: float
     vcpus: list[VcpuResult] = field(default_factory=list)
     device_model: dict = field(default_factory=dict)
-    atomic_total: int = 0
+    atomic_total: int | None = 0
     fault_registers: dict = field(default_factory=dict)
+    migration: dict | None = None  # how the VM left (source) or arrived (destination), if it moved
+
+
+@dataclass(frozen=True)
+class RunningVm:
+    """A built VM, as the run's callbacks, the metrics and the tests see it."""
+
+    config: RunConfig
+    memory: GuestMemory
+    guest: Guest
+    host: VcpuHost
+    vcpus: VcpuSet
+    device_model: DeviceModelClient
+    metrics: MetricsExporter | None
 
 
 def validate(config: RunConfig, max_vcpus: int) -> None:
-    """Refuse what cannot run, before anything is created."""
+    """Refuse what no guest can run, before anything is created."""
     if config.cpus < 1:
         raise UsageError(f"--cpus must be at least 1, not {config.cpus}")
     if config.cpus > max_vcpus:
@@ -100,13 +128,31 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
     if config.seconds is not None and config.seconds < 0:
         raise UsageError(f"--seconds must not be negative, not {config.seconds:g}")
-    needed = min_memory(config.cpus)
-    if config.memory < needed:
-        raise UsageError(
-            f"--memory {config.memory >> 20} MiB is too small for the guest with {config.cpus} vCPUs "
-            f"(needs at least {-(-needed >> 20)} MiB)"
-        )
     limits.check_host(config.cpus, config.memory)
+
+
+def choose(config: RunConfig, cancelled: Callable[[], int | None] = lambda: None) -> tuple[GuestSource, type[VcpuHost]]:
+    """The guest and the vCPU host of ``config``, checked; the only place either is chosen.
+
+    A restore reads and checks the whole snapshot here; an incoming VM is
+    waited for here (until ``cancelled()`` names a stop signal).
+    """
+    host = RUNNERS[config.runner]
+    if config.restore is not None or config.incoming is not None:
+        if not host.has_machine_state:
+            raise UsageError(f"--runner {config.runner} has a VM per vCPU and no one machine state to "
+                             "bring back (use --runner native or python)")
+        if config.restore is not None:
+            return SnapshotSource.from_directory(config.restore), host
+        return IncomingSource.accept(config.incoming, cancelled), host
+    if config.kernel is None:
+        if config.initrd is not None or config.cmdline is not None:
+            raise UsageError("--initrd and --cmdline need --kernel")
+        return BuiltinGuestSource(config.cpus, config.workload, config.memory, config.dirty_rate), host
+    if not host.shares_interrupt_controller:
+        raise UsageError(f"--runner {config.runner} has no shared interrupt controller and cannot boot Linux")
+    return LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory), host
+
 
 
 class _StopSignals:
@@ -115,6 +161,9 @@ class _StopSignals:
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+
+    def signal_received(self) -> int | None:
+        return self.received
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -131,213 +180,173 @@ class _StopSignals:
 
 
 class Supervisor:
-    """Builds the VM of ``config``, runs it and returns what happened."""
+    """Builds the VM of ``config``, runs it and returns what happened.
 
-    def __init__(self, config: RunConfig, on_started=None, on_stopped=None):
+    ``on_started(vm)`` is called with the RunningVm once its vCPUs run;
+    ``on_stopped(vm)`` once every vCPU has stopped, before the device model
+    shuts down and /metrics stops reading the VM. ``stdin_fd``, a terminal,
+    feeds a guest whose machine takes host input.
+    """
+
+    def __init__(self, config: RunConfig, on_started: Callable[[RunningVm], None] | None = None,
+                 on_stopped: Callable[[RunningVm], None] | None = None, stdin_fd: int | None = None):
         self.config = config
-        self.on_started = on_started  # called with the Supervisor once vCPUs run
-        # Called with the Supervisor once every vCPU has stopped, before the
-        # device model shuts down and /metrics stops reading the VM.
+        self.on_started = on_started
         self.on_stopped = on_stopped
-        self.metrics: MetricsExporter | None = None
-        self.workers: list[VcpuWorker] = []
-        self.vm: VirtualMachine | None = None
-        self.device_model: DeviceModelProcess | None = None
-        self.guest: BuiltinGuest | None = None
-        self.stop_signal: int | None = None
+        self.stdin_fd = stdin_fd
 
     def run(self) -> RunResult:
-        """The whole run; the steps a guest kind changes are the methods below."""
         # Stop signals become a flag from the very start: one arriving while
         # the VM is being built must not kill the supervisor between creating
         # a name and unlinking it, or with the terminal in raw mode. The wait
         # loop sees the flag as soon as the vCPUs run and stops them cleanly.
-        with _StopSignals() as signals:
-            return self._run(signals)
-
-    def _run(self, signals: "_StopSignals") -> RunResult:
-        config = self.config
-        with contextlib.ExitStack() as stack:
-            kvm = stack.enter_context(Kvm())
-            kvm.require_capabilities()
-            validate(config, kvm.max_vcpus())
-            self._check_guest()
-            if config.metrics_port is not None:
-                self.metrics = stack.enter_context(MetricsExporter(
-                    config.metrics_addr, config.metrics_port, self._metrics_info()))
-            memory = stack.enter_context(GuestMemory(config.memory))
-            self._build_guest(stack, kvm, memory)
-            stats_size = config.cpus * st.STATS_AREA_STRIDE
-            stats_base = map_shared(-1, stats_size)
-            stack.callback(unmap, stats_base, stats_size)
-            self.device_model = DeviceModelProcess(memory, config.cpus, config.console,
-                                                   **self._device_model_options(stack))
-            stack.callback(self.device_model.close)
-            self.workers = self._create_workers(memory, stats_base)
-            stack.callback(self._force_stop)
-            if self.metrics:
-                # Before the workers start: its vCPU ioctls would wait on running vCPUs.
-                self.metrics.attach(self)
-                stack.callback(self.metrics.detach)  # runs before the stats pages are unmapped
+        with _StopSignals() as signals, contextlib.ExitStack() as stack:
+            control = VmControl()
+            vm, api = self._build(stack, signals, control)
+            # The runners wait, up, while a restored or arriving guest writes its
+            # saved state; resuming is then all that is left of its downtime.
+            vm.vcpus.start(paused=True)
+            vm.guest.restore(vm, signals.signal_received)
             started = time.monotonic()
-            for worker in self.workers:
-                worker.start()
+            vm.vcpus.resume()
+            vm.guest.started()
+            control.running(vm)
             if self.on_started:
-                self.on_started(self)
-            status = self._wait(signals, started)
+                self.on_started(vm)
+            ending = self._wait(vm, signals, started, control, api)
             seconds = time.monotonic() - started
             if self.on_stopped:
-                self.on_stopped(self)
-            if self.metrics:
-                self.metrics.detach()  # the device model's control socket is _collect's from here
-            return self._collect(status, seconds)
+                self.on_stopped(vm)
+            if vm.metrics:
+                vm.metrics.detach()  # the device model's control socket is _collect's from here
+            return self._collect(vm, ending, seconds)
 
-    # --- The steps a guest kind provides (LinuxSupervisor overrides them). ---
-
-    def _check_guest(self) -> None:
-        """Refuse a guest that cannot run, before anything is created."""
-
-    def _metrics_info(self) -> dict[str, str]:
+    def _build(self, stack: contextlib.ExitStack, signals: _StopSignals,
+               control: VmControl) -> tuple[RunningVm, ControlApi | NoApi]:
+        """Every part of the VM, in order; each one's teardown on ``stack``."""
         config = self.config
-        return {"cpus": str(config.cpus), "memory_bytes": str(config.memory),
-                "runner": config.runner, "workload": config.workload}
-
-    def _build_guest(self, stack: contextlib.ExitStack, kvm, memory) -> None:
-        """Load the built-in guest and, for thread runners, the VM entering it at CPL 3."""
-        self.guest = BuiltinGuest(memory, self.config.cpus, self.config.workload)
-        write_boot_structures(memory)
-        if self.config.runner != "process":  # worker processes build VMs of their own
-            self.vm = VirtualMachine(kvm, memory, self.config.cpus)
-            stack.callback(self.vm.close)
-            for index in range(self.config.cpus):
-                self.vm.enter_user_mode(index, *self.guest.entry_arguments(index))
-
-    def _device_model_options(self, stack: contextlib.ExitStack) -> dict:
-        """Extra DeviceModelProcess arguments: the built-in guest needs none."""
-        return {}
-
-    def _create_workers(self, memory, stats_base: int) -> list:
-        routes = builtin_routes()
-        channels = self.device_model.channels
-        stats = [stats_base + index * st.STATS_AREA_STRIDE for index in range(self.config.cpus)]
-        if self.config.runner == "process":
-            return [ProcessWorker(index, memory, self.guest, stats[index], routes, channels[index])
-                    for index in range(self.config.cpus)]
-        loop = RUNNERS[self.config.runner]
-        return [VcpuWorker(vcpu, stats[vcpu.index], routes, channels[vcpu.index], loop)
-                for vcpu in self.vm.vcpus]
+        kvm = stack.enter_context(Kvm())
+        kvm.require_capabilities()
+        validate(config, kvm.max_vcpus())
+        api = stack.enter_context(ControlApi(config.api_socket, control.status) if config.api_socket else NoApi())
+        source, host_class = choose(config, signals.signal_received)
+        stack.enter_context(source)
+        config = source.machine_config(config)  # a restored or arriving VM brings its own machine
+        validate(config, kvm.max_vcpus())  # that machine, against this host
+        metrics = None
+        if config.metrics_port is not None:
+            metrics = stack.enter_context(MetricsExporter(config.metrics_addr, config.metrics_port, {
+                "cpus": str(config.cpus), "memory_bytes": str(config.memory),
+                "runner": config.runner, "workload": source.workload}))
+        memory = stack.enter_context(source.create_memory(config.memory))
+        guest = source.load(memory)
+        host = stack.enter_context(host_class(kvm, memory, guest, config.cpus))
+        irq_fds = host.connect_irq_lines(source.machine.irq_lines)
+        stats = stack.enter_context(StatsArea(config.cpus))
+        terminal = stack.enter_context(RawTerminal(self.stdin_fd if source.machine.host_input else None))
+        device_model = stack.enter_context(DeviceModelClient(
+            memory, config.cpus, config.console, machine=source.machine.name, irq_fds=irq_fds,
+            stdin_fd=terminal.input_fd))
+        vcpus = VcpuSet(host.create_runners(stats, paravirt_routes(), device_model.channels))
+        stack.callback(vcpus.stop_and_join)
+        vm = RunningVm(config, memory, guest, host, vcpus, device_model, metrics)
+        if metrics:
+            # Before the vCPUs start: opening a vCPU's stats fd would wait on a running vCPU.
+            metrics.attach(vm, control.migration_report)
+            stack.callback(metrics.detach)  # runs before the stats pages are unmapped
+        return vm, api
 
     # --- While it runs. ---
 
-    def _wait(self, signals: _StopSignals, started: float) -> str:
-        """Wait for the end of the run; returns why it ended."""
+    def _wait(self, vm: RunningVm, signals: _StopSignals, started: float, control: VmControl,
+              api: ControlApi | NoApi) -> RunEnding:
+        """Wait for the end of the run, doing what the API asks; returns how it ended, every vCPU stopped."""
         deadline = None if self.config.seconds is None else started + self.config.seconds
-        while True:
-            ending = self._guest_ending()
-            if ending is not None:
-                self._force_stop()
-                return ending
-            if not self.device_model.alive():
-                self._force_stop()
-                return f"device model died ({self.device_model.describe_exit()})"
-            if any(w.done and w.outcome[0] in ("fault", "error") for w in self.workers):
-                self._force_stop()
-                return "vcpu fault"
-            if all(w.done for w in self.workers):
-                return "guest exited"
-            if signals.received is not None:
-                self.stop_signal = signals.received
-                self._finish_guest()
-                return f"stopped by {signal.Signals(signals.received).name}"
-            if deadline is not None and time.monotonic() >= deadline:
-                self._finish_guest()
-                return "time limit reached"
-            time.sleep(POLL_SECONDS)
 
-    def _guest_ending(self) -> str | None:
-        """How the guest ended the run by itself, if it did (the built-in guest
-        just exits its vCPUs, which the checks in _wait see)."""
+        def abort() -> str | None:
+            """Why a long command (a migration) must give up now, if it must."""
+            ending = self._ended(vm)
+            if signals.received is not None:
+                ending = StopSignal(signals.received)
+            return None if ending is None else f"the run is ending: {status_line(ending)}"
+
+        while True:
+            ending = self._ended(vm)
+            if ending is not None:
+                vm.vcpus.stop_and_join()
+                return ending
+            if vm.vcpus.all_done():
+                return GuestExited()
+            if signals.received is not None:
+                self._finish(vm)
+                return StopSignal(signals.received)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._finish(vm)
+                return TimeLimit()
+            command = api.next_command(POLL_SECONDS)
+            ending = control.execute(command, abort) if command is not None else None
+            if isinstance(ending, MigratedAway):
+                vm.vcpus.stop_and_join()  # paused; guest RAM is the destination's now
+                return ending
+            if ending is not None:
+                self._finish(vm)
+                return ending
+
+    @staticmethod
+    def _ended(vm: RunningVm) -> RunEnding | None:
+        """What ended the run early, if something did: the guest, the device model or a vCPU."""
+        if vm.device_model.alive():
+            events = vm.device_model.poll_events()
+            if events:
+                return device_model_ending(events[0])
+        for runner in vm.vcpus:
+            outcome = runner.outcome()
+            event = vm.guest.ending(outcome) if outcome is not None else None
+            if event is not None:
+                return GuestEnded(event, runner.index)
+        if not vm.device_model.alive():
+            return DeviceModelDied(vm.device_model.describe_exit())
+        if vm.vcpus.failed():
+            return VcpuFailed()
         return None
 
-    def _finish_guest(self) -> None:
+    @staticmethod
+    def _finish(vm: RunningVm) -> None:
         """Ask the guest to finish; force the vCPUs that do not in time."""
-        self.guest.request_stop()
-        end = time.monotonic() + STOP_GRACE_SECONDS
-        while time.monotonic() < end and not all(w.done for w in self.workers):
-            if not self.device_model.alive():
-                break
+        vm.vcpus.resume()  # a paused guest cannot finish by itself
+        vm.guest.request_stop()
+        end = time.monotonic() + vm.guest.stop_grace_seconds
+        while time.monotonic() < end and not vm.vcpus.all_done() and vm.device_model.alive():
             time.sleep(POLL_SECONDS / 5)
-        self._force_stop()
-
-    def _force_stop(self) -> None:
-        stop_and_join(self.workers, FORCE_STOP_SECONDS)
+        vm.vcpus.stop_and_join()
 
     # --- After it ran. ---
 
-    def _collect(self, status: str, seconds: float) -> RunResult:
-        device_stats = self.device_model.shutdown() if self.device_model.alive() else {}
-        result = RunResult(self.config, 0, status, seconds, device_model=device_stats,
-                           atomic_total=self.guest.atomic_total())
-        for worker in self.workers:
-            result.vcpus.append(self._vcpu_result(worker))
-        result.exit_code, result.status = self._exit_code(result, status)
-        return result
+    def _collect(self, vm: RunningVm, ending: RunEnding, seconds: float) -> RunResult:
+        device_stats = vm.device_model.shutdown() if vm.device_model.alive() else {}
+        outcomes = [runner.outcome() for runner in vm.vcpus]
+        code, status, fault_registers = exit_status(ending, outcomes)
+        migration = ending.report if isinstance(ending, MigratedAway) else vm.guest.arrival
+        return RunResult(vm.config, code, status, seconds,
+                         vcpus=[_vcpu_result(runner, outcome, vm.guest) for runner, outcome in zip(vm.vcpus, outcomes)],
+                         device_model=device_stats, atomic_total=vm.guest.atomic_total(),
+                         fault_registers=fault_registers, migration=migration)
 
-    def _vcpu_result(self, worker: VcpuWorker) -> VcpuResult:
-        stats = worker.stats
-        outcome, value = worker.outcome
-        if outcome == "fault":
-            value_name = kb.EXIT_REASON_NAMES.get(value, str(value))
-            outcome = f"fault: {value_name}"
-        return VcpuResult(
-            index=worker.index,
-            outcome=outcome,
-            outcome_value=value,
-            exits={kb.EXIT_REASON_NAMES.get(reason, str(reason)): count
-                   for reason, count in enumerate(stats.exits) if count},
-            paths=dict(zip(st.PATHS, stats.paths)),
-            runs=stats.runs,
-            interrupted=stats.interrupted,
-            sync_latency_buckets=list(stats.sync_latency_buckets),
-            sync_latency_sum_seconds=stats.sync_latency_sum_ns / 1e9,
-            sleep_seconds=stats.sleep_ns / 1e9,
-            posted_stalls=stats.posted_stalls,
-            guest=self.guest.counts(worker.index),
-            pid=getattr(worker, "pid", 0) or os.getpid(),
-            cpu_seconds=getattr(worker, "cpu_seconds", None),
-        )
 
-    def _fault_detail(self, worker, vcpu: VcpuResult) -> str:
-        """What stopped a vCPU, in words, from its exit reason and kvm_run."""
-        if vcpu.outcome == "error":
-            return f"stopped: KVM_RUN failed: {os.strerror(vcpu.outcome_value)} (errno {vcpu.outcome_value})"
-        reason = vcpu.outcome_value
-        run = getattr(getattr(worker, "vcpu", None), "kvm_run", None)  # None for worker processes
-        if reason == kb.KVM_EXIT_SHUTDOWN:
-            return "stopped: triple fault (KVM_EXIT_SHUTDOWN)"
-        if reason == kb.KVM_EXIT_FAIL_ENTRY:
-            hardware = f" (hardware reason {run.fail_entry.hardware_entry_failure_reason:#x})" if run else ""
-            return f"stopped: VM entry failed{hardware}"
-        if reason == kb.KVM_EXIT_INTERNAL_ERROR:
-            suberror = f" (suberror {run.internal.suberror})" if run else ""
-            return f"stopped: KVM internal error{suberror}"
-        return f"stopped: unexpected exit reason {kb.EXIT_REASON_NAMES.get(reason, reason)} ({reason})"
-
-    def _exit_code(self, result: RunResult, status: str) -> tuple[int, str]:
-        """0 clean, the guest's debug-exit status where it set one, 1 for a VM failure."""
-        for worker, vcpu in zip(self.workers, result.vcpus):
-            if worker.error is not None:
-                return 1, f"vcpu {vcpu.index}: worker failed: {worker.error}"
-            if vcpu.outcome.startswith("fault") or vcpu.outcome == "error":
-                detail = self._fault_detail(worker, vcpu)
-                if self.vm is not None:
-                    result.fault_registers[vcpu.index] = self.vm.registers(vcpu.index)
-                return 1, f"vcpu {vcpu.index} {detail}"
-        if status.startswith("device model died"):
-            return 1, status
-        if self.stop_signal is not None:
-            return 128 + self.stop_signal, status  # the shell's convention for "ended by a signal"
-        for vcpu in result.vcpus:
-            if vcpu.outcome == "exited" and vcpu.outcome_value:
-                return vcpu.outcome_value & 0xFF, f"{status}; vcpu {vcpu.index} exited with status {vcpu.outcome_value}"
-        return 0, status
+def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> VcpuResult:
+    stats = runner.stats
+    return VcpuResult(
+        index=runner.index,
+        outcome=outcome,
+        exits={kb.exit_reason_name(reason): count for reason, count in enumerate(stats.exits) if count},
+        paths=dict(zip(PATHS, stats.paths)),
+        runs=stats.runs,
+        interrupted=stats.interrupted,
+        sync_latency_buckets=list(stats.sync_latency_buckets),
+        sync_latency_sum_seconds=stats.sync_latency_sum_ns / 1e9,
+        sleep_seconds=stats.sleep_ns / 1e9,
+        posted_stalls=stats.posted_stalls,
+        guest=guest.counts(runner.index),
+        pid=runner.pid,
+        cpu_seconds=runner.cpu_seconds,
+    )

@@ -8,7 +8,8 @@ from rich.table import Table
 
 from mpvmm import __version__
 from mpvmm.guest import abi
-from mpvmm.vcpu_worker.stats import LATENCY_BOUNDS_SECONDS, PATHS
+from mpvmm.vcpu_worker.outcome import report_fields
+from mpvmm.vcpu_worker.stats_page import LATENCY_BOUNDS_SECONDS, PATHS
 
 REPORT_VERSION = 1
 
@@ -31,13 +32,6 @@ def guest_exits(ops: dict[str, int]) -> int:
     return sum(ops[op] for op in abi.OP_PATHS)
 
 
-def guest_paths(ops: dict[str, int]) -> dict[str, int]:
-    paths = dict.fromkeys(PATHS, 0)
-    for op, path in abi.OP_PATHS.items():
-        paths[path] += ops[op]
-    return paths
-
-
 def _microseconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -47,7 +41,8 @@ def _microseconds(seconds: float | None) -> str:
 def render_summary(result, console: Console) -> None:
     table = Table(title=f"mpvmm: {result.config.cpus} vCPUs, {result.config.runner} runner, "
                         f"{result.config.workload} workload, {result.seconds:.2f} s")
-    per_process = result.config.runner == "process"
+    # vCPUs that ran in processes of their own have a pid and CPU time to show.
+    per_process = any(vcpu.cpu_seconds is not None for vcpu in result.vcpus)
     for column in ("vcpu", "outcome", "io", "mmio", "other", "native", "posted", "sync",
                    "sync p50 us", "sync p99 us", "exits/s", "guest exits") + (("pid", "cpu s") if per_process else ()):
         table.add_column(column, justify="left" if column == "outcome" else "right")
@@ -56,21 +51,35 @@ def render_summary(result, console: Console) -> None:
         io, mmio = vcpu.exits.get("io", 0), vcpu.exits.get("mmio", 0)
         other = sum(vcpu.exits.values()) - io - mmio
         table.add_row(
-            str(vcpu.index), vcpu.outcome, str(io), str(mmio), str(other),
+            str(vcpu.index), report_fields(vcpu.outcome)[0], str(io), str(mmio), str(other),
             *(str(vcpu.paths[p]) for p in PATHS),
             _microseconds(latency_quantile(vcpu.sync_latency_buckets, 0.5)),
             _microseconds(latency_quantile(vcpu.sync_latency_buckets, 0.99)),
             f"{(io + mmio) / result.seconds:.0f}" if result.seconds else "-",
-            str(guest_exits(vcpu.guest.ops)),
+            "-" if vcpu.guest is None else str(guest_exits(vcpu.guest.ops)),
             *process,
         )
     console.print(table)
-    ops = {op: sum(v.guest.ops[op] for v in result.vcpus) for op in abi.OPS}
+    counted = [v.guest for v in result.vcpus if v.guest is not None]
+    ops = {op: sum(counts.ops[op] for counts in counted) for op in abi.OPS}
     done = ", ".join(f"{op} {count}" for op, count in ops.items() if count)
     console.print(f"guest ops: {done or 'none'}")
     if ops["atomic_increments"]:
         console.print(f"atomics: shared counters total {result.atomic_total}, "
                       f"guest increments {ops['atomic_increments']}")
+    if result.migration is not None:
+        console.print(migration_line(result.migration))
+
+
+def migration_line(report: dict) -> str:
+    """One line for either end of a migration: where, downtime, time, rounds and pages per round."""
+    where = f"to {report['to']}" if report["role"] == "source" else f"from {report['from']}"
+    seconds = report.get("total_seconds", report.get("receive_seconds"))
+    pages = ", ".join(str(count) for count in report["pages_per_round"]) or "none"
+    downtime = report.get("downtime_ms")
+    return (f"migration {where} ({report['memory']} RAM): downtime "
+            f"{'-' if downtime is None else f'{downtime:.1f}'} ms, {seconds:.2f} s in all, "
+            f"{report['rounds']} rounds, pages per round: {pages}")
 
 
 def report_dict(result) -> dict:
@@ -86,8 +95,7 @@ def report_dict(result) -> dict:
         "vcpus": [
             {
                 "index": v.index,
-                "outcome": v.outcome,
-                "outcome_value": v.outcome_value,
+                **dict(zip(("outcome", "outcome_value"), report_fields(v.outcome))),
                 "exits": v.exits,
                 "paths": v.paths,
                 "runs": v.runs,
@@ -96,7 +104,7 @@ def report_dict(result) -> dict:
                 "sync_latency_sum_seconds": v.sync_latency_sum_seconds,
                 "sleep_seconds": v.sleep_seconds,
                 "posted_stalls": v.posted_stalls,
-                "guest": dataclasses.asdict(v.guest),
+                "guest": None if v.guest is None else dataclasses.asdict(v.guest),
                 "pid": v.pid,
                 "cpu_seconds": v.cpu_seconds,
             }
@@ -105,6 +113,7 @@ def report_dict(result) -> dict:
         "atomic_total": result.atomic_total,
         "device_model": result.device_model,
         "fault_registers": {str(k): v for k, v in result.fault_registers.items()},
+        "migration": result.migration,
     }
 
 

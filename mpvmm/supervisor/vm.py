@@ -1,20 +1,33 @@
-"""The KVM side of a VM: the VM fd, its interrupt controller, memory slots and vCPUs."""
+"""The KVM side of a VM: the VM fd, its interrupt controller, memory slots and vCPUs.
+
+What a vCPU starts as (CPUID, registers, run state) is the guest's to set
+(guest.py), so the same VM serves every guest kind. A paused VM's KVM state
+can be read and written whole (snapshots and migration), and its memory
+slots can log the pages the guest writes (migration/dirty_log.py).
+"""
+
+import ctypes
+import os
+from collections.abc import Iterable, Mapping, Sequence
 
 from mpvmm.kvm import bindings as kb
-from mpvmm.x86 import layout, usermode
-from mpvmm.x86.cpuid import vcpu_cpuid
+from mpvmm.snapshot.kvm_state import VcpuState, VmState
+from mpvmm.x86 import layout
 
 
 class VirtualMachine:
-    """A KVM VM with an in-kernel irqchip and PIT, guest RAM and ``cpus`` vCPUs."""
+    """A KVM VM with an in-kernel irqchip and PIT, guest RAM and the vCPUs ``vcpu_ids``."""
 
     vm = None
 
-    def __init__(self, kvm, memory, cpus: int):
+    def __init__(self, kvm, memory, vcpu_ids: Iterable[int]):
         self.vcpus = []
-        self.memory = memory
+        self._irq_fds: list[int] = []
+        self._memory = memory
+        self._dirty_logging = False
         self.vm = kvm.create_vm()
         try:
+            self._msr_indices = kvm.msr_index_list()
             # VMX needs these two regions before the first vCPU exists.
             self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
             self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
@@ -22,32 +35,55 @@ class VirtualMachine:
             self.vm.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
             for slot, (guest_address, size, offset) in enumerate(memory.regions()):
                 self.vm.set_user_memory_region(slot, guest_address, size, memory.host_address + offset)
-            supported = kvm.supported_cpuid()
-            for index in range(cpus):
-                vcpu = self.vm.create_vcpu(index)
-                self.vcpus.append(vcpu)
-                vcpu.set_cpuid2(vcpu_cpuid(supported, index, cpus))
+            for index in vcpu_ids:
+                self.vcpus.append(self.vm.create_vcpu(index))
         except BaseException:
             self.close()
             raise
 
-    def enter_user_mode(self, index: int, entry: int, stack_top: int, *arguments: int) -> None:
-        """Start vCPU ``index`` at ``entry`` in 64-bit CPL 3, runnable at once.
+    def connect_irq_lines(self, lines: Mapping[str, int]) -> dict[str, int]:
+        """An eventfd per line (name -> GSI) that raises its GSI when written; closed with the VM.
 
-        Application processors are made runnable directly (no INIT/SIPI):
-        the built-in guest has no ring-0 code to bring them up itself.
+        The device model gets the eventfds: it cannot call VM ioctls itself
+        (docs/design.md, "The address-space rule"), but it can write an eventfd.
         """
-        vcpu = self.vcpus[index]
-        sregs = vcpu.get_sregs()
-        usermode.set_user_mode_sregs(sregs)
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(usermode.user_mode_regs(entry, stack_top, *arguments))
-        vcpu.set_mp_state(kb.KVM_MP_STATE_RUNNABLE)
+        fds = {}
+        for name, gsi in lines.items():
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._irq_fds.append(fd)
+            self.vm.irqfd(fd, gsi)
+            fds[name] = fd
+        return fds
 
-    def registers(self, index: int) -> dict[str, int]:
-        """The general registers of a stopped vCPU, for fault reports."""
-        regs = self.vcpus[index].get_regs()
-        return {name: getattr(regs, name) for name, _ in type(regs)._fields_}
+    # --- State, for snapshots and migration. ---
+
+    def _xsave_size(self) -> int:
+        return self.vm.check_extension(kb.KVM_CAP_XSAVE2) or ctypes.sizeof(kb.kvm_xsave)
+
+    def capture_state(self) -> tuple[list[VcpuState], VmState]:
+        """Every vCPU's state (paused, none with an exit pending), then the VM's chips and clock."""
+        size = self._xsave_size()
+        vcpus = [VcpuState.capture(vcpu, self._msr_indices, size) for vcpu in self.vcpus]
+        return vcpus, VmState.capture(self.vm)
+
+    def restore_state(self, vcpus: Sequence[VcpuState], vm_state: VmState) -> None:
+        """Write saved state into this VM's vCPUs (before they first run), then the VM's."""
+        size = self._xsave_size()
+        for vcpu, state in zip(self.vcpus, vcpus):
+            state.restore(vcpu, size)
+        vm_state.restore(self.vm)
+
+    def log_dirty_pages(self, on: bool) -> None:
+        """Have KVM log (or stop logging) every page the guest writes, slot by slot."""
+        flags = kb.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        for slot, (guest_address, size, offset) in enumerate(self._memory.regions()):
+            self.vm.set_user_memory_region(slot, guest_address, size, self._memory.host_address + offset, flags)
+        self._dirty_logging = on
+
+    def dirty_bitmaps(self, buffers: Sequence) -> None:
+        """Fill ``buffers[slot]`` (one bit per page) with the pages written since the last call."""
+        for slot, buffer in enumerate(buffers):
+            self.vm.get_dirty_log(slot, ctypes.addressof(buffer))
 
     def close(self) -> None:
         for vcpu in self.vcpus:
@@ -56,3 +92,12 @@ class VirtualMachine:
         if self.vm is not None:
             self.vm.close()
             self.vm = None
+        for fd in self._irq_fds:
+            os.close(fd)
+        self._irq_fds = []
+
+    def __enter__(self) -> "VirtualMachine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

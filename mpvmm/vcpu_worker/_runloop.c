@@ -1,9 +1,9 @@
 /*
  * The native vCPU run loop: one call runs one vCPU until it stops, without
- * the GIL (DESIGN.md, fact 2: Python threads cap at ~86k exits/s in total).
+ * the GIL (docs/design.md, "The GIL ceiling": Python threads cap at ~86k exits/s in total).
  *
  * It runs on a thread of the supervisor, because KVM only accepts KVM_RUN
- * from the address space that created the VM (fact 1). Between KVM_RUN calls
+ * from the address space that created the VM (docs/design.md, "The address-space rule"). Between KVM_RUN calls
  * it routes each port-I/O and MMIO exit by the supervisor's route table:
  *   native  handled here: the null port, the sleep port, the debug-exit port
  *   posted  a write, sent to the device model; the vCPU resumes at once
@@ -35,12 +35,13 @@
 #include <unistd.h>
 
 #include "../guest/abi.h"
+#include "outcome.h"
 
-/* ---- Shared-memory layouts (mpvmm/vcpu_worker/stats.py mirrors them and
- * is checked against layout() below). ---- */
+/* ---- Shared-memory layouts (mpvmm/vcpu_worker/stats_page.py and
+ * route_table.py mirror them and are checked against layout() below). ---- */
 
 #define STATS_EXIT_REASONS 64     /* KVM exit reasons are < 64; larger count in the last slot */
-#define LATENCY_BUCKETS 21        /* sync round trip: <= 1 us * 2^k for k < 20, then +Inf */
+#define LATENCY_BUCKETS 21        /* sync round trip: <= latency_bound_ns(k) for k < 20, then +Inf */
 #define MESSAGE_SIZE 128          /* docs/protocol.md: max size of one message */
 #define KICK_POLL_NS 100000000L   /* 100 ms: the longest a missed kick can go unseen */
 #define MAX_SLEEP_US 1000000u     /* a guest sleep request is capped at 1 s */
@@ -50,13 +51,6 @@ enum route_action { ACTION_DEVICE = 0, ACTION_NULL = 1, ACTION_DEBUG_EXIT = 2, A
 enum exit_path { PATH_NATIVE = 0, PATH_POSTED = 1, PATH_SYNC = 2, PATH_COUNT = 3 };
 enum request { REQUEST_RUN = 0, REQUEST_PAUSE = 1, REQUEST_STOP = 2 };
 enum worker_state { STATE_IDLE = 0, STATE_RUNNING = 1, STATE_PAUSED = 2, STATE_DONE = 3 };
-enum outcome {
-    OUTCOME_NONE = 0,
-    OUTCOME_STOPPED = 1,   /* the supervisor asked */
-    OUTCOME_EXITED = 2,    /* the guest wrote the debug-exit port; value = status */
-    OUTCOME_FAULT = 3,     /* an exit reason the VMM cannot continue from; value = reason */
-    OUTCOME_ERROR = 4,     /* a syscall failed; value = errno */
-};
 
 /* One route: accesses to [base, base + length) in `space` get `action`.
  * Anything no route covers goes to the device model, which owns "unmapped". */
@@ -75,7 +69,7 @@ struct vcpu_stats {
     uint32_t request;          /* written by the supervisor: enum request */
     uint32_t state;            /* enum worker_state */
     uint32_t tid;              /* the worker thread's kernel thread id */
-    uint32_t outcome;          /* enum outcome, once state is DONE */
+    uint32_t outcome;          /* enum outcome (outcome.h), once state is DONE */
     uint64_t outcome_value;
     uint64_t runs;             /* KVM_RUN calls that returned an exit */
     uint64_t interrupted;      /* KVM_RUN calls that returned EINTR (kicks) */
@@ -106,6 +100,12 @@ struct worker {
 static int stop_requested(const struct worker *w)
 {
     return __atomic_load_n(&w->stats->request, __ATOMIC_ACQUIRE) == REQUEST_STOP;
+}
+
+/* A stop or a pause: either ends a guest's sleep early. */
+static int anything_requested(const struct worker *w)
+{
+    return __atomic_load_n(&w->stats->request, __ATOMIC_ACQUIRE) != REQUEST_RUN;
 }
 
 static uint64_t monotonic_ns(void)
@@ -213,15 +213,26 @@ static int send_request(struct worker *w, const uint8_t *msg, size_t len)
     }
 }
 
-static void record_latency(struct worker *w, uint64_t ns)
+/* The sync round-trip histogram: bucket k < LATENCY_BUCKETS - 1 counts round
+ * trips of at most 1 us << k, the last one everything longer. The only
+ * definition: Python reads the bounds from layout() and buckets with
+ * latency_bucket() below. */
+static uint64_t latency_bound_ns(unsigned bucket)
+{
+    return 1000ull << bucket;
+}
+
+static unsigned latency_bucket(uint64_t ns)
 {
     unsigned bucket = 0;
-    uint64_t bound = 1000; /* 1 us */
-    while (bucket < LATENCY_BUCKETS - 1 && ns > bound) {
+    while (bucket < LATENCY_BUCKETS - 1 && ns > latency_bound_ns(bucket))
         bucket++;
-        bound <<= 1;
-    }
-    BUMP(w->stats->sync_latency_buckets[bucket]);
+    return bucket;
+}
+
+static void record_latency(struct worker *w, uint64_t ns)
+{
+    BUMP(w->stats->sync_latency_buckets[latency_bucket(ns)]);
     ADD(w->stats->sync_latency_sum_ns, ns);
 }
 
@@ -261,12 +272,13 @@ static int posted_write(struct worker *w, uint64_t space, uint64_t address, uint
     return send_request(w, msg, len);
 }
 
-/* Sleeps in slices so that a stop is seen within KICK_POLL_NS. */
+/* Sleeps in slices so that a stop or a pause is seen within KICK_POLL_NS
+ * (a pause cuts the guest's rest short rather than wait for it). */
 static void guest_sleep(struct worker *w, uint64_t microseconds)
 {
     uint64_t start = monotonic_ns();
     uint64_t end = start + (microseconds < MAX_SLEEP_US ? microseconds : MAX_SLEEP_US) * 1000;
-    for (uint64_t now = start; now < end && !stop_requested(w); now = monotonic_ns()) {
+    for (uint64_t now = start; now < end && !anything_requested(w); now = monotonic_ns()) {
         uint64_t left = end - now < (uint64_t)KICK_POLL_NS ? end - now : (uint64_t)KICK_POLL_NS;
         struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)left};
         nanosleep(&slice, NULL);
@@ -359,13 +371,24 @@ static void wait_while_paused(struct worker *w)
 static enum outcome run_loop(struct worker *w, uint64_t *value)
 {
     struct vcpu_stats *stats = w->stats;
+    /* The last KVM_RUN returned an exit whose instruction KVM finishes only
+     * on the next KVM_RUN: an IN's value goes into RAX and RIP moves past
+     * an OUT then (api.rst, KVM_RUN). */
+    int exit_pending = 0;
     for (;;) {
         uint32_t request = __atomic_load_n(&stats->request, __ATOMIC_ACQUIRE);
         if (request == REQUEST_STOP)
             return OUTCOME_STOPPED;
         if (request == REQUEST_PAUSE) {
-            wait_while_paused(w);
-            continue;
+            if (!exit_pending) {
+                wait_while_paused(w);
+                continue;
+            }
+            /* Pause only with the vCPU's state whole, so that a snapshot
+             * reads it as the guest left it: KVM_RUN with immediate_exit
+             * completes the pending exit and returns EINTR without running
+             * the guest (or, mid string I/O, one more exit to handle). */
+            __atomic_store_n(&w->run->immediate_exit, 1, __ATOMIC_RELAXED);
         }
         if (ioctl(w->vcpu_fd, KVM_RUN, 0) < 0) {
             if (errno == EINTR) {
@@ -373,6 +396,7 @@ static enum outcome run_loop(struct worker *w, uint64_t *value)
                  * `request` again at the top. */
                 __atomic_store_n(&w->run->immediate_exit, 0, __ATOMIC_RELAXED);
                 BUMP(stats->interrupted);
+                exit_pending = 0;
                 continue;
             }
             if (errno == EAGAIN)
@@ -380,6 +404,7 @@ static enum outcome run_loop(struct worker *w, uint64_t *value)
             *value = (uint64_t)errno;
             return OUTCOME_ERROR;
         }
+        exit_pending = 1;
         BUMP(stats->runs);
         uint32_t reason = w->run->exit_reason;
         BUMP(stats->exits[reason < STATS_EXIT_REASONS ? reason : STATS_EXIT_REASONS - 1]);
@@ -491,6 +516,33 @@ static int add_int(PyObject *dict, const char *key, long long value)
     return failed;
 }
 
+/* The upper bounds of the finite latency buckets, as a tuple of nanoseconds. */
+static int add_latency_bounds(PyObject *dict)
+{
+    PyObject *bounds = PyTuple_New(LATENCY_BUCKETS - 1);
+    if (!bounds)
+        return -1;
+    for (unsigned k = 0; k < LATENCY_BUCKETS - 1; k++) {
+        PyObject *bound = PyLong_FromUnsignedLongLong(latency_bound_ns(k));
+        if (!bound) {
+            Py_DECREF(bounds);
+            return -1;
+        }
+        PyTuple_SET_ITEM(bounds, k, bound);
+    }
+    int failed = PyDict_SetItemString(dict, "latency_bounds_ns", bounds);
+    Py_DECREF(bounds);
+    return failed;
+}
+
+static PyObject *runloop_latency_bucket(PyObject *self, PyObject *args)
+{
+    unsigned long long ns;
+    if (!PyArg_ParseTuple(args, "K", &ns))
+        return NULL;
+    return PyLong_FromUnsignedLong(latency_bucket(ns));
+}
+
 #define FIELD(dict, type, field) add_int(dict, #type "." #field, (long long)offsetof(struct type, field))
 
 /* Offsets and constants of every layout above, so the Python mirrors are
@@ -522,13 +574,16 @@ static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
         FIELD(d, mpvmm_guest_params, debug_exit_port) ||
         FIELD(d, mpvmm_guest_params, sleep_port) ||
         FIELD(d, mpvmm_guest_params, pio_testdev_port) ||
+        FIELD(d, mpvmm_guest_params, dirty_rate_mib) ||
+        FIELD(d, mpvmm_guest_params, dirty_round_us) ||
+        FIELD(d, mpvmm_guest_params, dirty_base) || FIELD(d, mpvmm_guest_params, dirty_size) ||
         add_int(d, "mpvmm_guest_report.sizeof", sizeof(struct mpvmm_guest_report)) ||
         FIELD(d, mpvmm_guest_report, magic) || FIELD(d, mpvmm_guest_report, state) ||
         FIELD(d, mpvmm_guest_report, status) || FIELD(d, mpvmm_guest_report, pio_write_sum) ||
         FIELD(d, mpvmm_guest_report, mmio_write_sum) || FIELD(d, mpvmm_guest_report, ops) ||
         add_int(d, "mpvmm_guest_shared.sizeof", sizeof(struct mpvmm_guest_shared)) ||
         add_int(d, "STATS_EXIT_REASONS", STATS_EXIT_REASONS) ||
-        add_int(d, "LATENCY_BUCKETS", LATENCY_BUCKETS) ||
+        add_int(d, "LATENCY_BUCKETS", LATENCY_BUCKETS) || add_latency_bounds(d) ||
         add_int(d, "MESSAGE_SIZE", MESSAGE_SIZE) ||
         add_int(d, "MPVMM_OP_COUNT", MPVMM_OP_COUNT) ||
         add_int(d, "MPVMM_GUEST_ABI_VERSION", MPVMM_GUEST_ABI_VERSION)) {
@@ -546,6 +601,8 @@ static PyMethodDef runloop_methods[] = {
      "Install a no-op handler (no SA_RESTART) so the signal interrupts blocking calls."},
     {"wake", runloop_wake, METH_VARARGS, "FUTEX_WAKE the worker paused on this address."},
     {"layout", runloop_layout, METH_NOARGS, "Offsets and constants of the shared layouts."},
+    {"latency_bucket", runloop_latency_bucket, METH_VARARGS,
+     "latency_bucket(ns) -> the sync latency bucket a round trip of ns nanoseconds is counted in."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,25 +1,25 @@
-"""The Python runner: the run loop of _runloop.c written in Python.
+"""The Python run loop: _runloop.c's loop written in Python.
 
 It exists as the baseline that shows what the GIL costs: every exit is
 handled while holding the GIL, so vCPU threads take turns. It keeps the same
-routes, messages and stats as the native loop and passes the same tests.
+routes, messages and stats page as the native loop and passes the same
+tests. The process runner runs it too, in a process of its own.
 """
 
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import threading
 import time
 
 import posix_ipc
 
 from mpvmm.devicemodel import protocol
-from mpvmm.errors import ProtocolError
+from mpvmm.errors import KvmIoctlError, ProtocolError
 from mpvmm.kvm import bindings as kb
-from mpvmm.kvm import ioctls
-from mpvmm.vcpu_worker import routes
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import route_table, stats_page
+from mpvmm.vcpu_worker.outcome import LoopCode
+from mpvmm.vcpu_worker.stats_page import LoopRequest, WorkerState
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_NAME = 15
@@ -34,20 +34,20 @@ class _Stop(Exception):
 class PythonLoop:
     """The state of one vCPU's Python run loop."""
 
-    def __init__(self, worker):
-        self.worker = worker
-        self.stats = worker.stats
-        self.run = worker.vcpu.kvm_run
-        self.run_address = worker.vcpu.run_address
-        self.fd = worker.vcpu.fd
-        self.requests = worker.channel.request_queue
-        self.replies = worker.channel.reply_queue
+    def __init__(self, index: int, vcpu, stats: stats_page.VcpuStats, routes: route_table.RouteTable, channel):
+        self.index = index
+        self.vcpu = vcpu
+        self.stats = stats
+        self.run = vcpu.kvm_run
+        self.run_address = vcpu.run_address
+        self.requests = channel.request_queue
+        self.replies = channel.reply_queue
         self.sync_seq = 0
-        self.routes = worker.routes
+        self.routes = routes
         self.mmio_data_address = ctypes.addressof(self.run.mmio.data)
 
     def stop_requested(self) -> bool:
-        return self.stats.request == st.REQUEST_STOP
+        return self.stats.request == LoopRequest.STOP
 
     def send(self, message: bytes) -> None:
         try:
@@ -67,7 +67,7 @@ class PythonLoop:
     def sync_read(self, space: int, address: int, size: int) -> int:
         start = time.monotonic_ns()
         self.sync_seq += 1
-        self.send(protocol.encode_request(protocol.KIND_READ, self.worker.index, space, address, size, 0, self.sync_seq))
+        self.send(protocol.encode_request(protocol.KIND_READ, self.index, space, address, size, 0, self.sync_seq))
         while True:
             try:
                 message, _ = self.replies.receive(timeout=KICK_POLL_SECONDS)
@@ -83,7 +83,7 @@ class PythonLoop:
                 self.stats.stale_replies += 1
                 continue
             elapsed = time.monotonic_ns() - start
-            self.stats.sync_latency_buckets[st.latency_bucket(elapsed)] += 1
+            self.stats.sync_latency_buckets[stats_page.latency_bucket(elapsed)] += 1
             self.stats.sync_latency_sum_ns += elapsed
             return value
 
@@ -91,7 +91,7 @@ class PythonLoop:
         start = time.monotonic_ns()
         end = start + min(microseconds, MAX_SLEEP_US) * 1000
         now = start
-        while now < end and not self.stop_requested():
+        while now < end and self.stats.request == LoopRequest.RUN:  # a pause cuts the rest short too
             time.sleep(min(end - now, KICK_POLL_SECONDS * 1e9) / 1e9)
             now = time.monotonic_ns()
         self.stats.sleep_ns += time.monotonic_ns() - start
@@ -101,18 +101,18 @@ class PythonLoop:
         value = int.from_bytes(ctypes.string_at(data_address, size), "little") if is_write else 0
         action = self.routes.action(space, address)
         paths = self.stats.paths
-        if action != routes.ACTION_DEVICE:
+        if action != route_table.ACTION_DEVICE:
             paths[0] += 1
             if not is_write:
                 ctypes.memset(data_address, 0, size)
-            elif action == routes.ACTION_SLEEP:
+            elif action == route_table.ACTION_SLEEP:
                 self.sleep(value)
-            elif action == routes.ACTION_DEBUG_EXIT:
+            elif action == route_table.ACTION_DEBUG_EXIT:
                 return value
             return None
         if is_write:
             paths[1] += 1
-            self.send(protocol.encode_request(protocol.KIND_WRITE, self.worker.index, space, address, size, value, self.sync_seq))
+            self.send(protocol.encode_request(protocol.KIND_WRITE, self.index, space, address, size, value, self.sync_seq))
             return None
         paths[2] += 1
         value = self.sync_read(space, address, size)
@@ -124,7 +124,7 @@ class PythonLoop:
         data = self.run_address + io.data_offset
         is_write = io.direction == kb.KVM_EXIT_IO_OUT
         for _ in range(io.count):
-            status = self.access(routes.SPACE_PIO, io.port, io.size, is_write, data)
+            status = self.access(route_table.SPACE_PIO, io.port, io.size, is_write, data)
             if status is not None:
                 return status
             data += io.size
@@ -132,37 +132,41 @@ class PythonLoop:
 
     def handle_mmio(self):
         mmio = self.run.mmio
-        return self.access(routes.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
+        return self.access(route_table.SPACE_MMIO, mmio.phys_addr, mmio.len, bool(mmio.is_write), self.mmio_data_address)
 
     def wait_while_paused(self) -> None:
-        self.stats.state = st.STATE_PAUSED
-        while self.stats.request == st.REQUEST_PAUSE:
+        self.stats.state = WorkerState.PAUSED
+        while self.stats.request == LoopRequest.PAUSE:
             time.sleep(0.01)
-        self.stats.state = st.STATE_RUNNING
+        self.stats.state = WorkerState.RUNNING
 
     def loop(self) -> tuple[int, int]:
-        stats, run = self.stats, self.run
-        kvm_run = ioctls.KVM_RUN
+        stats, run, vcpu = self.stats, self.run, self.vcpu
+        # As in _runloop.c: KVM finishes the last exit's instruction on the next KVM_RUN.
+        exit_pending = False
         while True:
             request = stats.request
-            if request == st.REQUEST_STOP:
-                return st.OUTCOME_STOPPED, 0
-            if request == st.REQUEST_PAUSE:
-                self.wait_while_paused()
-                continue
-            try:
-                fcntl.ioctl(self.fd, kvm_run, 0)
-            except OSError as err:
-                if err.errno == errno.EINTR:
-                    run.immediate_exit = 0
-                    stats.interrupted += 1
+            if request == LoopRequest.STOP:
+                return LoopCode.STOPPED, 0
+            if request == LoopRequest.PAUSE:
+                if not exit_pending:
+                    self.wait_while_paused()
                     continue
+                run.immediate_exit = 1  # complete the exit, run nothing, then pause
+            try:
+                reason = vcpu.run()
+            except InterruptedError:  # a kick: clear the flag, then look at the request again
+                run.immediate_exit = 0
+                stats.interrupted += 1
+                exit_pending = False
+                continue
+            except KvmIoctlError as err:
                 if err.errno == errno.EAGAIN:
                     continue
-                return st.OUTCOME_ERROR, err.errno
+                return LoopCode.ERROR, err.errno
+            exit_pending = True
             stats.runs += 1
-            reason = run.exit_reason
-            stats.exits[min(reason, st.STATS_EXIT_REASONS - 1)] += 1
+            stats.exits[min(reason, stats_page.STATS_EXIT_REASONS - 1)] += 1
             try:
                 if reason == kb.KVM_EXIT_IO:
                     status = self.handle_io()
@@ -171,15 +175,17 @@ class PythonLoop:
                 elif reason == kb.KVM_EXIT_INTR:
                     status = None
                 else:
-                    return st.OUTCOME_FAULT, reason
+                    return LoopCode.FAULT, reason
             except _Stop:
-                return st.OUTCOME_STOPPED, 0
+                return LoopCode.STOPPED, 0
             if status is not None:
-                return st.OUTCOME_EXITED, status
+                return LoopCode.EXITED, status
 
 
-def run_python(worker) -> tuple[int, int]:
-    _libc.prctl(_PR_SET_NAME, f"vcpu{worker.index}".encode(), 0, 0, 0)
-    worker.stats.tid = threading.get_native_id()
-    worker.stats.state = st.STATE_RUNNING
-    return PythonLoop(worker).loop()
+def run_python(index: int, vcpu, stats: stats_page.VcpuStats, routes: route_table.RouteTable,
+               channel) -> tuple[int, int]:
+    """Run ``vcpu`` on this thread until it stops; (LoopCode, value), as _runloop.run returns."""
+    _libc.prctl(_PR_SET_NAME, f"vcpu{index}".encode(), 0, 0, 0)
+    stats.tid = threading.get_native_id()
+    stats.state = WorkerState.RUNNING
+    return PythonLoop(index, vcpu, stats, routes, channel).loop()

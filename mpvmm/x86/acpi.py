@@ -126,7 +126,7 @@ def pc_devices() -> list[bytes]:
                                                 aml.irq(layout.COM1_IRQ)]),
         aml.simple_device("KBD", HID_KEYBOARD, 0, [aml.io(layout.I8042_DATA_PORT, I8042_PORT_LENGTH),
                                                    aml.io(layout.I8042_COMMAND_PORT, I8042_PORT_LENGTH),
-                                                   aml.irq(layout.I8042_KEYBOARD_IRQ)]),
+                                                   aml.irq(layout.I8042_IRQ)]),
         aml.simple_device("RTC", HID_RTC, 0, [aml.io(layout.RTC_PORT, layout.RTC_PORT_COUNT),
                                               aml.irq(layout.RTC_IRQ)]),
         aml.simple_device("PMRG", HID_MOTHERBOARD, 0, [aml.io(layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_COUNT)]),

@@ -4,8 +4,8 @@ Like rust-vmm linux-loader's ``BzImage``: the header is checked ("HdrS", the
 boot protocol version, XLF_KERNEL_64) with explicit bounds before anything is
 trusted. The compressed payload inside a bzImage is decompressed here, on the
 host, so that the guest never runs its own decompressor: under the emulated
-ring 0 of these machines that alone takes minutes (see DESIGN.md).
-Documentation/arch/x86/boot.rst and x86-boot.md give the offsets.
+ring 0 of these machines that alone takes minutes (docs/design.md, "PVM hosts").
+Documentation/arch/x86/boot.rst gives the offsets; docs/linux.md the facts used.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ SETUP_HEADER_SLOT_END = 0x290  # boot_params.edd_mbr_sig_buffer follows the head
 ELF_MAGIC = b"\x7fELF"
 _LZ4_LEGACY_MAGIC = 0x184C2102
 
-# Payload formats by magic (x86-boot.md, section 4).
+# Payload formats by magic (docs/linux.md, "Kernel images").
 _MAGICS = (
     (b"\x1f\x8b", "gzip"),
     (b"\xfd7zXZ\x00", "xz"),

@@ -62,7 +62,7 @@ PIO_TESTDEV_PORT = 0x520
 PIO_TESTDEV_PORT_COUNT = 8
 
 # --- Linux boot (issue 5): the firmware-less PC a kernel expects, as
-# Firecracker lays it out (x86-boot.md, section 3). The built-in guest's
+# Firecracker lays it out (docs/linux.md, "Memory layout"). The built-in guest's
 # regions above are not used by a Linux VM, and these not by the built-in guest.
 LINUX_GDT_ADDR = GuestAddress(0x500)  # __BOOT_CS 0x10, __BOOT_DS 0x18
 LINUX_ZERO_PAGE_ADDR = GuestAddress(0x7000)  # boot_params; RSI points here
@@ -89,12 +89,8 @@ RTC_PORT_COUNT = 2
 # ACPI hardware-reduced sleep control/status and reset registers (FADT).
 ACPI_PM_PORT = 0x600
 ACPI_PM_PORT_COUNT = 4
-
-# --- Interrupts: ISA IRQ n is IOAPIC pin n (GSI n), KVM's default routing,
-# which the MP table and the MADT describe (no source overrides).
+# ISA IRQs of the legacy devices; each is the IOAPIC pin of the same number
+# (KVM's default GSI routing, and what the MP table and MADT describe).
 COM1_IRQ = 4
-I8042_KEYBOARD_IRQ = 1
-RTC_IRQ = 8
-# The irqfd of each device that raises an interrupt: device name -> GSI.
-# The supervisor registers one eventfd per entry, the device model signals it.
-IRQ_LINES = {"com1": COM1_IRQ, "i8042": I8042_KEYBOARD_IRQ, "rtc": RTC_IRQ}
+I8042_IRQ = 1  # the keyboard controller
+RTC_IRQ = 8  # update and alarm interrupts

@@ -17,6 +17,10 @@ from mpvmm.kvm.bindings_x86 import kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_sreg
 from mpvmm.x86 import gdt, layout, paging
 from mpvmm.x86.cpuid import vcpu_cpuid
 
+# The kernel command line when --cmdline is not given: the console on COM1, and
+# the way out of a panic or reboot that the supervisor sees as a reboot.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux"
+
 # GDT slots: __BOOT_CS = 2 * 8, __BOOT_DS = 3 * 8; a TSS after them because
 # VM entry into 64-bit mode needs a usable TR (the kernel loads its own).
 FLAGS_TSS32_BUSY = 0x808B  # present, type 11, G=1: what Firecracker loads
@@ -37,7 +41,7 @@ RFLAGS_RESERVED = 1 << 1
 FPU_CONTROL_WORD = 0x37F  # the FNINIT state
 MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked
 
-# --- MSRs firmware leaves behind (x86-boot.md, section 6). ---
+# --- MSRs firmware leaves behind (docs/linux.md, "Initial vCPU state"). ---
 MSR_IA32_TSC = 0x10
 MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP = 0x174, 0x175, 0x176
 MSR_IA32_MISC_ENABLE = 0x1A0

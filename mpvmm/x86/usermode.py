@@ -1,7 +1,8 @@
 """Entering a vCPU directly in 64-bit long mode at CPL 3.
 
 The built-in guest has no ring-0 code at all (supervisor-mode code is
-emulated instruction by instruction on these machines, see DESIGN.md), so
+emulated instruction by instruction on these machines: docs/design.md,
+"PVM hosts"), so
 the supervisor sets up what firmware and a kernel would have: a GDT with
 user segments, a TSS (VM entry insists on a valid TR), identity page tables
 with the user bit, and CR0/CR4/EFER for paging in long mode. Interrupts stay
@@ -17,7 +18,7 @@ and no bitmap every `out` ends in #GP).
 
 import struct
 
-from mpvmm.kvm.bindings_x86 import kvm_regs, kvm_sregs
+from mpvmm.kvm.bindings import KVM_MP_STATE_RUNNABLE, kvm_regs, kvm_sregs
 from mpvmm.x86 import gdt, layout, paging
 
 CR0_PE = 1 << 0
@@ -92,3 +93,12 @@ def user_mode_regs(entry: int, stack_top: int, *arguments: int) -> kvm_regs:
     for name, value in zip(("rdi", "rsi"), arguments):
         setattr(regs, name, value)
     return regs
+
+
+def enter_user_mode(vcpu, entry: int, stack_top: int, *arguments: int) -> None:
+    """Start ``vcpu`` (a kvm.vcpu.Vcpu) at ``entry`` in 64-bit CPL 3, runnable at once."""
+    sregs = vcpu.get_sregs()
+    set_user_mode_sregs(sregs)
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(user_mode_regs(entry, stack_top, *arguments))
+    vcpu.set_mp_state(KVM_MP_STATE_RUNNABLE)

@@ -16,7 +16,7 @@ import pytest
 
 from mpvmm.devicemodel import rtc
 from mpvmm.devicemodel.devices import testdev_pattern
-from mpvmm.devicemodel.console import Console
+from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.rounds import serve_round, writes_before_reads
 from mpvmm.devicemodel.protocol import (
@@ -64,12 +64,12 @@ class Harness:
             name, posix_ipc.O_CREX, mode=0o600, max_messages=depth, max_message_size=MAX_MESSAGE_SIZE
         )
 
-    def start(self, stdout=subprocess.DEVNULL, pass_fds=()):
+    def start(self, stdout=subprocess.DEVNULL, module="mpvmm.devicemodel", args=(), pass_fds=(), prefix=()):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
+            [*prefix, sys.executable, "-m", module, str(child.fileno()), *args],
             pass_fds=(child.fileno(), self.shm.fd, *pass_fds),
             stdout=stdout,
             env=env,
@@ -380,7 +380,7 @@ def test_serve_round_is_fair():
 def test_console_buffers_until_flush(tmp_path):
     path = tmp_path / "out"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    console = Console(fd, owns_fd=True)
+    console = HostConsole(fd, owns_fd=True)
     console.write(b"a\n")
     assert path.read_bytes() == b""  # a file is not line-buffered
     console.flush()
@@ -394,7 +394,7 @@ def test_console_buffers_until_flush(tmp_path):
 def test_console_on_a_tty_flushes_each_line():
     master, slave = os.openpty()
     try:
-        console = Console(slave, owns_fd=False)
+        console = HostConsole(slave, owns_fd=False)
         console.write(b"ab")
         os.set_blocking(master, False)
         with pytest.raises(BlockingIOError):
@@ -410,7 +410,7 @@ def test_console_on_a_tty_flushes_each_line():
 def test_console_write_errors_are_counted():
     read_end, write_end = os.pipe()
     os.close(read_end)
-    console = Console(write_end, owns_fd=True)
+    console = HostConsole(write_end, owns_fd=True)
     console.write(b"lost")
     console.flush()  # EPIPE (SIGPIPE is ignored by Python)
     assert console.stats()["lost_bytes"] == 4
@@ -454,3 +454,30 @@ def test_config_refuses_bad_messages(change):
         Config.from_message({**GOOD_CONFIG, **change})
     with pytest.raises(DeviceModelError):
         Config.from_message("configure")
+
+
+def test_save_state_sees_queued_writes_and_restore_state_rebuilds_the_devices(harness):
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    for value in (3, 4):  # posted: still queued, maybe, when save_state arrives
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, value, 0)
+    harness.send({"op": "save_state"})
+    saved = harness.recv()
+    assert saved["op"] == "state"
+    assert saved["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 7, "reads": 0}
+    assert set(saved["devices"]) == set(harness.stats()["stats"]["devices"])
+
+    devices = dict(saved["devices"], **{"testdev-pio": {"writes": 40, "write_sum": 100, "reads": 1}})
+    harness.send({"op": "restore_state", "devices": devices})
+    assert harness.recv() == {"op": "restored"}
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 5, 0)
+    harness.request(0, KIND_READ, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 0, 1)
+    assert harness.reply(0) == (1, testdev_pattern(0, 4))
+    assert harness.stats()["stats"]["devices"]["testdev-pio"] == {"writes": 41, "write_sum": 105, "reads": 2}
+
+    # A bad record is refused and the machine stays as it was.
+    harness.send({"op": "restore_state", "devices": dict(devices, **{"testdev-pio": {"writes": -1}})})
+    refused = harness.recv()
+    assert refused["op"] == "error" and "test device" in refused["message"]
+    assert harness.stats()["stats"]["devices"]["testdev-pio"]["writes"] == 41
+    assert harness.proc.poll() is None

@@ -13,7 +13,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from mpvmm.guest import abi
-from mpvmm.vcpu_worker import _runloop, stats
+from mpvmm.vcpu_worker import _runloop, stats_page
 from mpvmm.x86 import layout
 
 ABI_HEADER = Path(abi.__file__).with_name("abi.h")
@@ -146,7 +146,7 @@ def test_every_exit_causing_op_has_the_path_the_header_names(header):
     expected = {op: path for op, path in comments.items() if path is not None}
     assert expected, "the header names some exit-causing ops"
     assert abi.OP_PATHS == expected
-    assert set(abi.OP_PATHS.values()) <= set(stats.PATHS)
+    assert set(abi.OP_PATHS.values()) <= set(stats_page.PATHS)
 
 
 def test_mmio_ops_are_exit_causing_ops():

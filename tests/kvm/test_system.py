@@ -5,6 +5,7 @@ instructions that leave through a port write, an MMIO write, an MMIO read and
 ``hlt``, each exit checked field by field.
 """
 
+import ctypes
 import errno
 import mmap
 import os
@@ -15,8 +16,7 @@ import pytest
 from mpvmm.errors import KvmError, KvmIoctlError
 from mpvmm.kvm import bindings as b
 from mpvmm.kvm import system
-from mpvmm.kvm.stats import StatsReader
-from mpvmm.kvm.call import host_address
+from mpvmm.kvm.binary_stats import StatsReader
 from mpvmm.kvm.system import REQUIRED_CAPABILITIES, Kvm
 from mpvmm.kvm.vcpu import Vcpu
 
@@ -43,6 +43,15 @@ GUEST_CODE = bytes.fromhex(
     "f4"  # hlt                       -> HLT exit (no in-kernel irqchip)
 )
 SPIN_CODE = bytes.fromhex("eb fe")  # 1: jmp 1b
+
+
+def host_address(buffer: mmap.mmap) -> int:
+    """The address of an mmap's first byte, for KVM_SET_USER_MEMORY_REGION."""
+    view = ctypes.c_char.from_buffer(buffer)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view  # no export left, so the mmap can still be closed
 
 
 @pytest.fixture
@@ -164,8 +173,6 @@ def test_vcpu_state_ioctls(kvm):
     with kvm.create_vm() as vm:
         vm.create_irqchip()
         vm.create_pit2(b.KVM_PIT_SPEAKER_DUMMY)
-        vm.irq_line(4, 1)
-        vm.irq_line(4, 0)
         with vm.create_vcpu(0) as vcpu:
             vcpu.set_cpuid2(kvm.supported_cpuid())
             assert vcpu.get_mp_state() == b.KVM_MP_STATE_RUNNABLE
@@ -182,17 +189,35 @@ def test_vcpu_state_ioctls(kvm):
                 vcpu.get_msrs([0xDEADBEEF])
 
 
-def test_eventfds_attach(kvm):
+def test_ioeventfd_takes_a_port_write_in_the_kernel(guest):
+    """The guest's one-byte `out` signals the eventfd instead of exiting; deassigned, it is gone."""
+    vm, vcpu, ram = guest
+    ram[: len(GUEST_CODE)] = GUEST_CODE
+    notify = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        vm.ioeventfd(notify, PORT, 1, pio=True)
+        assert vcpu.run() == b.KVM_EXIT_MMIO  # the first exit is the MMIO write after the `out`
+        assert os.eventfd_read(notify) == 1
+        vm.ioeventfd(notify, PORT, 1, pio=True, deassign=True)
+        with pytest.raises(KvmIoctlError, match="KVM_IOEVENTFD") as info:
+            vm.ioeventfd(notify, PORT, 1, pio=True, deassign=True)
+        assert info.value.errno == errno.ENOENT
+    finally:
+        os.close(notify)
+
+
+def test_irqfd_is_registered_once_and_deassigned(kvm):
     with kvm.create_vm() as vm:
         vm.create_irqchip()
-        notify, irq = os.eventfd(0), os.eventfd(0)
+        irq = os.eventfd(0)
         try:
-            vm.ioeventfd(notify, 0x510, 4, pio=True)
-            vm.ioeventfd(notify, 0x510, 4, pio=True, deassign=True)
             vm.irqfd(irq, 5)
+            with pytest.raises(KvmIoctlError, match="KVM_IRQFD") as info:
+                vm.irqfd(irq, 5)  # KVM keeps one binding per eventfd
+            assert info.value.errno == errno.EBUSY
             vm.irqfd(irq, 5, flags=b.KVM_IRQFD_FLAG_DEASSIGN)
+            vm.irqfd(irq, 5)  # free again once deassigned
         finally:
-            os.close(notify)
             os.close(irq)
 
 

@@ -14,7 +14,7 @@ from mpvmm.errors import UsageError
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.supervisor.summary import report_dict
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.vcpu_worker import stats_page
 from tests.metrics.conftest import (debian_prometheus_tool, fetch, scrape_values, series,
                                    value_by)
 
@@ -53,12 +53,12 @@ def settled_scrape(url: str, timeout: float = 3.0) -> dict:
 def test_exported_counts_equal_guest_and_report(runner, tmp_path, no_leaks):
     seen = {}
 
-    def while_running(supervisor):
+    def while_running(vm):
         time.sleep(0.4)
-        seen["running"] = scrape_values(supervisor.metrics.url)
+        seen["running"] = scrape_values(vm.metrics.url)
 
-    def after_vcpus_stopped(supervisor):
-        seen["stopped"] = settled_scrape(supervisor.metrics.url)
+    def after_vcpus_stopped(vm):
+        seen["stopped"] = settled_scrape(vm.metrics.url)
 
     config = RunConfig(cpus=2, memory=64 << 20, workload="pio-device", seconds=1.0, runner=runner,
                        console=str(tmp_path / "console"), metrics_port=0)
@@ -83,9 +83,9 @@ def test_exported_counts_equal_guest_and_report(runner, tmp_path, no_leaks):
         # The histogram is cumulative over the report's per-bucket counts.
         buckets = value_by(samples, "mpvmm_vcpu_sync_exit_latency_seconds_bucket", "le", vcpu=index)
         bounds = sorted(buckets, key=float)
-        cumulative = [sum(vcpu["sync_latency_buckets"][: i + 1]) for i in range(st.LATENCY_BUCKETS)]
+        cumulative = [sum(vcpu["sync_latency_buckets"][: i + 1]) for i in range(stats_page.LATENCY_BUCKETS)]
         assert [buckets[le] for le in bounds] == cumulative
-        assert bounds[-1] == "+Inf" and len(bounds) == st.LATENCY_BUCKETS
+        assert bounds[-1] == "+Inf" and len(bounds) == stats_page.LATENCY_BUCKETS
         count = series(samples, "mpvmm_vcpu_sync_exit_latency_seconds_count", vcpu=index)
         total = series(samples, "mpvmm_vcpu_sync_exit_latency_seconds_sum", vcpu=index)
         assert list(count.values()) == [vcpu["paths"]["sync"]]
@@ -122,9 +122,9 @@ def test_exposition_passes_promtool_lint(tmp_path, no_leaks):
     """Prometheus's own linter: counter suffixes, base units, help text, naming."""
     text = {}
 
-    def grab(supervisor):
+    def grab(vm):
         time.sleep(0.2)
-        text["metrics"] = fetch(supervisor.metrics.url)
+        text["metrics"] = fetch(vm.metrics.url)
 
     config = RunConfig(cpus=1, memory=64 << 20, workload="demo", seconds=0.3,
                        console=str(tmp_path / "console"), metrics_port=0)
@@ -150,10 +150,10 @@ def test_busy_port_is_a_usage_error_before_anything_is_created(tmp_path, no_leak
     with listening_socket() as busy:
         port = busy.getsockname()[1]
         config = RunConfig(cpus=2, memory=64 << 20, seconds=0.2, metrics_port=port)
-        supervisor = Supervisor(config)
+        started = []
         with pytest.raises(UsageError, match=f"--metrics-port {port}"):
-            supervisor.run()
-    assert supervisor.vm is None and supervisor.device_model is None and supervisor.guest is None
+            Supervisor(config, on_started=started.append).run()
+    assert started == []  # no VM was built; no_leaks finds no guest RAM, queue or device model
     assert metrics_threads() == []
 
 

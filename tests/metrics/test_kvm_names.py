@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from mpvmm.kvm.stats import StatsDescriptor, StatsReader
+from mpvmm.kvm.binary_stats import StatsDescriptor, StatsReader
 from mpvmm.kvm.system import Kvm
 from mpvmm.metrics.collector import histogram_family
 from mpvmm.metrics.kvm_names import bucket_upper_bounds, kvm_histograms, kvm_metric, kvm_metrics
@@ -71,7 +71,7 @@ def test_every_statistic_of_a_real_vcpu_and_vm_gets_a_valid_unique_name(kvm_avai
     assert all(METRIC_NAME.match(h.name) and h.total is not None for h in histograms)
     assert "mpvmm_kvm_vcpus_halt_wait_seconds" in {h.name for h in histograms}
     assert names["exits"].name == "mpvmm_kvm_vcpu_exits" and names["exits"].kind == "counter"
-    assert len(names) >= 40  # DESIGN.md: 47 per-vCPU stats here, three of them histograms
+    assert len(names) >= 40  # docs/design.md, "What KVM offers here": 47 per-vCPU stats, three of them histograms
 
 
 HALT_WAIT_HIST = descriptor("halt_wait_hist", type="log-hist", unit="seconds", exponent=-9, size=5)

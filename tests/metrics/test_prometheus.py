@@ -36,8 +36,8 @@ def test_every_dashboard_query_returns_data(tmp_path, no_leaks):
     targets = dashboard_targets()
     answers = []
 
-    def query_everything(supervisor):
-        server = PrometheusServer(tmp_path, f"127.0.0.1:{supervisor.metrics.port}")
+    def query_everything(vm):
+        server = PrometheusServer(tmp_path, f"127.0.0.1:{vm.metrics.port}")
         try:
             server.wait_ready()
             server.wait_for_scrapes(SCRAPES_BEFORE_QUERYING)

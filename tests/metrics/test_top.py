@@ -77,8 +77,8 @@ def test_rates_are_differences_over_time():
 def test_once_prints_a_row_per_vcpu_of_a_running_vm(tmp_path, no_leaks):
     output = {}
 
-    def run_top(supervisor):
-        output["top"] = subprocess.run([*MPVMM, "top", "--once", "--url", supervisor.metrics.url],
+    def run_top(vm):
+        output["top"] = subprocess.run([*MPVMM, "top", "--once", "--url", vm.metrics.url],
                                        capture_output=True, text=True, timeout=30)
 
     config = RunConfig(cpus=4, memory=64 << 20, workload="pio-null", seconds=0.2,

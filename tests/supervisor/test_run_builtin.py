@@ -10,8 +10,9 @@ import pytest
 from mpvmm.devicemodel.machine import MMIO_TESTDEV_NAME, PIO_TESTDEV_NAME
 from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, Supervisor
-from mpvmm.supervisor.summary import guest_exits, guest_paths
-from mpvmm.vcpu_worker import stats as st
+from mpvmm.supervisor.summary import guest_exits
+from mpvmm.vcpu_worker.outcome import Exited
+from mpvmm.vcpu_worker.stats_page import PATHS
 from tests.conftest import thread_names
 
 SUM_MASK = (1 << 64) - 1
@@ -24,8 +25,17 @@ MAIN_OP = {
     "mmio": "mmio_writes",
     "uart": "uart_bytes",
     "atomics": "atomic_increments",
+    "dirty": "dirty_pages",
 }
 CONSOLE_LINE = re.compile(r"^vcpu (\d+) (online|demo round \d+|uart line \d+)$")
+
+
+def guest_paths(ops):
+    """The exits the guest says it made, by the route each takes (abi.OP_PATHS)."""
+    paths = dict.fromkeys(PATHS, 0)
+    for op, path in abi.OP_PATHS.items():
+        paths[path] += ops[op]
+    return paths
 
 
 def run(cpus, workload, runner, tmp_path, seconds=0.6, on_started=None):
@@ -46,7 +56,7 @@ def check_counts_agree(result, cpus, workload):
     assert len(result.vcpus) == cpus
     for vcpu in result.vcpus:
         ops = vcpu.guest.ops
-        assert vcpu.outcome == "exited" and vcpu.outcome_value == 0
+        assert vcpu.outcome == Exited(0)
         assert vcpu.guest.state == abi.REPORT_STATE_DONE
         assert ops[MAIN_OP[workload]] > 0
         assert ops["read_mismatches"] == 0
@@ -99,12 +109,12 @@ def test_atomics_total_is_exact_under_contention(runner, tmp_path, no_leaks):
 def test_vcpu_threads_are_named_and_device_model_runs(runner, tmp_path, no_leaks):
     seen = {}
 
-    def look(supervisor):
+    def look(vm):
         time.sleep(0.3)
         seen["threads"] = thread_names()
-        with open(f"/proc/{supervisor.device_model.pid}/cmdline", "rb") as f:
+        with open(f"/proc/{vm.device_model.pid}/cmdline", "rb") as f:
             seen["device_model"] = f.read().split(b"\0")
-        seen["tids"] = {w.index: w.stats.tid for w in supervisor.workers}
+        seen["tids"] = {runner.index: runner.stats.tid for runner in vm.vcpus}
 
     result, _ = run(4, "pio-null", runner, tmp_path, seconds=1.0, on_started=look)
     assert result.exit_code == 0
@@ -117,22 +127,17 @@ def test_vcpu_threads_are_named_and_device_model_runs(runner, tmp_path, no_leaks
 def test_pause_freezes_and_resume_continues(runner, tmp_path, no_leaks):
     observed = {}
 
-    def pause_and_resume(supervisor):
-        workers = supervisor.workers
+    def pause_and_resume(vm):
         time.sleep(0.3)
-        for worker in workers:
-            worker.pause()
-        deadline = time.monotonic() + 3
-        while not all(w.stats.state == st.STATE_PAUSED for w in workers):
-            assert time.monotonic() < deadline, "vCPUs did not pause"
-            time.sleep(0.01)
-        frozen = [w.stats.runs for w in workers]
+        vm.vcpus.pause()
+        assert vm.vcpus.wait_paused(3), "vCPUs did not pause"
+        frozen = [runner.stats.runs for runner in vm.vcpus]
         time.sleep(0.3)
-        observed["while_paused"] = [w.stats.runs for w in workers] == frozen
-        for worker in workers:
-            worker.resume()
+        observed["while_paused"] = [runner.stats.runs for runner in vm.vcpus] == frozen and vm.vcpus.paused()
+        vm.vcpus.resume()
         time.sleep(0.3)
-        observed["resumed"] = all(w.stats.runs > before for w, before in zip(workers, frozen))
+        observed["resumed"] = (all(runner.stats.runs > before for runner, before in zip(vm.vcpus, frozen))
+                               and not any(runner.paused for runner in vm.vcpus))
 
     result, _ = run(2, "pio-null", runner, tmp_path, seconds=1.5, on_started=pause_and_resume)
     assert observed == {"while_paused": True, "resumed": True}
@@ -142,9 +147,9 @@ def test_pause_freezes_and_resume_continues(runner, tmp_path, no_leaks):
 def test_process_runner_runs_one_process_per_vcpu(tmp_path, no_leaks):
     seen = {}
 
-    def look(supervisor):
+    def look(vm):
         time.sleep(0.3)
-        seen["pids"] = [w.pid for w in supervisor.workers]
+        seen["pids"] = [runner.pid for runner in vm.vcpus]
         seen["names"] = []
         for pid in seen["pids"]:
             with open(f"/proc/{pid}/comm") as f:
@@ -159,9 +164,9 @@ def test_process_runner_runs_one_process_per_vcpu(tmp_path, no_leaks):
 
 
 def test_killed_worker_process_ends_the_vm(tmp_path, no_leaks):
-    def kill_one(supervisor):
+    def kill_one(vm):
         time.sleep(0.3)
-        os.kill(supervisor.workers[1].pid, signal.SIGKILL)
+        os.kill(vm.vcpus[1].pid, signal.SIGKILL)
 
     result, _ = run(2, "pio-null", "process", tmp_path, seconds=10, on_started=kill_one)
     assert result.exit_code == 1

@@ -182,7 +182,7 @@ def test_iasl_reads_every_pc_device_in_the_dsdt(tmp_path):
     keyboard = _device_block(dsl, "KBD")
     assert 'EisaId ("PNP0303")' in keyboard
     assert _io(layout.I8042_DATA_PORT, 1) in keyboard and _io(layout.I8042_COMMAND_PORT, 1) in keyboard
-    assert f"IRQNoFlags ()\n                    {{{layout.I8042_KEYBOARD_IRQ}}}" in keyboard
+    assert f"IRQNoFlags ()\n                    {{{layout.I8042_IRQ}}}" in keyboard
     assert "PNP0F13" not in dsl  # no AUX (mouse) port: the device model has none
     rtc = _device_block(dsl, "RTC")
     assert 'EisaId ("PNP0B00")' in rtc and _io(layout.RTC_PORT, layout.RTC_PORT_COUNT) in rtc

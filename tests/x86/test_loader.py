@@ -11,7 +11,7 @@ from elftools.elf.elffile import ELFFile
 
 from mpvmm.errors import GuestLoadError
 from mpvmm.guest.abi import builtin_guest_path
-from mpvmm.supervisor.memory import GuestMemory
+from mpvmm.supervisor.guest_memory import GuestMemory
 from mpvmm.x86 import layout
 from mpvmm.x86.loader import LoadedImage, load_elf
 

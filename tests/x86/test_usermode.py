@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from mpvmm.kvm.bindings_x86 import kvm_sregs
-from mpvmm.supervisor.memory import GuestMemory
+from mpvmm.supervisor.guest_memory import GuestMemory
 from mpvmm.x86 import gdt, layout, paging, usermode
 from tests.x86.test_paging import PageFault, walk
 

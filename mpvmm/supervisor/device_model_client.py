@@ -1,0 +1,271 @@
+"""The supervisor's end of the device model: starting, talking to and stopping its process.
+
+The supervisor starts ``python -m mpvmm.devicemodel`` with one end of a
+socketpair and guest RAM's file descriptor (guest RAM has no name left to
+open), then creates each vCPU's request and reply queue (0600, random names)
+and sends the names at once. The device model unlinks each name as soon as
+it has opened it, and does so even if the supervisor has died meanwhile:
+what was sent stays readable on the socket. So a name exists only for the
+few milliseconds between its creation and its opening, nothing is left in
+/dev/mqueue whatever happens to either process, and no other process can
+open a queue once the VM runs.
+"""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import msgpack
+import posix_ipc
+
+from mpvmm.errors import DeviceModelError, HostLimitError
+from mpvmm.supervisor import limits
+from mpvmm.supervisor.guest_memory import unique_name
+
+START_TIMEOUT_SECONDS = 15.0
+REPLY_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass
+class VcpuChannel:
+    """How one vCPU's runner reaches the device model: its request and reply queues."""
+
+    request_queue: posix_ipc.MessageQueue
+    reply_queue: posix_ipc.MessageQueue
+
+
+class DeviceModelClient:
+    """The device model of one VM (devicemodel/process.py) and the queues the vCPUs talk to it over."""
+
+    process: subprocess.Popen | None = None
+    _control: socket.socket | None = None
+
+    def __init__(self, memory, cpus: int, console: str | None, *, machine: str = "builtin",
+                 irq_fds: dict[str, int] | None = None, stdin_fd: int | None = None):
+        # machine, irq_fds (device name -> eventfd) and stdin_fd: the Linux
+        # machine's extras (process.py's Config); the fds are inherited.
+        self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd}
+        self.system_events: list[str] = []
+        # One conversation on the control socket at a time: a metrics scrape
+        # (its own thread) and the wait loop's poll_events share it.
+        self._lock = threading.Lock()
+        self.channels: list[VcpuChannel] = []
+        self._queues: list[posix_ipc.MessageQueue] = []
+        self._unpacker = msgpack.Unpacker(raw=False)
+        self.pid = 0
+        try:
+            self._start(memory, cpus, console)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_queue(self, role: str, depth: int) -> posix_ipc.MessageQueue:
+        try:
+            queue = posix_ipc.MessageQueue(
+                unique_name(role), posix_ipc.O_CREX, mode=0o600,
+                max_messages=depth, max_message_size=limits.QUEUE_MESSAGE_SIZE,
+            )
+        except (posix_ipc.Error, OSError) as err:
+            raise HostLimitError(f"cannot create a message queue: {err} (see fs.mqueue sysctls)") from err
+        self._queues.append(queue)
+        return queue
+
+    def _start(self, memory, cpus: int, console: str | None) -> None:
+        self._spawn(memory.fd)
+        # The queues are created only now, with the device model already up
+        # and reading: created earlier, they would be named (and leakable by
+        # a SIGKILL) for the whole of its interpreter's start-up.
+        depth = limits.queue_depth()
+        for index in range(cpus):
+            requests = self._create_queue(f"req{index}", depth)
+            replies = self._create_queue(f"rep{index}", depth)
+            self.channels.append(VcpuChannel(requests, replies))
+        self._send({
+            "op": "configure",
+            "version": 1,
+            "ram_fd": memory.fd,
+            "ram_size": memory.size,
+            "request_queues": [c.request_queue.name for c in self.channels],
+            "reply_queues": [c.reply_queue.name for c in self.channels],
+            "console": os.path.abspath(console) if console else None,
+            **self._extra,
+        })
+        reply = self._receive(START_TIMEOUT_SECONDS)
+        if reply.get("op") != "ready":
+            raise DeviceModelError(f"device model failed to start: {reply.get('message', reply)}")
+        self.pid = reply.get("pid", self.process.pid)
+
+    def _spawn(self, ram_fd: int) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._control = parent
+        # The child's fd 0 is /dev/null (stdin=DEVNULL), so a terminal given
+        # as fd 0 travels under a number of its own.
+        terminal = os.dup(self._extra["stdin_fd"]) if self._extra["stdin_fd"] is not None else None
+        if terminal is not None:
+            self._extra["stdin_fd"] = terminal
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
+                pass_fds=(child.fileno(), ram_fd, *self._extra["irqfds"].values(),
+                          *([terminal] if terminal is not None else [])),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+            if terminal is not None:
+                os.close(terminal)
+
+    # --- The control channel. ---
+
+    def _send(self, message: dict) -> None:
+        try:
+            self._control.sendall(msgpack.packb(message))
+        except OSError as err:
+            raise DeviceModelError(f"device model is gone ({self.describe_exit()}): {err.strerror}") from err
+
+    def _receive(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self._unpacker:
+                if isinstance(message, dict):
+                    if message.get("op") == "system_event":  # unsolicited: kept for poll_events
+                        self.system_events.append(str(message.get("event")))
+                        continue
+                    return message
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeviceModelError(f"device model did not answer within {timeout:.0f} s")
+            self._control.settimeout(left)
+            try:
+                data = self._control.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as err:
+                raise DeviceModelError(f"device model is gone: {err.strerror}") from err
+            if not data:
+                raise DeviceModelError(f"device model exited ({self.describe_exit()})")
+            self._unpacker.feed(data)
+
+    def stats(self) -> dict:
+        """The device model's counters (devices, requests, unmapped, rejected)."""
+        with self._lock:
+            self._send({"op": "stats"})
+            return self._receive(REPLY_TIMEOUT_SECONDS).get("stats", {})
+
+    # Device state (snapshots, migration). The request goes out when the
+    # block starts and the answer is read when it ends, so the device model
+    # works while the caller reads or writes the vCPUs' state: part of a
+    # migration's downtime.
+
+    @contextlib.contextmanager
+    def saving_state(self) -> Iterator[dict[str, dict]]:
+        """Yields a dict that holds every device's state record, by device name, once the block ends."""
+        with self._lock:
+            self._send({"op": "save_state"})
+            devices: dict[str, dict] = {}
+            try:
+                yield devices
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "state" or not isinstance(reply.get("devices"), dict):
+            raise DeviceModelError(f"device model did not save its state: {reply.get('message', reply)}")
+        devices.update(reply["devices"])
+
+    @contextlib.contextmanager
+    def restoring_state(self, devices: dict[str, dict]) -> Iterator[None]:
+        """Rebuild the device model's devices from saved records; done when the block ends."""
+        with self._lock:
+            self._send({"op": "restore_state", "devices": devices})
+            try:
+                yield
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "restored":
+            raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
+
+    def shutdown(self) -> dict:
+        """Ask the device model to drain, flush the console and exit; its last stats."""
+        with self._lock:
+            self._send({"op": "shutdown"})
+            reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        try:
+            self.process.wait(REPLY_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return reply.get("stats", {})
+
+    def poll_events(self) -> list[str]:
+        """Read what the device model sent unasked; the power events seen so far."""
+        with self._lock:
+            self._read_unsolicited()
+        return self.system_events
+
+    def _read_unsolicited(self) -> None:
+        if self._control is not None:
+            try:
+                self._control.setblocking(False)
+                data = self._control.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            finally:
+                self._control.setblocking(True)
+            if data:
+                self._unpacker.feed(data)
+                for message in self._unpacker:
+                    if isinstance(message, dict) and message.get("op") == "system_event":
+                        self.system_events.append(str(message.get("event")))
+
+    # --- Liveness. ---
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def describe_exit(self) -> str:
+        if self.process is None:
+            return "never started"
+        code = self.process.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            return f"killed by signal {code * -1}"
+        return f"exit status {code}"
+
+    # --- Teardown. ---
+
+    def _unlink_queues(self) -> None:
+        for queue in self._queues:
+            try:
+                queue.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+
+    def close(self) -> None:
+        """Kill the process if still running, close every queue and unlink what is named. Idempotent."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        self._unlink_queues()
+        for queue in self._queues:
+            try:
+                queue.close()
+            except posix_ipc.Error:
+                pass
+        self._queues = []
+
+    def __enter__(self) -> "DeviceModelClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
