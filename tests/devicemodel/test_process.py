@@ -222,6 +222,48 @@ def test_the_rtc_update_interrupt_arrives_with_no_guest_access(harness):
         os.close(irqfd)
 
 
+def rtc_write(harness, register, value):
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, register, 0)
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT + 1, 1, value, 0)
+
+
+def test_a_pending_and_an_armed_rtc_alarm_move_to_another_device_model(harness):
+    """Saved with its alarm flagged and armed (every second), the RTC goes on in a new process.
+
+    The new device model keeps the pending flags for the guest's handler to
+    read, and raises the next alarm on its own irqfd with no guest access.
+    """
+    first, second = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
+    other = Harness()
+    try:
+        harness.start(pass_fds=(first,))
+        assert harness.configure(machine="pc", irqfds={"rtc": first})["op"] == "ready"
+        for register in (rtc.REG_SECONDS_ALARM, rtc.REG_MINUTES_ALARM, rtc.REG_HOURS_ALARM):
+            rtc_write(harness, register, rtc.ALARM_ANY)
+        rtc_write(harness, rtc.REG_STATUS_B, rtc.STATUS_B_24H | rtc.STATUS_B_AIE)
+        assert select.select([first], [], [], 3.0)[0] == [first], "no alarm before the save"
+        harness.send({"op": "save_state"})
+        saved = harness.recv()["devices"]
+        pending = rtc.STATUS_C_IRQF | rtc.STATUS_C_AF
+        assert saved["rtc"]["flags"] & pending == pending
+
+        other.start(pass_fds=(second,))
+        assert other.configure(machine="pc", irqfds={"rtc": second})["op"] == "ready"
+        other.send({"op": "restore_state", "devices": saved})
+        assert other.recv() == {"op": "restored"}
+        other.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, rtc.REG_STATUS_C, 0)
+        other.request(0, KIND_READ, 0, SPACE_PIO, RTC_PORT + 1, 1, 0, 7)
+        seq, flags = other.reply(0)
+        assert seq == 7 and flags & pending == pending  # the alarm flagged before the save
+        assert select.select([second], [], [], 3.0)[0] == [second], "the armed alarm did not fire after the restore"
+        assert other.stats()["stats"]["devices"]["rtc"]["interrupts"] > saved["rtc"]["interrupts"]
+    finally:
+        other.close()
+        os.close(first)
+        os.close(second)
+    assert other.leftovers() == []
+
+
 def test_shutdown_drains_posted_writes_first(harness, tmp_path):
     console = tmp_path / "console.log"
     console.write_bytes(b"before\n")  # appended to, not truncated
