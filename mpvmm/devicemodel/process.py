@@ -31,10 +31,8 @@ sends can end the loop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
-import resource
 import select
 import signal
 import socket
@@ -51,6 +49,7 @@ from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.machines import MachineBuilder
 from mpvmm.devicemodel.pc import eventfd_trigger
+from mpvmm.devicemodel.process_setup import batch_scheduling, die_with_parent, raise_fd_limit
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
 from mpvmm.devicemodel.rounds import KEPT_READ, serve_round, writes_before_reads
 from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
@@ -65,7 +64,6 @@ SHUTDOWN_DRAIN_ROUNDS = 64
 # Control messages are small; more than this unread means a broken peer.
 CONTROL_BUFFER_MAX = 1 << 20
 CONTROL_READ_SIZE = 65536
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class _Exit(Exception):
@@ -74,46 +72,6 @@ class _Exit(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
-
-
-def _raise_fd_limit() -> None:
-    """Two queue descriptors per vCPU: 512 vCPUs already pass the usual soft limit of 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            pass  # configure reports "Too many open files" if it comes to that
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill us when the supervisor goes, however it goes.
-
-    If it went before we asked (we are an orphan already), leave now.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: EOF on the control socket still ends us
-    if os.getppid() != parent:
-        raise _Exit(0)
-
-
-def _batch_scheduling() -> None:
-    """SCHED_BATCH: a posted write wakes us, but must not preempt the vCPU that sent it.
-
-    As an ordinary task the device model, woken by every posted write, often
-    preempted the sending vCPU thread on its own CPU (measured: ~0.5 forced
-    context switches per exit on the 2-core development VM). A batch task is
-    not given wake-up preemption; it runs when the vCPU blocks (every sync
-    read does) or at the next tick, draining several writes at once. Measured
-    there: pio-device 44.3 -> 37.8 us and uart 48.1 -> 38.6 us per exit.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass  # not Linux, or refused: ordinary scheduling still works
 
 
 class DeviceModelServer:
@@ -226,7 +184,8 @@ class DeviceModelServer:
             # Everything is open: give up what a hostile guest would want next
             # (sandbox.py). The uid first: changing it clears the parent-death signal.
             confinement = drop_privileges()
-            _die_with_parent(self.parent)  # only now: every name is unlinked
+            if not die_with_parent(self.parent):  # only now: every name is unlinked
+                raise _Exit(0)  # the supervisor is gone already
             self.confinement = restrict(confinement)
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
@@ -411,8 +370,8 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m mpvmm.devicemodel <control_fd>", file=sys.stderr)
         return 2
     parent = os.getppid()
-    _raise_fd_limit()
-    _batch_scheduling()
+    raise_fd_limit()
+    batch_scheduling()
     # Ctrl-C in the terminal reaches the whole process group; the supervisor
     # handles it and tells us to shut down, so we drain instead of dying.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
