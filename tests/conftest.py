@@ -9,6 +9,7 @@ import pytest
 from tests.vm_process import kill_leftovers
 
 MQUEUE_DIR = "/dev/mqueue"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
@@ -24,6 +25,21 @@ def kvm_available():
     """KVM tests fail, not skip, without /dev/kvm: a silent skip would hide it."""
     if not os.path.exists("/dev/kvm"):
         pytest.fail("/dev/kvm is missing: these tests need KVM (load kvm_intel/kvm_amd)")
+
+
+@pytest.fixture(scope="session")
+def test_cache():
+    """Debian's kernels and busybox, downloaded once by scripts/fetch-test-kernel.sh.
+
+    Into ``$MPVMM_TEST_CACHE`` (default ~/.cache/mpvmm-test). Like the KVM
+    tests, the tests that need them fail rather than skip when they cannot get them.
+    """
+    cache = os.environ.get("MPVMM_TEST_CACHE", os.path.expanduser("~/.cache/mpvmm-test"))
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fetch-test-kernel.sh"), cache],
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"cannot fetch Debian's kernels for the boot tests: {result.stderr.strip()[-500:]}")
+    return cache
 
 
 def ipc_objects() -> set[str]:
