@@ -1,13 +1,17 @@
-"""Shared fixtures: KVM must be there, nothing may leak, and a Linux kernel to boot."""
+"""Shared fixtures: KVM must be there, nothing may leak, and Linux to boot (directly or nested)."""
 
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests.linux.initramfs import init_script, write_initramfs
+from tests.nested.l1 import L1, Assets
+from tests.nested.l2 import NestedLinux
 from tests.vm_process import kill_leftovers
 
 MQUEUE_DIR = "/dev/mqueue"
@@ -132,24 +136,63 @@ def spawn(no_leaks):
                 pipe.close()
 
 
-# Debian 12's cloud kernel (and busybox, tests/linux/conftest.py): for the
-# boot tests and the soak. ``scripts/fetch-test-kernel.sh`` downloads them
-# into a cache folder once (``$MPVMM_TEST_CACHE``, default
-# ~/.cache/mpvmm-test); like the KVM tests, these fail rather than skip when
-# they cannot get them.
+# Linux to boot: Debian 12's kernels and busybox initramfs images, for the
+# boot tests, the nested tests and the soak; one L1 per test module for the
+# nested boots (``nested_linux``, marker ``nested_kvm``: docs/linux.md says
+# why one per module).
 
 
 @pytest.fixture(scope="session")
 def test_cache():
+    """Debian's kernels and busybox, downloaded once by scripts/fetch-test-kernel.sh.
+
+    Into ``$MPVMM_TEST_CACHE`` (default ~/.cache/mpvmm-test). Like the KVM
+    tests, the tests that need them fail rather than skip when they cannot get them.
+    """
     cache = os.environ.get("MPVMM_TEST_CACHE", os.path.expanduser("~/.cache/mpvmm-test"))
     result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fetch-test-kernel.sh"), cache],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
-        pytest.fail(f"cannot fetch Debian's kernel for the boot tests: {result.stderr.strip()[-500:]}")
+        pytest.fail(f"cannot fetch Debian's kernels for the boot tests: {result.stderr.strip()[-500:]}")
     return cache
 
 
 @pytest.fixture(scope="session")
 def debian_kernel(test_cache):
+    """Debian's cloud kernel: ACPI, no MP-table parser."""
     (kernel,) = glob.glob(os.path.join(test_cache, "x-kernel", "boot", "vmlinuz-*"))
     return kernel
+
+
+@pytest.fixture(scope="session")
+def generic_kernel(test_cache):
+    """Debian's generic kernel: XZ payload, with an MP-table parser."""
+    (kernel,) = glob.glob(os.path.join(test_cache, "x-generic", "boot", "vmlinuz-*"))
+    return kernel
+
+
+@pytest.fixture(scope="session")
+def busybox_initramfs(test_cache):
+    return write_initramfs(os.path.join(test_cache, "x-busybox", "bin", "busybox"),
+                           os.path.join(test_cache, "initramfs.cpio.gz"))
+
+
+@pytest.fixture(scope="session")
+def init_images(test_cache, tmp_path_factory):
+    """A busybox initramfs per way for init to end: ``init_images["reboot"]`` is its path."""
+    folder = tmp_path_factory.mktemp("initramfs")
+    busybox = os.path.join(test_cache, "x-busybox", "bin", "busybox")
+    return {ending: write_initramfs(busybox, str(folder / f"{ending}.cpio.gz"), init_script(ending))
+            for ending in ("poweroff", "reboot", "panic", "shell")}
+
+
+@pytest.fixture(scope="module")
+def nested_linux(test_cache, tmp_path_factory):
+    """One L1 (QEMU TCG with emulated SVM) for the whole test module, powered off after it."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing: install Debian's qemu-system-x86 (scripts/test.sh does)")
+    l1 = L1(Assets.from_cache(test_cache), str(tmp_path_factory.mktemp("l1")))
+    try:
+        yield NestedLinux(l1)
+    finally:
+        l1.close()

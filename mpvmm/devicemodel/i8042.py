@@ -23,6 +23,7 @@ STATUS_OFFSET = 4  # read: status; write: controller command
 STATUS_OUTPUT_FULL = 0x01
 STATUS_SYSTEM_FLAG = 0x04  # set once the self-test has passed
 STATUS_LAST_WAS_COMMAND = 0x08
+STATUS_NOT_INHIBITED = 0x10  # the keyboard lock switch is off (clear: Linux warns "Keylock active")
 
 CMD_READ_CTR = 0x20
 CMD_WRITE_CTR = 0x60
@@ -63,7 +64,7 @@ class I8042:
         self._reset = reset or _no_action
         self._trigger = trigger or _no_action
         self.command_byte = CTR_DEFAULT
-        self.status = STATUS_SYSTEM_FLAG
+        self.status = STATUS_SYSTEM_FLAG | STATUS_NOT_INHIBITED
         self._output: deque[int] = deque()
         self._pending_command: int | None = None  # a command waiting for its data byte
         self.resets = 0

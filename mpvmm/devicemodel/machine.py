@@ -158,15 +158,38 @@ class DeviceModel:
             return all_ones(request.size) if is_read else None
         return None
 
+    def timer_deadline(self) -> float | None:
+        """The earliest ``time.time()`` at which a device wants ``run_timers`` (the RTC's update cycle)."""
+        deadlines = [device.timer_deadline() for device in self._timed()]
+        return min((deadline for deadline in deadlines if deadline is not None), default=None)
+
+    def run_timers(self) -> None:
+        """Let every device with a clock catch up with it (each one checks its own deadline)."""
+        for name, device in self.devices.items():
+            if hasattr(device, "on_timer"):
+                try:
+                    device.on_timer()
+                except Exception:
+                    self.device_errors[name] += 1
+
+    def _timed(self) -> list:
+        return [device for device in self.devices.values() if hasattr(device, "timer_deadline")]
+
+    def decode(self, data: bytes) -> Request | None:
+        """The request in ``data``, or None: a malformed one is counted under its reason."""
+        try:
+            return decode_request(data)
+        except MessageRejected as err:
+            self.rejected[err.reason] += 1
+            return None
+
     def handle_message(self, data: bytes) -> bytes | None:
         """Decode, dispatch and, for a read, encode the reply; None otherwise.
 
         A malformed message is counted under its reason and dropped.
         """
-        try:
-            request = decode_request(data)
-        except MessageRejected as err:
-            self.rejected[err.reason] += 1
+        request = self.decode(data)
+        if request is None:
             return None
         value = self.handle(request)
         if value is None:

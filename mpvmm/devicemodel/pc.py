@@ -31,7 +31,7 @@ ACPI_PM_NAME = "acpi-pm"
 I8042_PORT_COUNT = layout.I8042_COMMAND_PORT - layout.I8042_DATA_PORT + 1
 # irqfd names in the configure message, and the GSI each is registered on:
 # the one IRQ map of the PC machine (the supervisor registers these irqfds).
-IRQ_LINES = {COM1_NAME: layout.COM1_IRQ, I8042_NAME: layout.I8042_IRQ}
+IRQ_LINES = {COM1_NAME: layout.COM1_IRQ, I8042_NAME: layout.I8042_IRQ, RTC_NAME: layout.RTC_IRQ}
 EVENT_I8042_RESET = "reboot"
 _ONE = (1).to_bytes(8, "little")
 
@@ -52,7 +52,7 @@ def build_pc_buses(
     states: dict | None = None,
 ):
     pio, mmio, devices = build_buses(console_out, triggers.get(COM1_NAME), states)
-    rtc = make_device(Rtc, states, RTC_NAME)
+    rtc = make_device(Rtc, states, RTC_NAME, trigger=triggers.get(RTC_NAME))
     i8042 = make_device(I8042, states, I8042_NAME, reset=lambda: on_event(EVENT_I8042_RESET),
                         trigger=triggers.get(I8042_NAME))
     acpi_pm = make_device(AcpiPm, states, ACPI_PM_NAME, on_event=on_event)

@@ -22,21 +22,22 @@ the console flushed (exit 0). End of file means the supervisor is gone: exit 0.
 
 One thread serves everything through epoll: a POSIX message queue descriptor
 is pollable on Linux, so request queues and the control socket wait together.
-Nothing a guest sends can end the loop.
+Requests are taken in rounds over the ready queues, and a read is answered
+only after every write then queued by any vCPU (rounds.py says why). The
+loop also wakes for device timers (the RTC's update cycle). Nothing a guest
+sends can end the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
-import resource
 import select
-import signal
 import socket
 import sys
-from typing import Callable, Sequence
+import time
+from typing import Sequence
 
 import msgpack
 import posix_ipc
@@ -47,7 +48,9 @@ from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.machines import MachineBuilder
 from mpvmm.devicemodel.pc import eventfd_trigger
-from mpvmm.devicemodel.protocol import SCHEMA_VERSION
+from mpvmm.devicemodel.process_setup import batch_scheduling, die_with_parent, raise_fd_limit
+from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
+from mpvmm.devicemodel.rounds import KEPT_READ, serve_round, writes_before_reads
 from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
 from mpvmm.output import open_standard_fds
@@ -62,7 +65,6 @@ SHUTDOWN_DRAIN_ROUNDS = 64
 # Control messages are small; more than this unread means a broken peer.
 CONTROL_BUFFER_MAX = 1 << 20
 CONTROL_READ_SIZE = 65536
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STDOUT_FD = 1  # the console without --console: whatever the supervisor's stdout is
 
 
@@ -72,68 +74,6 @@ class _Exit(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
-
-
-def serve_round(
-    queues: Sequence, ready: Sequence[int], handle: Callable[[int, bytes], None], batch: int
-) -> list[int]:
-    """Take up to ``batch`` messages from each ready queue in turn.
-
-    The queues are non-blocking (an empty one raises BusyError). Returns the
-    indices of the queues that filled their batch and may hold more.
-    """
-    more = []
-    for index in ready:
-        queue = queues[index]
-        for _ in range(batch):
-            try:
-                message, _priority = queue.receive()
-            except posix_ipc.BusyError:
-                break
-            handle(index, message)
-        else:
-            more.append(index)
-    return more
-
-
-def _raise_fd_limit() -> None:
-    """Two queue descriptors per vCPU: 512 vCPUs already pass the usual soft limit of 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            pass  # configure reports "Too many open files" if it comes to that
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill us when the supervisor goes, however it goes.
-
-    If it went before we asked (we are an orphan already), leave now.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: EOF on the control socket still ends us
-    if os.getppid() != parent:
-        raise _Exit(0)
-
-
-def _batch_scheduling() -> None:
-    """SCHED_BATCH: a posted write wakes us, but must not preempt the vCPU that sent it.
-
-    As an ordinary task the device model, woken by every posted write, often
-    preempted the sending vCPU thread on its own CPU (measured: ~0.5 forced
-    context switches per exit on the 2-core development VM). A batch task is
-    not given wake-up preemption; it runs when the vCPU blocks (every sync
-    read does) or at the next tick, draining several writes at once. Measured
-    there: pio-device 44.3 -> 37.8 us and uart 48.1 -> 38.6 us per exit.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass  # not Linux, or refused: ordinary scheduling still works
 
 
 class DeviceModelServer:
@@ -156,6 +96,8 @@ class DeviceModelServer:
         self.replies_dropped = 0
         self.internal_errors = 0
         self.host_input: HostInput | None = None
+        self._kept_reads: list[tuple[int, Request]] = []
+        self._queue_depth = 0
         self.confinement: Confinement | None = None
 
     # --- Control channel. ---
@@ -245,7 +187,8 @@ class DeviceModelServer:
             # Everything is open: give up what a hostile guest would want next
             # (sandbox.py). The uid first: changing it clears the parent-death signal.
             confinement = drop_privileges()
-            _die_with_parent(self.parent)  # only now: every name is unlinked
+            if not die_with_parent(self.parent):  # only now: every name is unlinked
+                raise _Exit(0)  # the supervisor is gone already
             self.confinement = restrict(confinement)
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
@@ -281,6 +224,7 @@ class DeviceModelServer:
                 queue.block = False
                 queues.append(queue)
         self.received = [0] * len(self.request_queues)
+        self._queue_depth = max((queue.max_messages for queue in self.request_queues), default=0)
         if config.console is None:
             self.console = HostConsole(STDOUT_FD, owns_fd=False)
         else:
@@ -310,14 +254,39 @@ class DeviceModelServer:
 
     # --- Requests. ---
 
-    def _handle(self, index: int, message: bytes) -> None:
+    def _take(self, index: int, message: bytes) -> bool:
+        """Perform a write at once; keep a read for the end of the round (KEPT_READ)."""
         self.received[index] += 1
+        request = self.model.decode(message)
+        if request is None:
+            return False
+        if request.is_read:
+            self._kept_reads.append((index, request))
+            return KEPT_READ
         try:
-            reply = self.model.handle_message(message)
+            self.model.handle(request)
         except Exception:  # DeviceModel already guards; this is the last fence
             self.internal_errors += 1
+        return False
+
+    def _answer_reads(self) -> None:
+        """Every write queued by now is performed first, then each kept read is answered."""
+        if not self._kept_reads:
             return
-        if reply is None:
+        writes_before_reads(self.request_queues, [index for index, _ in self._kept_reads],
+                            self._queues_ready_now, self._take, self._queue_depth)
+        reads, self._kept_reads = self._kept_reads, []
+        for index, request in reads:
+            self._answer(index, request)
+
+    def _queues_ready_now(self) -> list[int]:
+        return [self._queue_by_fd[fd] for fd, _mask in self._epoll.poll(0) if fd in self._queue_by_fd]
+
+    def _answer(self, index: int, request: Request) -> None:
+        try:
+            reply = encode_reply(request.seq, self.model.handle(request))
+        except Exception:  # DeviceModel already guards; this is the last fence
+            self.internal_errors += 1
             return
         # The reply goes to the queue paired with the one the request came
         # from, whatever vcpu number the (untrusted) message claims.
@@ -330,7 +299,8 @@ class DeviceModelServer:
     def _drain_all(self) -> None:
         ready = list(range(len(self.request_queues)))
         for _ in range(SHUTDOWN_DRAIN_ROUNDS):
-            ready = serve_round(self.request_queues, ready, self._handle, PER_QUEUE_BATCH)
+            ready = serve_round(self.request_queues, ready, self._take, PER_QUEUE_BATCH)
+            self._answer_reads()
             if not ready:
                 break
 
@@ -339,9 +309,9 @@ class DeviceModelServer:
         order = sorted(ready)
         start = self._rounds % len(order)
         self._rounds += 1
-        return serve_round(
-            self.request_queues, order[start:] + order[:start], self._handle, PER_QUEUE_BATCH
-        )
+        more = serve_round(self.request_queues, order[start:] + order[:start], self._take, PER_QUEUE_BATCH)
+        self._answer_reads()
+        return more
 
     def loop(self) -> None:
         control_fd = self.control.fileno()
@@ -351,7 +321,8 @@ class DeviceModelServer:
         while True:
             if not more:
                 self.console.flush()  # about to sleep: show what the guest wrote
-            events = self._epoll.poll(0 if more else -1)
+            events = self._epoll.poll(0 if more else self._timer_timeout())
+            self.model.run_timers()
             if not events:
                 more = []
                 continue
@@ -367,6 +338,11 @@ class DeviceModelServer:
             more = self._serve(ready) if ready else []
             if self.host_input is not None:
                 self.host_input.feed()  # the guest may have read from the FIFO meanwhile
+
+    def _timer_timeout(self) -> float:
+        """Seconds until a device's next timer (the RTC's update cycle), or -1: none is due."""
+        deadline = self.model.timer_deadline()
+        return -1 if deadline is None else max(0.0, deadline - time.time())
 
     def close(self) -> None:
         """Release everything opened so far; safe after a failed configure."""
@@ -398,8 +374,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     parent = os.getppid()
     open_standard_fds()  # a closed stdout must not become a queue's number, then taken for the console
-    _raise_fd_limit()
-    _batch_scheduling()
+    raise_fd_limit()
+    batch_scheduling()
     # Started with the stop signals blocked (device_model_client.py): the supervisor's to handle.
     ignore_stop_signals()
     try:

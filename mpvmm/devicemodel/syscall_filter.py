@@ -4,13 +4,13 @@ Everything the device model needs to open (guest RAM, its queues, the
 console, the control socket, irqfds, the terminal) is open before the
 filter is loaded; from then on it only waits, reads, writes and allocates.
 The list was recorded with strace from real runs (the built-in guest's
-workloads, the Linux machine with terminal input and irqfds, a Linux boot,
-metrics scrapes, shutdown) and is checked against such recordings by
-tests/devicemodel/test_syscalls.py, so it cannot rot silently. Each entry
-says why it is there. Any other syscall fails with EPERM, which Python
-turns into an OSError naming it; a syscall of another ABI (32-bit
-``int 0x80``, x32) kills the process, as a filter for one architecture
-cannot judge it.
+workloads, the Linux machine with terminal input, irqfds and the RTC's
+timer interrupts, a Linux boot, metrics scrapes, shutdown) and is checked
+against such recordings by tests/devicemodel/test_syscalls.py, so it cannot
+rot silently. Each entry says why it is there. Any other syscall fails with
+EPERM, which Python turns into an OSError naming it; a syscall of another
+ABI (32-bit ``int 0x80``, x32) kills the process, as a filter for one
+architecture cannot judge it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pyseccomp as seccomp  # ctypes over Debian's libseccomp2
 # name -> why the device model calls it after it is sandboxed.
 ALLOWED_SYSCALLS = {
     # Serving the vCPUs.
-    "epoll_wait": "the main loop waits on its queues, the control socket and the terminal",
+    "epoll_wait": "the main loop waits on its queues, the control socket and the terminal, "
+                  "until the next device timer (the RTC's update cycle)",
     "epoll_ctl": "terminal input leaves the poll set when the terminal hangs up or fails",
     "mq_timedreceive": "requests (posix_ipc, non-blocking)",
     "mq_timedsend": "replies (posix_ipc, non-blocking)",
@@ -42,7 +43,8 @@ ALLOWED_SYSCALLS = {
     "mremap": "glibc's realloc of a large buffer",
     "madvise": "glibc returning freed memory",
     # The kernel's own plumbing.
-    "clock_gettime": "the RTC's host time where the vDSO falls back to the syscall",
+    "clock_gettime": "the RTC's host time, its timer deadline and the loop's wait timeout "
+                     "where the vDSO falls back to the syscall",
     "rt_sigreturn": "the return from any signal handler",
     "restart_syscall": "a wait interrupted by SIGSTOP/SIGCONT (or a debugger) resumes",
     "exit_group": "the end",

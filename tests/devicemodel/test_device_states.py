@@ -7,6 +7,7 @@ from mpvmm.devicemodel.devices import Sink, TestDevice
 from mpvmm.devicemodel.i8042 import CMD_READ_CTR, CMD_WRITE_CTR, I8042
 from mpvmm.devicemodel.machine import COM1_NAME, PIO_TESTDEV_NAME
 from mpvmm.devicemodel.machines import build_machine, check_states
+from mpvmm.devicemodel import rtc as cmos
 from mpvmm.devicemodel.rtc import Rtc
 from mpvmm.errors import DeviceModelError
 
@@ -47,15 +48,97 @@ def test_a_rebuilt_device_goes_on_where_it_was():
     assert rtc.read(1, 1) == 0x0A
 
 
+AT_20 = 999_999_980.0  # 2001-09-09 01:46:20 UTC: second 20 of a minute
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def rtc_with_alarm(clock, alarm_seconds, triggers):
+    """An RTC at ``clock`` whose alarm fires at the second ``alarm_seconds`` (this minute and hour)."""
+    rtc = Rtc(clock=clock, trigger=lambda: triggers.append(clock.now))
+    alarms = {cmos.REG_SECONDS_ALARM: alarm_seconds, cmos.REG_MINUTES_ALARM: cmos.ALARM_ANY,
+              cmos.REG_HOURS_ALARM: cmos.ALARM_ANY}
+    for register, value in alarms.items():
+        rtc.write(0, 1, register)
+        rtc.write(1, 1, value)
+    rtc.write(0, 1, cmos.REG_STATUS_B)
+    rtc.write(1, 1, cmos.STATUS_B_24H | cmos.STATUS_B_BINARY | cmos.STATUS_B_AIE)
+    return rtc
+
+
+def read_status_c(rtc):
+    rtc.write(0, 1, cmos.REG_STATUS_C)
+    return rtc.read(1, 1)
+
+
+def test_a_pending_rtc_alarm_is_restored_and_not_raised_again():
+    clock, triggers = Clock(AT_20), []
+    rtc = rtc_with_alarm(clock, 21, triggers)
+    clock.now += 1
+    rtc.on_timer()
+    assert triggers == [clock.now]  # raised once before the save; the irqchip's state keeps that edge
+    restored_triggers = []
+    restored = Rtc.from_state(rtc.state(), clock=clock, trigger=lambda: restored_triggers.append(clock.now))
+    restored.on_timer()
+    assert restored_triggers == []
+    assert read_status_c(restored) == cmos.STATUS_C_IRQF | cmos.STATUS_C_AF | cmos.STATUS_C_UF
+    assert read_status_c(restored) == 0  # read clears, as before the save
+
+
+def test_an_armed_rtc_alarm_fires_after_a_restore():
+    clock, triggers = Clock(AT_20), []
+    rtc = rtc_with_alarm(clock, 25, triggers)
+    saved = rtc.state()
+    clock.now += 2
+    restored = Rtc.from_state(saved, clock=clock, trigger=lambda: triggers.append(clock.now))
+    assert restored.timer_deadline() == AT_20 + 1  # the update cycles it missed are due
+    restored.on_timer()
+    assert triggers == [] and read_status_c(restored) == cmos.STATUS_C_UF  # AIE only: UF raises nothing
+    clock.now += 3
+    restored.on_timer()
+    assert triggers == [AT_20 + 5]
+    assert read_status_c(restored) == cmos.STATUS_C_IRQF | cmos.STATUS_C_AF | cmos.STATUS_C_UF
+
+
+def test_an_rtc_alarm_that_passes_while_saved_is_flagged_at_restore():
+    clock, triggers = Clock(AT_20), []
+    saved = rtc_with_alarm(clock, 25, triggers).state()
+    clock.now += 3600  # restored an hour later
+    restored = Rtc.from_state(saved, clock=clock, trigger=lambda: triggers.append(clock.now))
+    restored.on_timer()
+    assert triggers == [clock.now]  # once, however many matching seconds went by
+
+
+def test_an_rtc_restored_on_a_host_whose_clock_is_behind_counts_from_that_clock():
+    clock, triggers = Clock(AT_20), []
+    saved = rtc_with_alarm(clock, 21, triggers).state()
+    clock.now -= 100
+    restored = Rtc.from_state(saved, clock=clock, trigger=lambda: triggers.append(clock.now))
+    assert restored.timer_deadline() == clock.now + 1
+    clock.now = AT_20 + 1
+    restored.on_timer()
+    assert triggers == [clock.now]
+
+
 @pytest.mark.parametrize("name, change", [
     ("testdev", {"writes": -1}),
     ("testdev", {"reads": True}),
     ("sink", {"extra": 1}),
     ("rtc", {"ram": b"short"}),
     ("rtc", {"index": 0x80}),
+    ("rtc", {"flags": 0x100}),
+    ("rtc", {"last_update": -1}),
+    ("rtc", {"interrupts": None}),
     ("i8042", {"output": b"x" * 17}),
     ("i8042", {"pending_command": "0x60"}),
     ("acpi-pm", {"poweroffs": 1 << 20}),
+    ("acpi-pm", {"ignored_writes": "1"}),
 ])
 def test_a_bad_record_is_refused(name, change):
     device = exercised_devices()[name]

@@ -14,10 +14,11 @@ import msgpack
 import posix_ipc
 import pytest
 
+from mpvmm.devicemodel import rtc
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
-from mpvmm.devicemodel.process import serve_round
+from mpvmm.devicemodel.rounds import serve_round, writes_before_reads
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
@@ -28,7 +29,7 @@ from mpvmm.devicemodel.protocol import (
     encode_request,
 )
 from mpvmm.errors import DeviceModelError
-from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT
+from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT, RTC_PORT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
@@ -206,6 +207,63 @@ def test_full_session(harness, tmp_path):
     assert console.read_bytes() == b"hello\n"
 
 
+def test_the_rtc_update_interrupt_arrives_with_no_guest_access(harness):
+    """The process wakes for the RTC's update cycle on its own and signals the RTC's irqfd."""
+    irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        harness.start(pass_fds=(irqfd,))
+        assert harness.configure(machine="pc", irqfds={"rtc": irqfd})["op"] == "ready"
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, rtc.REG_STATUS_B, 0)
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT + 1, 1, rtc.STATUS_B_24H | rtc.STATUS_B_UIE, 0)
+        ready, _, _ = select.select([irqfd], [], [], 3.0)  # the next whole second, and a margin
+        assert ready == [irqfd] and os.eventfd_read(irqfd) == 1
+        assert harness.stats()["stats"]["devices"]["rtc"]["interrupts"] == 1
+    finally:
+        os.close(irqfd)
+
+
+def rtc_write(harness, register, value):
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, register, 0)
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT + 1, 1, value, 0)
+
+
+def test_a_pending_and_an_armed_rtc_alarm_move_to_another_device_model(harness):
+    """Saved with its alarm flagged and armed (every second), the RTC goes on in a new process.
+
+    The new device model keeps the pending flags for the guest's handler to
+    read, and raises the next alarm on its own irqfd with no guest access.
+    """
+    first, second = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
+    other = Harness()
+    try:
+        harness.start(pass_fds=(first,))
+        assert harness.configure(machine="pc", irqfds={"rtc": first})["op"] == "ready"
+        for register in (rtc.REG_SECONDS_ALARM, rtc.REG_MINUTES_ALARM, rtc.REG_HOURS_ALARM):
+            rtc_write(harness, register, rtc.ALARM_ANY)
+        rtc_write(harness, rtc.REG_STATUS_B, rtc.STATUS_B_24H | rtc.STATUS_B_AIE)
+        assert select.select([first], [], [], 3.0)[0] == [first], "no alarm before the save"
+        harness.send({"op": "save_state"})
+        saved = harness.recv()["devices"]
+        pending = rtc.STATUS_C_IRQF | rtc.STATUS_C_AF
+        assert saved["rtc"]["flags"] & pending == pending
+
+        other.start(pass_fds=(second,))
+        assert other.configure(machine="pc", irqfds={"rtc": second})["op"] == "ready"
+        other.send({"op": "restore_state", "devices": saved})
+        assert other.recv() == {"op": "restored"}
+        other.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, rtc.REG_STATUS_C, 0)
+        other.request(0, KIND_READ, 0, SPACE_PIO, RTC_PORT + 1, 1, 0, 7)
+        seq, flags = other.reply(0)
+        assert seq == 7 and flags & pending == pending  # the alarm flagged before the save
+        assert select.select([second], [], [], 3.0)[0] == [second], "the armed alarm did not fire after the restore"
+        assert other.stats()["stats"]["devices"]["rtc"]["interrupts"] > saved["rtc"]["interrupts"]
+    finally:
+        other.close()
+        os.close(first)
+        os.close(second)
+    assert other.leftovers() == []
+
+
 def test_shutdown_drains_posted_writes_first(harness, tmp_path):
     console = tmp_path / "console.log"
     console.write_bytes(b"before\n")  # appended to, not truncated
@@ -308,6 +366,47 @@ class FakeQueue:
         if not self.messages:
             raise posix_ipc.BusyError("empty")
         return self.messages.pop(0), 0
+
+
+def test_serve_round_stops_at_a_kept_read():
+    queue = FakeQueue([b"w", b"r", b"after"])
+    taken = []
+
+    def take(index, message):
+        taken.append(message)
+        return message == b"r"
+
+    assert serve_round([queue], [0], take, batch=8) == []
+    assert taken == [b"w", b"r"] and queue.messages == [b"after"]
+
+
+def test_writes_before_reads_drains_the_other_queues_up_to_their_depth():
+    waiting = FakeQueue([b"never"])  # its vCPU waits on a kept read: nothing is taken
+    busy = FakeQueue([b"w"] * 12)
+    idle = FakeQueue([])
+    taken = []
+    writes_before_reads([waiting, busy, idle], [0], lambda: [0, 1], lambda i, m: taken.append(i), depth=10)
+    assert taken == [1] * 10 and waiting.messages == [b"never"]
+    single = FakeQueue([b"w"])
+    writes_before_reads([single], [0], lambda: [0], lambda i, m: taken.append(i), depth=10)
+    assert single.messages == [b"w"]  # one vCPU: nothing to order against
+
+
+def test_a_read_sees_every_write_queued_before_it_by_another_vcpu(harness):
+    """vCPU 0 posts nine scratch-register writes, vCPU 1 then reads it: it must see the ninth.
+
+    Everything is queued before the device model starts, so its first round
+    takes a batch of eight from queue 0 and then the read from queue 1.
+    """
+    if queue_depth() < 10:
+        pytest.skip("needs queues of depth 10 (fs.mqueue.msg_max)")
+    scratch = COM1_PORT + 7
+    for value in range(1, 10):
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, scratch, 1, value, 0)
+    harness.request(1, KIND_READ, 1, SPACE_PIO, scratch, 1, 0, 1)
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    assert harness.reply(1) == (1, 9)
 
 
 def test_serve_round_is_fair():

@@ -4,8 +4,9 @@ The device model runs under strace from its first instruction (no ptrace
 attach, so no capability is needed and its uid change does not matter),
 and what it calls after its filter is loaded is exactly what the filter
 sees. The runs exercise what a device model does: every device of the
-Linux machine with terminal input (more than the FIFO holds, then a hang-up) and
-irqfds, malformed messages, power events, stats, shutdown; and a real VM
+Linux machine with terminal input (more than the FIFO holds, then a hang-up),
+irqfds and the RTC's update and alarm interrupts (the loop waking for a
+device timer), malformed messages, power events, stats, shutdown; and a real VM
 with a hostile guest while /metrics is scraped. A syscall the device model
 starts to need shows up here as a failure naming it, not as an EPERM in
 someone's run.
@@ -15,6 +16,7 @@ import collections
 import fcntl
 import os
 import re
+import select
 import shutil
 import stat
 import struct
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from mpvmm.devicemodel import rtc
 from mpvmm.devicemodel.protocol import KIND_READ, KIND_WRITE, SPACE_MMIO, SPACE_PIO
 from mpvmm.devicemodel.syscall_filter import ALLOWED_SYSCALLS
 from mpvmm.supervisor.run import RunConfig, Supervisor
@@ -74,7 +77,7 @@ def assert_allowed(calls: collections.Counter) -> None:
 
 def test_linux_machine_calls_only_allowed_syscalls(tmp_path):
     harness = Harness()
-    irqfds = {"com1": os.eventfd(0), "i8042": os.eventfd(0)}
+    irqfds = {"com1": os.eventfd(0), "i8042": os.eventfd(0), "rtc": os.eventfd(0)}
     terminal, follower = os.openpty()
     tty.setraw(follower)  # as the supervisor leaves a terminal: bytes, not lines
     try:
@@ -109,6 +112,15 @@ def test_linux_machine_calls_only_allowed_syscalls(tmp_path):
         read(COM1_PORT + UART_LSR)  # one more round of the loop after the hang-up
         write(RTC_PORT, 0)
         read(RTC_PORT + 1)
+        for register in (rtc.REG_SECONDS_ALARM, rtc.REG_MINUTES_ALARM, rtc.REG_HOURS_ALARM):
+            write(RTC_PORT, register)
+            write(RTC_PORT + 1, rtc.ALARM_ANY)  # an alarm every second
+        write(RTC_PORT, rtc.REG_STATUS_B)
+        write(RTC_PORT + 1, rtc.STATUS_B_24H | rtc.STATUS_B_UIE | rtc.STATUS_B_AIE)
+        # No access until the interrupt: the loop's own timer runs the update cycle.
+        assert select.select([irqfds["rtc"]], [], [], 3.0)[0] == [irqfds["rtc"]], "no RTC interrupt"
+        write(RTC_PORT, rtc.REG_STATUS_C)
+        assert read(RTC_PORT + 1) == rtc.STATUS_C_IRQF | rtc.STATUS_C_AF | rtc.STATUS_C_UF
         write(I8042_COMMAND_PORT, 0x20)
         read(I8042_DATA_PORT)
         read(PIO_TESTDEV_PORT, size=4, queue=1)
