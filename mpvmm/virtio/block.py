@@ -31,7 +31,7 @@ from mpvmm.virtio import spec
 from mpvmm.virtio.descriptors import DescriptorChain
 from mpvmm.virtio.device import VirtioDevice
 from mpvmm.virtio.disk import SECTOR_SIZE, DiskFile
-from mpvmm.virtio.errors import VirtqueueError
+from mpvmm.virtio.faults import VirtqueueError
 
 # --- Feature bits. ---
 F_SEG_MAX = 2  # seg_max says how many data buffers a request may have

@@ -19,7 +19,7 @@ import struct
 import threading
 from typing import NamedTuple, Sequence
 
-from mpvmm.virtio.errors import GuestMemoryError
+from mpvmm.virtio.faults import GuestMemoryError
 from mpvmm.x86.layout import GuestAddress
 
 _U16 = struct.Struct("<H")

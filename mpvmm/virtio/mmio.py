@@ -33,7 +33,7 @@ from typing import Callable
 from mpvmm.virtio import mmio_registers as registers
 from mpvmm.virtio import spec
 from mpvmm.virtio.device import VirtioDevice
-from mpvmm.virtio.errors import GuestMemoryError, VirtqueueError
+from mpvmm.virtio.faults import GuestMemoryError, VirtqueueError
 from mpvmm.virtio.memory import GuestRam
 from mpvmm.virtio.queue import SplitQueue
 

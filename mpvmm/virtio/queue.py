@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from mpvmm.virtio import spec
 from mpvmm.virtio.descriptors import DescriptorChain, walk_chain
-from mpvmm.virtio.errors import VirtqueueError
+from mpvmm.virtio.faults import VirtqueueError
 from mpvmm.virtio.memory import GuestRam
 
 _USED_ELEMENT = struct.Struct("<II")
