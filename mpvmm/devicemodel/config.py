@@ -29,6 +29,9 @@ class Config:
     # Guest RAM is mapped read-only unless set: the devices so far never
     # write guest memory; a virtio device process will.
     ram_writable: bool = False
+    # The virtio devices' register links (virtio_device/register_link.py):
+    # (name, MMIO window base, inherited socket) each.
+    virtio_links: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def from_message(cls, message: object) -> "Config":
@@ -65,5 +68,12 @@ class Config:
         ram_writable = message.get("ram_writable", False)
         if type(ram_writable) is not bool:
             raise DeviceModelError("ram_writable must be true or false")
+        links = message.get("virtio_links", [])
+        if not isinstance(links, list) or not all(
+            isinstance(link, list) and len(link) == 3 and isinstance(link[0], str)
+            and all(type(v) is int and v >= 0 for v in link[1:]) for link in links
+        ):
+            raise DeviceModelError("virtio_links must be [name, window base, file descriptor] triples")
         return cls(ram_fd, ram_size, tuple(requests), tuple(replies), console,
-                   machine, tuple(sorted(irqfds.items())), stdin_fd, ram_writable)
+                   machine, tuple(sorted(irqfds.items())), stdin_fd, ram_writable,
+                   tuple(tuple(link) for link in links))

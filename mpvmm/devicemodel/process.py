@@ -231,7 +231,8 @@ class DeviceModelServer:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
         triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
-        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event)
+        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event,
+                                       config.virtio_links)
         self.model = self._machine.build()
         self._epoll = select.epoll()
         self._epoll.register(self.control.fileno(), select.EPOLLIN)

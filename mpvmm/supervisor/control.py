@@ -97,6 +97,10 @@ class VmControl:
         if not self.vm.host.has_machine_state:
             raise Conflict(f"cannot {action} with --runner {self.vm.config.runner}: each vCPU has a VM of its "
                            "own, so there is no one machine state (use --runner native or python)")
+        if len(self.vm.virtio):
+            # Their queues and disks live in their own processes, which have no state records yet.
+            raise Conflict(f"cannot {action} a VM with virtio devices "
+                           f"({', '.join(device.spec.name for device in self.vm.virtio.devices)}): not supported yet")
 
     def _snapshot(self, path: str) -> dict:
         self._machine_state_check("snapshot")

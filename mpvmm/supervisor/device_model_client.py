@@ -51,10 +51,13 @@ class DeviceModelClient:
     _control: socket.socket | None = None
 
     def __init__(self, memory, cpus: int, console: str | None, *, machine: str = "builtin",
-                 irq_fds: dict[str, int] | None = None, stdin_fd: int | None = None):
+                 irq_fds: dict[str, int] | None = None, stdin_fd: int | None = None,
+                 virtio_links: list[tuple[str, int, int]] = ()):
         # machine, irq_fds (device name -> eventfd) and stdin_fd: the Linux
-        # machine's extras (process.py's Config); the fds are inherited.
-        self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd}
+        # machine's extras (process.py's Config); virtio_links: each virtio
+        # device's (name, window, register link); the fds are inherited.
+        self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd,
+                       "virtio_links": [list(link) for link in virtio_links]}
         self.system_events: list[str] = []
         # One conversation on the control socket at a time: a metrics scrape
         # (its own thread) and the wait loop's poll_events share it.
@@ -124,6 +127,7 @@ class DeviceModelClient:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
                 pass_fds=(child.fileno(), ram_fd, *self._extra["irqfds"].values(),
+                          *(fd for _name, _base, fd in self._extra["virtio_links"]),
                           *([terminal] if terminal is not None else [])),
                 stdin=subprocess.DEVNULL,
             )
