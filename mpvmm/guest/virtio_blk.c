@@ -344,7 +344,7 @@ int run_virtio_blk(uint64_t vcpu, volatile struct mpvmm_guest_params *p, volatil
         return MPVMM_STATUS_BAD_PARAMS;
     q.event_idx = (int)info->event_idx;
     q.writes = writes && !info->read_only;
-    q.read_blocks = q.writes ? info->blocks / 2 : info->blocks;
+    q.read_blocks = writes ? info->blocks / 2 : info->blocks; /* a read-only disk too: its second half may be anything */
     q.write_blocks = (info->blocks - info->blocks / 2) / queues;
     q.write_base = info->blocks / 2 + q.index * q.write_blocks;
     if (q.writes && q.write_blocks == 0)

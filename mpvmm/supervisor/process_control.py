@@ -41,7 +41,7 @@ class ControlledProcess:
         self._control = parent
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", self.module, str(child.fileno())],
+            self.process = subprocess.Popen([sys.executable, "-m", self.module, str(child.fileno()), self.name],
                                             pass_fds=(child.fileno(), *self._fds), stdin=subprocess.DEVNULL)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -271,9 +271,12 @@ class VirtioDeviceServer:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m mpvmm.virtio_device <control_fd>``; returns the exit status."""
-    if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m mpvmm.virtio_device <control_fd>", file=sys.stderr)
+    """``python -m mpvmm.virtio_device <control_fd> [name]``; returns the exit status.
+
+    The name (the device's, e.g. disk0) is only there for ``ps`` and traces.
+    """
+    if len(argv) not in (1, 2) or not argv[0].isdigit():
+        print("usage: python -m mpvmm.virtio_device <control_fd> [name]", file=sys.stderr)
         return 2
     parent = os.getppid()
     open_standard_fds()
