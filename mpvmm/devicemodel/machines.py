@@ -15,8 +15,6 @@ from mpvmm.devicemodel.bus import Bus, BusRange, Device
 from mpvmm.devicemodel.machine import DeviceModel, build_buses, check_all_restored
 from mpvmm.devicemodel.pc import build_pc_buses
 from mpvmm.errors import DeviceModelError
-from mpvmm.virtio.mmio_registers import WINDOW_SIZE
-from mpvmm.virtio_device.register_link import RemoteRegisters
 
 MACHINES = ("builtin", "pc")
 
@@ -60,6 +58,11 @@ class MachineBuilder:
         its state is that process's, not a record here.
         """
         pio, mmio, devices = build_machine(self.name, self.console_out, self.triggers, self.on_event, states)
+        if self.virtio_links:
+            # Imported only here: the virtio package is no part of a device model without virtio devices,
+            # whose start-up time matters (a nested guest's device model starts under emulation).
+            from mpvmm.virtio.mmio_registers import WINDOW_SIZE
+            from mpvmm.virtio_device.register_link import RemoteRegisters
         for name, base, fd in self.virtio_links:
             mmio.insert(BusRange(base, WINDOW_SIZE), RemoteRegisters(fd), name)
         return DeviceModel(machine=(pio, mmio, devices))

@@ -35,7 +35,6 @@ import struct
 from typing import Iterable
 
 from mpvmm.x86 import aml, layout
-from mpvmm.virtio.mmio_registers import WINDOW_SIZE
 from mpvmm.x86.mptable import checksum_byte, ioapic_id
 
 OEM_ID = b"MPVMM "
@@ -142,7 +141,7 @@ def pc_devices() -> list[bytes]:
 def virtio_devices(windows: Iterable[tuple[int, int]]) -> list[bytes]:
     """A DSDT device per virtio-mmio window, given as (base, GSI)."""
     return [aml.simple_device(f"VR{index:02X}", HID_VIRTIO_MMIO, index,
-                              [aml.memory32_fixed(base, WINDOW_SIZE), aml.interrupt(gsi)])
+                              [aml.memory32_fixed(base, layout.VIRTIO_MMIO_SIZE), aml.interrupt(gsi)])
             for index, (base, gsi) in enumerate(windows)]
 
 

@@ -52,6 +52,7 @@ MMIO_TESTDEV_SIZE = PAGE_SIZE
 # device i at VIRTIO_MMIO_BASE + i pages; described to Linux in the DSDT.
 VIRTIO_MMIO_BASE = GuestAddress(0xD0800000)
 VIRTIO_MAX_DEVICES = 8
+VIRTIO_MMIO_SIZE = PAGE_SIZE  # virtio/mmio_registers.py's WINDOW_SIZE (a test checks they agree)
 
 # --- I/O ports. ---
 COM1_PORT = 0x3F8
@@ -107,4 +108,4 @@ def virtio_slot(index: int) -> tuple[GuestAddress, int]:
     """(MMIO window base, GSI) of virtio device ``index``: the one place both are chosen."""
     if not 0 <= index < VIRTIO_MAX_DEVICES:
         raise ValueError(f"at most {VIRTIO_MAX_DEVICES} virtio devices, not device {index}")
-    return GuestAddress(VIRTIO_MMIO_BASE + index * PAGE_SIZE), VIRTIO_FIRST_GSI + index
+    return GuestAddress(VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE), VIRTIO_FIRST_GSI + index

@@ -22,3 +22,9 @@ def test_slots_stay_inside_the_ioapic_and_the_mmio_hole():
     for index in range(layout.VIRTIO_MAX_DEVICES):
         base, gsi = layout.virtio_slot(index)
         assert layout.MMIO_HOLE_START <= base < layout.IOAPIC_ADDR and 16 <= gsi < 24
+
+
+def test_the_layout_gives_each_window_what_the_transport_decodes():
+    from mpvmm.virtio.mmio_registers import WINDOW_SIZE
+
+    assert layout.VIRTIO_MMIO_SIZE == WINDOW_SIZE
