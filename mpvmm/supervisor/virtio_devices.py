@@ -104,6 +104,9 @@ class VirtioDevice(ControlledProcess):
         self.spec = spec
         self.link, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         backing = None
+        # A descriptor of our own for the terminal: fd 0 itself would not reach
+        # the process, whose fd 0 is /dev/null whatever pass_fds says.
+        input_fd = os.dup(input_fd) if input_fd is not None else None
         try:
             backing = _open_backing(spec, console_path)
             fds = [memory.fd, device_end.fileno(), irq_fd, *notify_fds, *([] if backing is None else [backing]),
@@ -123,8 +126,9 @@ class VirtioDevice(ControlledProcess):
             raise
         finally:
             device_end.close()
-            if backing is not None:
-                os.close(backing)
+            for fd in (backing, input_fd):
+                if fd is not None:
+                    os.close(fd)
 
     def close(self) -> None:
         super().close()
