@@ -3,7 +3,10 @@
 One record per (workload, runner, cpus), from the median of its repeats.
 Ratios and efficiencies use each workload's figure of merit: exits per
 second, except for ``compute``, which makes no exits in its window and is
-measured by the guest's own compute iterations per second.
+measured by the guest's own compute iterations per second, and ``virtio-blk``,
+measured by the 4 KiB reads the guest completed (and MB/s), each beside the
+null-exit rate (``pio-null``) of the same runner and vCPU count when the
+bench measured it too. A virtio-blk record is also keyed by queue depth.
 """
 
 import json
@@ -21,7 +24,8 @@ from mpvmm.supervisor.summary import latency_quantile
 
 RECORD_VERSION = 1
 # Workloads whose work is not exits: the guest op that measures them.
-GUEST_WORK_OPS = {"compute": "compute_iterations"}
+GUEST_WORK_OPS = {"compute": "compute_iterations", "virtio-blk": "blk_reads"}
+BLOCK_BYTES = 4096  # what one virtio-blk read moves (the workload's request size)
 
 
 def throughput_unit(workload: str) -> str:
@@ -72,16 +76,17 @@ def build_records(samples, host: dict) -> list[dict]:
     """One record per (workload, runner, cpus), in the order first measured."""
     groups = defaultdict(list)
     for sample in samples:
-        groups[(sample.workload, sample.runner, sample.cpus)].append(sample)
+        groups[(sample.workload, sample.queue_depth, sample.runner, sample.cpus)].append(sample)
     records = {}
-    for (workload, runner, cpus), runs in groups.items():
+    for (workload, depth, runner, cpus), runs in groups.items():
         buckets = [sum(column) for column in zip(*(r.sync_buckets for r in runs))]
         syncs = sum(buckets)
         rates = [sum(r.exits) / r.seconds for r in runs]
-        records[(workload, runner, cpus)] = {
+        records[(workload, depth, runner, cpus)] = {
             "workload": workload,
             "runner": runner,
             "cpus": cpus,
+            "queue_depth": depth,
             "seconds": statistics.median(r.seconds for r in runs),
             "repeats": len(runs),
             "exits_total": _median_int(sum(r.exits) for r in runs),
@@ -95,6 +100,7 @@ def build_records(samples, host: dict) -> list[dict]:
                                      for op in runs[0].guest_ops if any(r.guest_ops[op] for r in runs)},
             "ratio_to_raw": None,
             "scaling_efficiency": None,
+            "ratio_to_pio_null": None,
             # The bucket bounds are powers of two of 1 us: a quantile is its bucket's upper bound.
             "sync_latency_p50_seconds": latency_quantile(buckets, 0.5) if syncs else None,
             "sync_latency_p99_seconds": latency_quantile(buckets, 0.99) if syncs else None,
@@ -103,14 +109,19 @@ def build_records(samples, host: dict) -> list[dict]:
             "host": host,
             "record_version": RECORD_VERSION,
         }
-    for (workload, runner, cpus), record in records.items():
+    for (workload, depth, runner, cpus), record in records.items():
         value = record["throughput_per_second"]
-        raw = records.get((workload, "raw", cpus))
+        raw = records.get((workload, depth, "raw", cpus))
         if raw and raw["throughput_per_second"] > 0:
             record["ratio_to_raw"] = value / raw["throughput_per_second"]
-        one = records.get((workload, runner, 1))
+        one = records.get((workload, depth, runner, 1))
         if one and one["throughput_per_second"] > 0:
             record["scaling_efficiency"] = value / (cpus * one["throughput_per_second"])
+        null = records.get(("pio-null", None, runner, cpus))
+        if workload == "virtio-blk":
+            record["megabytes_per_second"] = value * BLOCK_BYTES / 1e6
+            if null and null["throughput_per_second"] > 0:
+                record["ratio_to_pio_null"] = value / null["throughput_per_second"]
     return list(records.values())
 
 
@@ -133,18 +144,23 @@ def render_tables(records: list[dict], console: Console) -> None:
     """One table per workload: every runner at every vCPU count."""
     by_workload = defaultdict(list)
     for record in records:
-        by_workload[record["workload"]].append(record)
-    for workload, rows in by_workload.items():
+        by_workload[(record["workload"], record.get("queue_depth"))].append(record)
+    for (workload, depth), rows in by_workload.items():
         unit = short_unit(throughput_unit(workload))
-        table = Table(title=f"{workload}: {unit} per second (median of {rows[0]['repeats']}, "
+        virtio = workload == "virtio-blk"
+        depth_text = f" at queue depth {depth}, a disk per vCPU" if depth is not None else ""
+        table = Table(title=f"{workload}{depth_text}: {unit} per second (median of {rows[0]['repeats']}, "
                             f"{rows[0]['seconds']:.1f} s windows)")
-        for column in ("runner", "vCPUs", f"{unit}/s", "per vCPU", "ratio to raw", "scaling eff.",
+        extra = ("MB/s", "x pio-null") if virtio else ()
+        for column in ("runner", "vCPUs", f"{unit}/s", "per vCPU", *extra, "ratio to raw", "scaling eff.",
                        "sync p50 us", "sync p99 us", "sync mean us"):
             table.add_column(column, justify="left" if column == "runner" else "right")
         for record in sorted(rows, key=lambda r: (r["cpus"], _runner_order(r["runner"]))):
             value = record["throughput_per_second"]
+            shown = (_number(record["megabytes_per_second"], 1), _number(record["ratio_to_pio_null"], 2)) \
+                if virtio else ()
             table.add_row(
-                record["runner"], str(record["cpus"]), _number(value), _number(value / record["cpus"]),
+                record["runner"], str(record["cpus"]), _number(value), _number(value / record["cpus"]), *shown,
                 _number(record["ratio_to_raw"], 2), _number(record["scaling_efficiency"], 2),
                 _microseconds(record["sync_latency_p50_seconds"]),
                 _microseconds(record["sync_latency_p99_seconds"]),
