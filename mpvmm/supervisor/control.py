@@ -97,10 +97,6 @@ class VmControl:
         if not self.vm.host.has_machine_state:
             raise Conflict(f"cannot {action} with --runner {self.vm.config.runner}: each vCPU has a VM of its "
                            "own, so there is no one machine state (use --runner native or python)")
-        if len(self.vm.virtio):
-            # Their queues and disks live in their own processes, which have no state records yet.
-            raise Conflict(f"cannot {action} a VM with virtio devices "
-                           f"({', '.join(device.spec.name for device in self.vm.virtio.devices)}): not supported yet")
 
     def _snapshot(self, path: str) -> dict:
         self._machine_state_check("snapshot")
@@ -115,6 +111,10 @@ class VmControl:
 
     def _migrate(self, args: dict, abort) -> tuple[dict, RunEnding | None]:
         self._machine_state_check("migrate")
+        if len(self.vm.virtio):
+            # A disk is a file on this host: the destination would need the same file, in step.
+            raise Conflict(f"cannot migrate a VM with virtio devices "
+                           f"({', '.join(device.spec.name for device in self.vm.virtio.devices)}): not supported yet")
         self._expect(VmState.RUNNING, "migrate")
         self.state = VmState.MIGRATING
         self.migration = Migration(self.vm, args["address"], args["downtime_ms"], args["timeout_s"], abort,

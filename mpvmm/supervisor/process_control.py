@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -33,6 +34,7 @@ class ControlledProcess:
         self.name = name
         self._fds = fds  # inherited by the process
         self._unpacker = msgpack.Unpacker(raw=False)
+        self._lock = threading.Lock()
         self.pid = 0
 
     def start(self, configure: dict) -> dict:
@@ -53,7 +55,12 @@ class ControlledProcess:
         return reply
 
     def request(self, message: dict, timeout: float = REPLY_TIMEOUT_SECONDS) -> dict:
-        """Send ``message``, return the answer."""
+        """Send ``message``, return the answer; one request at a time (the metrics' scrapes and the
+        API's snapshots come from threads of their own)."""
+        with self._lock:
+            return self._request(message, timeout)
+
+    def _request(self, message: dict, timeout: float) -> dict:
         try:
             self._control.sendall(msgpack.packb(message))
         except OSError as err:

@@ -79,6 +79,7 @@ class RunConfig:
     console_device: str = "uart"  # "virtio": the guest's console is hvc0, and the terminal feeds it
     rng: bool = False
     queue_depth: int | None = None  # the virtio-blk workloads' requests in flight per vCPU
+    block_queues: int | None = None  # queues per disk; None: _block_queues chooses (a restore brings its own)
 
 
 @dataclass
@@ -384,6 +385,8 @@ def _doorbells(stack: contextlib.ExitStack, host: VcpuHost) -> Callable[[int, in
 
 def _block_queues(config: RunConfig) -> int:
     """Queues per disk: one, or for the built-in guest enough for every vCPU to have its own."""
+    if config.block_queues is not None:
+        return config.block_queues
     if config.kernel is not None or not config.disks:
         return 1
     return -(-config.cpus // len(config.disks))

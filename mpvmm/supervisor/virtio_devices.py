@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mpvmm.errors import DeviceModelError, UsageError
+from mpvmm.errors import DeviceModelError, StateError, UsageError
 from mpvmm.supervisor.process_control import ControlledProcess
 from mpvmm.virtio import mmio_registers
 from mpvmm.virtio.block import MAX_QUEUES
@@ -158,6 +158,7 @@ class VirtioDevices:
         if not 1 <= block_queues <= MAX_QUEUES:
             raise UsageError(f"a disk has 1 to {MAX_QUEUES} queues, not {block_queues}")
         self.devices: list[VirtioDevice] = []
+        self.block_queues = block_queues
         try:
             for index, spec in enumerate(specs):
                 base, _gsi = layout.virtio_slot(index)
@@ -192,6 +193,37 @@ class VirtioDevices:
                 pass
         return out
 
+    def describe(self) -> dict | None:
+        """The devices as a snapshot's machine record keeps them (None without any): what a restore builds."""
+        if not self.devices:
+            return None
+        return {"devices": [{"name": d.spec.name, "kind": d.spec.kind, "path": d.spec.path,
+                             "read_only": d.spec.read_only} for d in self.devices],
+                "block_queues": self.block_queues}
+
+    def save_state(self) -> dict[str, dict]:
+        """Each device's state record, by name (the vCPUs are paused)."""
+        states = {}
+        for device in self.devices:
+            reply = device.request({"op": "save_state"})
+            if reply.get("op") != "state":
+                raise DeviceModelError(f"virtio device {device.spec.name} did not save its state: "
+                                       f"{reply.get('message', reply)}")
+            states[device.spec.name] = reply["state"]
+        return states
+
+    def restore_state(self, states: dict[str, dict]) -> None:
+        """Give each device its saved record; StateError if the devices are not the saved ones."""
+        names = [device.spec.name for device in self.devices]
+        if sorted(states) != sorted(names):
+            raise StateError(f"the saved virtio devices are {', '.join(sorted(states)) or 'none'}, "
+                             f"this VM has {', '.join(names) or 'none'}")
+        for device in self.devices:
+            reply = device.request({"op": "restore_state", "state": states[device.spec.name]})
+            if reply.get("op") != "restored":
+                raise StateError(f"virtio device {device.spec.name} refused its saved state: "
+                                 f"{reply.get('message', reply)}")
+
     def shutdown(self) -> dict[str, dict]:
         """Stop every device process; each one's last counters (those that answered)."""
         out = {}
@@ -214,3 +246,30 @@ class VirtioDevices:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def config_of(described: dict | None) -> dict:
+    """``describe()``'s record -> the RunConfig fields that build the same devices (a restore's)."""
+    if described is None:
+        return {"disks": (), "console_device": "uart", "rng": False, "block_queues": None}
+    devices = described["devices"]
+    return {"disks": tuple(d["path"] + (",readonly" if d["read_only"] else "") for d in devices if d["kind"] == "block"),
+            "console_device": "virtio" if any(d["kind"] == "console" for d in devices) else "uart",
+            "rng": any(d["kind"] == "entropy" for d in devices), "block_queues": described["block_queues"]}
+
+
+def check_described(described: object) -> None:
+    """StateError unless ``described`` is a ``describe()`` record (it comes from a file)."""
+    devices = described.get("devices") if isinstance(described, dict) else None
+    queues = described.get("block_queues") if isinstance(described, dict) else None
+    if not isinstance(devices, list) or type(queues) is not int or not 1 <= queues <= MAX_QUEUES:
+        raise StateError("the machine's virtio record is malformed")
+    kinds = [d.get("kind") if isinstance(d, dict) else None for d in devices]
+    order = sorted(kinds, key=("block", "console", "entropy").index) if set(kinds) <= {"block", "console", "entropy"} \
+        else None
+    if order != kinds or kinds.count("console") > 1 or kinds.count("entropy") > 1:
+        raise StateError("the machine's virtio devices are not disks, then a console, then an entropy device")
+    for device in devices:
+        if device["kind"] == "block" and not isinstance(device.get("path"), str) or \
+                not isinstance(device.get("read_only"), bool):
+            raise StateError("a saved virtio disk has no path or read-only flag")

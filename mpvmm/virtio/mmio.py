@@ -325,6 +325,25 @@ class MmioTransport:
         if self.status & spec.STATUS_DRIVER_OK:
             self._interrupt(registers.INTERRUPT_CONFIG_CHANGE)
 
+    # --- Saved state (saved_state.py reads and checks the records). ---
+
+    def registers_state(self) -> dict:
+        return {"status": self.status, "driver_features": self.driver_features,
+                "interrupt_status": self.interrupt_status, "config_generation": self.config_generation,
+                "device_features_sel": self._device_features_sel, "driver_features_sel": self._driver_features_sel,
+                "queue_sel": self._queue_sel}
+
+    @property
+    def unofferable_features(self) -> bool:
+        return self._unofferable_features
+
+    def restore_registers(self, fields: dict, unofferable: bool, reason: str | None) -> None:
+        self._clear()
+        self.status, self.driver_features = fields["status"], fields["driver_features"]
+        self.interrupt_status, self.config_generation = fields["interrupt_status"], fields["config_generation"]
+        self._device_features_sel, self._driver_features_sel = fields["device_features_sel"], fields["driver_features_sel"]
+        self._queue_sel, self._unofferable_features, self.needs_reset_reason = fields["queue_sel"], unofferable, reason
+
     # --- Queues and interrupts. ---
 
     def notify(self, index: int) -> None:

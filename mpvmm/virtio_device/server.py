@@ -42,10 +42,10 @@ from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.pc import eventfd_trigger
 from mpvmm.devicemodel.process_setup import die_with_parent
 from mpvmm.devicemodel.sandbox import drop_privileges, map_guest_ram, restrict
-from mpvmm.errors import DeviceModelError
+from mpvmm.errors import DeviceModelError, StateError
 from mpvmm.output import open_standard_fds
 from mpvmm.stop_signals import ignore_stop_signals
-from mpvmm.virtio import Block, Console, Entropy, GuestRam, MmioTransport
+from mpvmm.virtio import Block, Console, Entropy, GuestRam, MmioTransport, saved_state
 from mpvmm.virtio.console import RECEIVE_QUEUE
 from mpvmm.virtio_device import register_link
 from mpvmm.virtio_device.config import SCHEMA_VERSION, DeviceConfig
@@ -90,6 +90,7 @@ class VirtioDeviceServer:
         self._epoll: select.epoll | None = None
         self._queue_by_fd: dict[int, int] = {}
         self.link_packets = 0
+        self._reported_needs_reset = 0
         self.input_bytes = 0
 
     # --- Control channel. ---
@@ -121,6 +122,11 @@ class VirtioDeviceServer:
             op = message.get("op") if isinstance(message, dict) else None
             if op == "stats":
                 self._send({"op": "stats", **self.stats()})
+            elif op == "save_state":
+                self._catch_up()  # what the guest asked before it was paused belongs to the state
+                self._send({"op": "state", "state": saved_state.capture(self.transport)})
+            elif op == "restore_state":
+                self._restore(message.get("state"))
             elif op == "shutdown":
                 if self.console is not None:
                     self.console.flush()
@@ -128,6 +134,28 @@ class VirtioDeviceServer:
                 raise _Exit(0)
             else:
                 self._send({"op": "error", "message": f"unknown control op {op!r}"})
+
+    def _catch_up(self) -> None:
+        """Serve register accesses and kicks still waiting: the vCPUs are paused, nothing more comes."""
+        with contextlib.suppress(OSError):  # a link already closed: the device model is gone
+            self._registers()
+        for fd in self._queue_by_fd:
+            with contextlib.suppress(BlockingIOError):
+                if os.read(fd, 8):
+                    self.transport.notify(self._queue_by_fd[fd])
+
+    def _restore(self, record: object) -> None:
+        try:
+            saved_state.restore(self.transport, record)
+        except StateError as err:
+            self._send({"op": "error", "message": f"{self.config.name}: {err}"})
+            return
+        # A chain offered just before the snapshot may have had its kick
+        # still in the old process's eventfd: look at every ring once.
+        for index, queue in enumerate(self.transport.queues):
+            if queue.attached:
+                self.transport.process_queue(index)
+        self._send({"op": "restored"})
 
     def stats(self) -> dict:
         transport = self.transport
@@ -197,6 +225,7 @@ class VirtioDeviceServer:
         while True:
             if self.console is not None:
                 self.console.flush()  # about to sleep: show what the guest wrote
+            self._report_needs_reset()
             for fd, _mask in self._epoll.poll(-1):
                 if fd in self._queue_by_fd:
                     self._kick(fd)
@@ -207,6 +236,15 @@ class VirtioDeviceServer:
                     self._control_messages()
                 elif fd == input_fd:
                     self._terminal_input()
+
+    def _report_needs_reset(self) -> None:
+        """Say once on stderr why the device stopped: the guest's driver may only hang, silently."""
+        needs = self.transport.stats.needs_reset
+        if needs != self._reported_needs_reset:
+            self._reported_needs_reset = needs
+            with contextlib.suppress(OSError):
+                os.write(2, f"mpvmm: virtio {self.config.name}: the device needs a reset (the guest broke a "
+                            f"rule): {self.transport.needs_reset_reason}\n".encode())
 
     def _kick(self, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):
