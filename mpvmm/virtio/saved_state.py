@@ -22,7 +22,8 @@ from mpvmm.virtio.queue import SplitQueue
 
 STATE_VERSION = 1
 _U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
-TRANSPORT_FIELDS = {"status": _U32, "driver_features": _U64, "interrupt_status": _U32, "config_generation": _U32,
+TRANSPORT_FIELDS = {"status": _U32, "driver_features": _U64, "interrupt_status": _U32, "raised_since_read": _U32,
+                    "config_generation": _U32,
                     "device_features_sel": _U32, "driver_features_sel": _U32, "queue_sel": _U32}
 QUEUE_FIELDS = {"size": spec.QUEUE_SIZE_LIMIT, "desc_table": _U64, "avail_ring": _U64, "used_ring": _U64,
                 "next_avail": 0xFFFF, "next_used": 0xFFFF, "signalled_used": 0xFFFF, "unchecked_used": 0xFFFF}
