@@ -32,6 +32,10 @@ from mpvmm.migration.address import parse as parse_address
 
 DEFAULT_DOWNTIME_MS = 300
 DEFAULT_MIGRATION_TIMEOUT_S = 60.0
+# What a migrate request may ask (`mpvmm ctl migrate` checks the same before sending).
+DOWNTIME_MS_RANGE = (1, 60_000)
+MIGRATION_TIMEOUT_S_RANGE = (0.1, 3600)
+MAX_BANDWIDTH_MIB_S_RANGE = (0.01, 1e6)
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
            500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -114,9 +118,10 @@ def _migrate_args(body: dict) -> dict:
         raise BadRequest(str(err)) from None
     bandwidth = body.get("max_bandwidth_mib_s")
     return {"address": address,
-            "downtime_ms": _number(body, "downtime_ms", DEFAULT_DOWNTIME_MS, 1, 60_000),
-            "timeout_s": _number(body, "timeout_s", DEFAULT_MIGRATION_TIMEOUT_S, 0.1, 3600),
-            "max_bandwidth_mib_s": None if bandwidth is None else _number(body, "max_bandwidth_mib_s", 0, 0.01, 1e6)}
+            "downtime_ms": _number(body, "downtime_ms", DEFAULT_DOWNTIME_MS, *DOWNTIME_MS_RANGE),
+            "timeout_s": _number(body, "timeout_s", DEFAULT_MIGRATION_TIMEOUT_S, *MIGRATION_TIMEOUT_S_RANGE),
+            "max_bandwidth_mib_s": None if bandwidth is None else _number(body, "max_bandwidth_mib_s", 0,
+                                                                          *MAX_BANDWIDTH_MIB_S_RANGE)}
 
 
 # path -> (command, how its body becomes the command's arguments)

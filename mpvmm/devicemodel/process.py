@@ -34,7 +34,6 @@ import contextlib
 import mmap
 import os
 import select
-import signal
 import socket
 import sys
 import time
@@ -54,6 +53,8 @@ from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
 from mpvmm.devicemodel.rounds import KEPT_READ, serve_round, writes_before_reads
 from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
+from mpvmm.output import open_standard_fds
+from mpvmm.stop_signals import ignore_stop_signals
 
 # Messages taken from one queue before the next queue gets its turn, so one
 # busy vCPU cannot starve the others (less than a queue's depth of 10).
@@ -64,6 +65,7 @@ SHUTDOWN_DRAIN_ROUNDS = 64
 # Control messages are small; more than this unread means a broken peer.
 CONTROL_BUFFER_MAX = 1 << 20
 CONTROL_READ_SIZE = 65536
+STDOUT_FD = 1  # the console without --console: whatever the supervisor's stdout is
 
 
 class _Exit(Exception):
@@ -165,6 +167,7 @@ class DeviceModelServer:
                 "replies_dropped": self.replies_dropped,
                 "internal_errors": self.internal_errors,
                 "console": self.console.stats(),
+                "terminal_input": self.host_input.stats() if self.host_input is not None else None,
             },
         }
 
@@ -223,7 +226,7 @@ class DeviceModelServer:
         self.received = [0] * len(self.request_queues)
         self._queue_depth = max((queue.max_messages for queue in self.request_queues), default=0)
         if config.console is None:
-            self.console = HostConsole(sys.stdout.fileno(), owns_fd=False)
+            self.console = HostConsole(STDOUT_FD, owns_fd=False)
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
@@ -334,7 +337,7 @@ class DeviceModelServer:
                     ready.add(self._queue_by_fd[fd])
             more = self._serve(ready) if ready else []
             if self.host_input is not None:
-                self.host_input.rearm()
+                self.host_input.feed()  # the guest may have read from the FIFO meanwhile
 
     def _timer_timeout(self) -> float:
         """Seconds until a device's next timer (the RTC's update cycle), or -1: none is due."""
@@ -370,11 +373,11 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m mpvmm.devicemodel <control_fd>", file=sys.stderr)
         return 2
     parent = os.getppid()
+    open_standard_fds()  # a closed stdout must not become a queue's number, then taken for the console
     raise_fd_limit()
     batch_scheduling()
-    # Ctrl-C in the terminal reaches the whole process group; the supervisor
-    # handles it and tells us to shut down, so we drain instead of dying.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Started with the stop signals blocked (device_model_client.py): the supervisor's to handle.
+    ignore_stop_signals()
     try:
         control = socket.socket(fileno=int(argv[0]))
     except OSError as err:

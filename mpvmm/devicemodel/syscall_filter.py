@@ -25,7 +25,7 @@ ALLOWED_SYSCALLS = {
     # Serving the vCPUs.
     "epoll_wait": "the main loop waits on its queues, the control socket and the terminal, "
                   "until the next device timer (the RTC's update cycle)",
-    "epoll_ctl": "terminal input leaves the poll set while the UART FIFO is full and comes back",
+    "epoll_ctl": "terminal input leaves the poll set when the terminal hangs up or fails",
     "mq_timedreceive": "requests (posix_ipc, non-blocking)",
     "mq_timedsend": "replies (posix_ipc, non-blocking)",
     # The supervisor.

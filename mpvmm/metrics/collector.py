@@ -247,7 +247,22 @@ def device_families(stats: dict) -> list[Metric]:
                                  labels=["device"])
     for device, count in stats.get("device_errors", {}).items():
         errors.add_metric([device], count)
-    return [requests, unmapped, rejected, errors]
+    return [requests, unmapped, rejected, errors, *console_families(stats.get("console", {}))]
+
+
+def console_families(console: dict) -> list[Metric]:
+    """The guest console's bytes written and lost, and the writes that failed (a full disk, a closed pipe)."""
+    families = []
+    for key, name, documentation in (
+        ("written_bytes", "mpvmm_console_written_bytes", "Guest console bytes written to the console file or stdout"),
+        ("lost_bytes", "mpvmm_console_lost_bytes", "Guest console bytes lost to failed writes"),
+        ("write_errors", "mpvmm_console_write_errors", "Failed writes of guest console output"),
+    ):
+        if key in console:
+            family = CounterMetricFamily(name, documentation)
+            family.add_metric([], console[key])
+            families.append(family)
+    return families
 
 
 def migration_families(report: dict | None) -> list[Metric]:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mpvmm.arguments import TOP_INTERVAL_MAX, check_number, format_size
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.vcpu_worker.stats_page import PATHS
 
@@ -119,12 +120,12 @@ def _read_body(connection: http.client.HTTPConnection, parts: urllib.parse.Split
     if response.status != 200:
         raise ScrapeError(f"HTTP {response.status} {response.reason}")
     if response.length is not None and response.length > MAX_BODY_BYTES:
-        raise ScrapeError(f"the answer is larger than {MAX_BODY_BYTES >> 20} MiB: not a metrics endpoint")
+        raise ScrapeError(f"the answer is larger than {format_size(MAX_BODY_BYTES)}: not a metrics endpoint")
     body = bytearray()
     while not expired.is_set() and (chunk := response.read1(READ_SIZE)):
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise ScrapeError(f"the answer is larger than {MAX_BODY_BYTES >> 20} MiB: not a metrics endpoint")
+            raise ScrapeError(f"the answer is larger than {format_size(MAX_BODY_BYTES)}: not a metrics endpoint")
     return bytes(body)
 
 
@@ -218,8 +219,7 @@ def rate_table(before: Scrape, after: Scrape) -> Table:
 
 def run_top(url: str, once: bool = False, interval: float = 1.0, console: Console | None = None) -> int:
     """Show rates until Ctrl-C, or (``once``) print one table from two scrapes and return."""
-    if interval <= 0:
-        raise UsageError(f"--interval must be positive, not {interval:g}")
+    check_number(interval, "--interval", 0, TOP_INTERVAL_MAX, low_allowed=False)
     before = scrape(url)
     if once:
         # Every column whole even when stdout is a pipe or a file (80 columns).

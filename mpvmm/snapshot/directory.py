@@ -22,6 +22,7 @@ import weakref
 
 from mpvmm import __version__
 from mpvmm.errors import SnapshotError, StateError
+from mpvmm.output import write_new_file
 from mpvmm.snapshot import records
 from mpvmm.snapshot.machine_state import MachineState
 from mpvmm.snapshot.ram import data_runs, runs_checksum, view
@@ -61,7 +62,7 @@ def write(path: str, state: MachineState, memory) -> dict:
         items.append((records.END, {"records": len(items), "memory_size": memory.size,
                                     "memory_checksum": checksum}))
         temporary = os.path.join(path, STATE_FILE + ".partial")
-        _write_file(temporary, b"".join(records.pack(kind, payload) for kind, payload in items))
+        write_new_file(temporary, b"".join(records.pack(kind, payload) for kind, payload in items), 0o600)
         os.rename(temporary, os.path.join(path, STATE_FILE))
         _fsync_directory(path)
     except OSError as err:
@@ -101,17 +102,6 @@ def _write_memory(memory_path: str, runs, memory) -> int:
     finally:
         os.close(fd)
     return written
-
-
-def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view_ = memoryview(data)
-        while view_:
-            view_ = view_[os.write(fd, view_):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_directory(path: str) -> None:

@@ -9,6 +9,7 @@ has none.
 import ctypes
 from collections.abc import Sequence
 
+from mpvmm.arguments import format_size
 from mpvmm.errors import GuestLoadError, UsageError
 from mpvmm.guest import abi
 from mpvmm.supervisor.ending import GuestEvent
@@ -66,8 +67,8 @@ class BuiltinGuestSource(GuestSource):
         needed = min_memory(cpus)
         if memory_size < needed:
             raise UsageError(
-                f"--memory {memory_size >> 20} MiB is too small for the guest with {cpus} vCPUs "
-                f"(needs at least {-(-needed >> 20)} MiB)"
+                f"--memory {format_size(memory_size)} is too small for the guest with {cpus} vCPU{'s' if cpus > 1 else ''} "
+                f"(needs at least {format_size(needed)})"
             )
         self.cpus = cpus
         self.workload = workload

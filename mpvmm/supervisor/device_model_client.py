@@ -13,6 +13,7 @@ open a queue once the VM runs.
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,11 +26,14 @@ import msgpack
 import posix_ipc
 
 from mpvmm.errors import DeviceModelError, HostLimitError
+from mpvmm.stop_signals import STOP_SIGNALS
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.guest_memory import unique_name
 
 START_TIMEOUT_SECONDS = 15.0
 REPLY_TIMEOUT_SECONDS = 5.0
+# While waiting for an answer, how often to look whether the process was stopped.
+STOPPED_CHECK_SECONDS = 0.1
 
 
 @dataclass
@@ -109,6 +113,13 @@ class DeviceModelClient:
         terminal = os.dup(self._extra["stdin_fd"]) if self._extra["stdin_fd"] is not None else None
         if terminal is not None:
             self._extra["stdin_fd"] = terminal
+        # The stop signals are the supervisor's (stop_signals.py). Blocked
+        # across the fork, they reach the device model blocked from its first
+        # instruction, so none sent to the process group can kill its
+        # interpreter while it starts; it ignores them, discarding any
+        # pending, before it unblocks them. The supervisor still gets each
+        # one: another thread takes it, or it arrives when unblocked below.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
@@ -117,6 +128,7 @@ class DeviceModelClient:
                 stdin=subprocess.DEVNULL,
             )
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child.close()
             if terminal is not None:
                 os.close(terminal)
@@ -140,8 +152,12 @@ class DeviceModelClient:
                     return message
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DeviceModelError(f"device model did not answer within {timeout:.0f} s")
-            self._control.settimeout(left)
+                raise DeviceModelError(f"device model did not answer within {timeout:g} s ({self.describe_exit()})")
+            if self.stopped():
+                # It cannot answer until someone resumes it: waiting out the
+                # timeout would only delay the end of the run (or a scrape).
+                raise DeviceModelError("device model is stopped (SIGSTOP, or a debugger) and cannot answer")
+            self._control.settimeout(min(left, STOPPED_CHECK_SECONDS))
             try:
                 data = self._control.recv(65536)
             except TimeoutError:
@@ -153,10 +169,10 @@ class DeviceModelClient:
             self._unpacker.feed(data)
 
     def stats(self) -> dict:
-        """The device model's counters (devices, requests, unmapped, rejected)."""
+        """The device model's counters (devices, requests, unmapped, rejected, console)."""
         with self._lock:
             self._send({"op": "stats"})
-            return self._receive(REPLY_TIMEOUT_SECONDS).get("stats", {})
+            return _counters(self._receive(REPLY_TIMEOUT_SECONDS))
 
     # Device state (snapshots, migration). The request goes out when the
     # block starts and the answer is read when it ends, so the device model
@@ -190,7 +206,11 @@ class DeviceModelClient:
             raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
 
     def shutdown(self) -> dict:
-        """Ask the device model to drain, flush the console and exit; its last stats."""
+        """Ask the device model to drain, flush the console and exit; its last counters.
+
+        A DeviceModelError if it does not answer within REPLY_TIMEOUT_SECONDS
+        (it is stopped, or stuck); ``close`` then kills it.
+        """
         with self._lock:
             self._send({"op": "shutdown"})
             reply = self._receive(REPLY_TIMEOUT_SECONDS)
@@ -199,7 +219,7 @@ class DeviceModelClient:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        return reply.get("stats", {})
+        return _counters(reply)
 
     def poll_events(self) -> list[str]:
         """Read what the device model sent unasked; the power events seen so far."""
@@ -229,12 +249,16 @@ class DeviceModelClient:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stopped(self) -> bool:
+        """Alive but stopped (SIGSTOP, SIGTSTP, a debugger): it answers nothing until resumed."""
+        return self.alive() and _stopped(self.process.pid)
+
     def describe_exit(self) -> str:
         if self.process is None:
             return "never started"
         code = self.process.poll()
         if code is None:
-            return "still running"
+            return "stopped" if _stopped(self.process.pid) else "still running"
         if code < 0:
             return f"killed by signal {code * -1}"
         return f"exit status {code}"
@@ -269,3 +293,21 @@ class DeviceModelClient:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _counters(reply: dict) -> dict:
+    """What a stats or bye answer counted: the devices', the console's and the terminal input's (if any)."""
+    process = reply.get("process", {})
+    counters = {**reply.get("stats", {}), "console": process.get("console", {})}
+    if process.get("terminal_input") is not None:
+        counters["terminal_input"] = process["terminal_input"]
+    return counters
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, SIGTSTP) or held by a tracer: it cannot answer."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False

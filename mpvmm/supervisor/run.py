@@ -18,19 +18,19 @@ migrated away, or when a vCPU fails or the device model dies (ending.py).
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpvmm.api.server import ControlApi, NoApi
-from mpvmm.errors import UsageError
+from mpvmm.arguments import RUN_SECONDS_MAX, check_number, check_writable
+from mpvmm.errors import DeviceModelError, UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
 from mpvmm.metrics.exporter import MetricsExporter
 from mpvmm.migration.destination import IncomingSource
 from mpvmm.snapshot.restore import SnapshotSource
+from mpvmm.stop_signals import StopSignals
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.builtin_guest import BuiltinGuestSource
 from mpvmm.supervisor.control import VmControl
@@ -48,7 +48,6 @@ from mpvmm.vcpu_worker.runner import VcpuRunner, VcpuSet
 from mpvmm.vcpu_worker.stats_page import PATHS, StatsArea
 
 POLL_SECONDS = 0.05
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -103,6 +102,12 @@ class RunResult:
     atomic_total: int | None = 0
     fault_registers: dict = field(default_factory=dict)
     migration: dict | None = None  # how the VM left (source) or arrived (destination), if it moved
+    # What could not be collected at the end, and why: "device_model" when
+    # it had died or did not answer (stopped, stuck); its counts are missing.
+    not_collected: dict[str, str] = field(default_factory=dict)
+    # Output that could not be written (summary.with_output_errors): the
+    # console, the summary, the report. Any makes a clean run's exit code 1.
+    output_errors: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -126,8 +131,10 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"--cpus {config.cpus} is more than KVM allows on this host ({max_vcpus})")
     if config.runner not in RUNNERS:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
-    if config.seconds is not None and config.seconds < 0:
-        raise UsageError(f"--seconds must not be negative, not {config.seconds:g}")
+    if config.seconds is not None:
+        check_number(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
+    if config.console is not None:
+        check_writable(config.console, "--console")
     limits.check_host(config.cpus, config.memory)
 
 
@@ -154,31 +161,6 @@ def choose(config: RunConfig, cancelled: Callable[[], int | None] = lambda: None
     return LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory), host
 
 
-
-class _StopSignals:
-    """Turns SIGINT/SIGTERM/SIGHUP into a flag for the wait loop while installed."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def signal_received(self) -> int | None:
-        return self.received
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 class Supervisor:
     """Builds the VM of ``config``, runs it and returns what happened.
 
@@ -195,12 +177,15 @@ class Supervisor:
         self.on_stopped = on_stopped
         self.stdin_fd = stdin_fd
 
-    def run(self) -> RunResult:
+    def run(self, signals: StopSignals | None = None) -> RunResult:
+        """Build, run and tear down the VM. ``signals``: a StopSignals already installed, else one of its own."""
         # Stop signals become a flag from the very start: one arriving while
         # the VM is being built must not kill the supervisor between creating
         # a name and unlinking it, or with the terminal in raw mode. The wait
         # loop sees the flag as soon as the vCPUs run and stops them cleanly.
-        with _StopSignals() as signals, contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
+            if signals is None:
+                signals = stack.enter_context(StopSignals())
             control = VmControl()
             vm, api = self._build(stack, signals, control)
             # The runners wait, up, while a restored or arriving guest writes its
@@ -221,7 +206,7 @@ class Supervisor:
                 vm.metrics.detach()  # the device model's control socket is _collect's from here
             return self._collect(vm, ending, seconds)
 
-    def _build(self, stack: contextlib.ExitStack, signals: _StopSignals,
+    def _build(self, stack: contextlib.ExitStack, signals: StopSignals,
                control: VmControl) -> tuple[RunningVm, ControlApi | NoApi]:
         """Every part of the VM, in order; each one's teardown on ``stack``."""
         config = self.config
@@ -258,7 +243,7 @@ class Supervisor:
 
     # --- While it runs. ---
 
-    def _wait(self, vm: RunningVm, signals: _StopSignals, started: float, control: VmControl,
+    def _wait(self, vm: RunningVm, signals: StopSignals, started: float, control: VmControl,
               api: ControlApi | NoApi) -> RunEnding:
         """Wait for the end of the run, doing what the API asks; returns how it ended, every vCPU stopped."""
         deadline = None if self.config.seconds is None else started + self.config.seconds
@@ -312,25 +297,38 @@ class Supervisor:
 
     @staticmethod
     def _finish(vm: RunningVm) -> None:
-        """Ask the guest to finish; force the vCPUs that do not in time."""
+        """Ask the guest to finish; force the vCPUs that do not in time.
+
+        No grace while the device model is dead or stopped: a vCPU waiting
+        for its answer could not finish anyway.
+        """
         vm.vcpus.resume()  # a paused guest cannot finish by itself
         vm.guest.request_stop()
         end = time.monotonic() + vm.guest.stop_grace_seconds
-        while time.monotonic() < end and not vm.vcpus.all_done() and vm.device_model.alive():
+        while (time.monotonic() < end and not vm.vcpus.all_done() and vm.device_model.alive()
+               and not vm.device_model.stopped()):
             time.sleep(POLL_SECONDS / 5)
         vm.vcpus.stop_and_join()
 
     # --- After it ran. ---
 
     def _collect(self, vm: RunningVm, ending: RunEnding, seconds: float) -> RunResult:
-        device_stats = vm.device_model.shutdown() if vm.device_model.alive() else {}
+        device_stats, not_collected = {}, {}
+        try:
+            if not vm.device_model.alive():
+                raise DeviceModelError(f"device model gone ({vm.device_model.describe_exit()})")
+            device_stats = vm.device_model.shutdown()
+        except DeviceModelError as err:
+            # Dead, stopped or stuck: what it counted is lost, the rest of the
+            # result is not. The ExitStack kills it (close) if it is still there.
+            not_collected["device_model"] = str(err)
         outcomes = [runner.outcome() for runner in vm.vcpus]
         code, status, fault_registers = exit_status(ending, outcomes)
         migration = ending.report if isinstance(ending, MigratedAway) else vm.guest.arrival
         return RunResult(vm.config, code, status, seconds,
                          vcpus=[_vcpu_result(runner, outcome, vm.guest) for runner, outcome in zip(vm.vcpus, outcomes)],
                          device_model=device_stats, atomic_total=vm.guest.atomic_total(),
-                         fault_registers=fault_registers, migration=migration)
+                         fault_registers=fault_registers, migration=migration, not_collected=not_collected)
 
 
 def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> VcpuResult:

@@ -430,7 +430,7 @@ def test_console_buffers_until_flush(tmp_path):
     console.write(b"x" * 5000)  # a large backlog flushes by itself
     assert path.stat().st_size == 5002
     console.close()
-    assert console.stats() == {"written_bytes": 5002, "lost_bytes": 0}
+    assert console.stats() == {"written_bytes": 5002, "lost_bytes": 0, "write_errors": 0, "error": None}
 
 
 def test_console_on_a_tty_flushes_each_line():
@@ -455,8 +455,19 @@ def test_console_write_errors_are_counted():
     console = HostConsole(write_end, owns_fd=True)
     console.write(b"lost")
     console.flush()  # EPIPE (SIGPIPE is ignored by Python)
-    assert console.stats()["lost_bytes"] == 4
+    console.write(b"gone")
+    console.flush()
+    assert console.stats() == {"written_bytes": 0, "lost_bytes": 8, "write_errors": 2, "error": "Broken pipe"}
     console.close()
+
+
+def test_console_on_a_full_device_counts_every_lost_byte():
+    console = HostConsole(os.open("/dev/full", os.O_WRONLY), owns_fd=True)
+    console.write(b"x" * 5000)  # each past the flush threshold: one write each
+    console.write(b"y" * 5000)
+    console.close()
+    assert console.stats() == {"written_bytes": 0, "lost_bytes": 10000, "write_errors": 2,
+                               "error": "No space left on device"}
 
 
 GOOD_CONFIG = {

@@ -7,6 +7,7 @@ hold the server, starve other scrapes, or delay the end of a run.
 import contextlib
 import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,49 +20,10 @@ import pytest
 from mpvmm import http_server as server
 from mpvmm.metrics.exporter import MetricsExporter
 from tests.metrics.conftest import free_port
+from tests.metrics.hostile_clients import SLOW_BYTE_SECONDS, HostileClients, SlowClient
 
 MPVMM = [sys.executable, "-m", "mpvmm"]
 INFO = {"cpus": "1", "memory_bytes": "0", "runner": "native", "workload": "demo"}
-SLOW_BYTE_SECONDS = 2.5  # one byte every 2-3 s: under any per-read timeout
-
-
-class SlowClient:
-    """Sends a GET one byte every SLOW_BYTE_SECONDS, never finishing its request head, until stopped."""
-
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock.settimeout(None)  # blocking: MSG_DONTWAIT below must not wait for a timeout
-        self.closed_by_server_after: float | None = None
-        self._stop = threading.Event()
-        self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._trickle, name="slow-client", daemon=True)
-        self._thread.start()
-
-    def _trickle(self) -> None:
-        head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
-        for byte in head:
-            try:
-                self.sock.send(bytes([byte]))
-            except OSError:
-                break
-            if self._stop.wait(SLOW_BYTE_SECONDS):
-                return
-            if self._server_closed():
-                break
-        self.closed_by_server_after = time.monotonic() - self._started
-
-    def _server_closed(self) -> bool:
-        try:
-            return self.sock.recv(1, socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.sock.close()
 
 
 def get(port: int, path: str = "/metrics", method: str = "GET", timeout: float = 3.0):
@@ -242,3 +204,27 @@ def test_sigterm_ends_a_run_promptly_with_a_slow_client_attached(tmp_path, no_le
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert elapsed < 5, f"SIGTERM took {elapsed:.1f} s to end the run"
     assert not os.path.exists(f"/proc/{process.pid}")
+
+
+def test_close_after_the_server_thread_saw_the_stop_flag_and_left(endpoint):
+    """close() sets the stop flag, then writes to the wake-up pipe. A server thread woken meanwhile
+    by a client sees the flag first and leaves, closing its end of the pipe: the write then fails
+    with EPIPE, which close() must take as the thread being gone (the soak met it as a
+    BrokenPipeError out of a run's teardown, before the server moved to mpvmm/http_server.py).
+    Here the thread leaves first, for certain."""
+    server_ = endpoint._server
+    server_._stopping = True
+    socket.create_connection(("127.0.0.1", endpoint.port)).close()  # wakes it: it sees the flag
+    server_._thread.join(5)
+    assert metrics_threads() == []
+    endpoint.close()  # raised BrokenPipeError
+
+
+def test_close_while_clients_keep_the_server_busy(no_leaks):
+    rng = random.Random(3)
+    for _ in range(30):
+        exporter = MetricsExporter("127.0.0.1", 0, INFO)
+        clients = HostileClients(exporter.port, rng, kinds=("scraper", "garbage", "idle"))
+        time.sleep(rng.uniform(0, 0.1))
+        exporter.close()
+        assert clients.close() == [] and metrics_threads() == []
