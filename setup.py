@@ -61,7 +61,7 @@ setup(
         Extension(
             "mpvmm.vcpu_worker._runloop",
             sources=["mpvmm/vcpu_worker/_runloop.c"],
-            depends=["mpvmm/guest/abi.h", "mpvmm/vcpu_worker/outcome.h"],
+            depends=["mpvmm/guest/abi.h", "mpvmm/vcpu_worker/outcome.h", "mpvmm/vcpu_worker/ring.h"],
             extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
         ),
         # The bench's reference loop: KVM alone, no routing or stats (mpvmm bench).

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS
+
 SLEEP_CONTROL_OFFSET = 0
 SLEEP_STATUS_OFFSET = 1
 RESET_OFFSET = 2
@@ -23,6 +25,9 @@ EVENT_REBOOT = "reboot"
 
 
 class AcpiPm:
+    # Never coalesced: a sleep or reset write must end the machine at once.
+    kernel_access = NO_KERNEL_ACCESS
+
     def __init__(self, on_event: Callable[[str], None] | None = None):
         self._on_event = on_event or (lambda name: None)
         self.events: list[str] = []

@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS
+
 INDEX_OFFSET = 0
 DATA_OFFSET = 1
 INDEX_MASK = 0x7F  # bit 7 of the index port masks NMIs on a PC
@@ -37,6 +39,9 @@ def _bcd(value: int) -> int:
 
 class Rtc:
     """CMOS RAM and clock; ``read``/``write`` take offsets from port 0x70."""
+
+    # Never coalesced: a write selects the register the next read answers.
+    kernel_access = NO_KERNEL_ACCESS
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self._clock = clock

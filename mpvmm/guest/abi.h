@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#define MPVMM_GUEST_ABI_VERSION 1
+#define MPVMM_GUEST_ABI_VERSION 2
 #define MPVMM_PARAMS_MAGIC 0x524150564d56504dULL /* "MPVMVPAR" little-endian */
 #define MPVMM_REPORT_MAGIC 0x545045524d56504dULL /* "MPVMREPT" little-endian */
 
@@ -31,10 +31,14 @@ enum mpvmm_workload {
     MPVMM_WORKLOAD_ATOMICS = 6,
     MPVMM_WORKLOAD_HOSTILE = 7,      /* floods and pokes everything; see builtin.c */
     MPVMM_WORKLOAD_TRIPLE_FAULT = 8, /* executes ud2 with no IDT: the VMM must report it */
+    MPVMM_WORKLOAD_DOORBELL = 9,     /* rings the test devices' doorbells (KVM_IOEVENTFD) */
 };
 
 /* What a vCPU counts: every exit it causes falls in exactly one of the
- * exit-causing ops, so the VMM's exit counts can be checked against them. */
+ * exit-causing ops, so the VMM's exit counts can be checked against them.
+ * Where the VMM registered them with KVM, writes to the test devices'
+ * registers are coalesced (they exit only when KVM's ring is full) and
+ * doorbell rings signal an eventfd (they never exit). */
 enum mpvmm_guest_op {
     MPVMM_OP_PIO_NULL_WRITES = 0,  /* native: writes to the null port */
     MPVMM_OP_PIO_DEVICE_WRITES,    /* posted: writes to the pio test device */
@@ -54,6 +58,9 @@ enum mpvmm_guest_op {
     MPVMM_OP_HOSTILE_PORT_READS,   /* varies: sync, or none where KVM handles the port */
     MPVMM_OP_HOSTILE_MMIO_WRITES,  /* varies: posted (the hostile workload avoids KVM's pages) */
     MPVMM_OP_HOSTILE_MMIO_READS,   /* varies: sync (likewise) */
+    MPVMM_OP_PIO_DOORBELLS,        /* posted: the pio test device's doorbell (any value) */
+    MPVMM_OP_MMIO_DOORBELLS,       /* posted: the mmio test device's doorbell, its datamatch value */
+    MPVMM_OP_MMIO_DOORBELL_MISSES,      /* posted: the mmio doorbell written with another value */
     MPVMM_OP_COUNT
 };
 
@@ -81,7 +88,11 @@ struct mpvmm_guest_params {
     uint16_t debug_exit_port;
     uint16_t sleep_port;
     uint16_t pio_testdev_port;
-    uint16_t reserved[3];
+    uint16_t pio_doorbell_port;
+    uint16_t reserved[2];
+    uint64_t mmio_doorbell_addr;
+    uint32_t doorbell_value;   /* rings the mmio doorbell (its datamatch); any other value misses */
+    uint32_t reserved2;
 };
 
 struct mpvmm_guest_report {

@@ -8,14 +8,14 @@ import ctypes
 from importlib import resources
 from pathlib import Path
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 PARAMS_MAGIC = 0x524150564D56504D
 REPORT_MAGIC = 0x545045524D56504D
 ATOMIC_COUNTERS = 8
 
 # Workload names as the CLI takes them, in abi.h's enum order.
 WORKLOADS = ("demo", "compute", "pio-null", "pio-device", "mmio", "uart", "atomics",
-             "hostile", "triple-fault")
+             "hostile", "triple-fault", "doorbell")
 # Workloads that exist to misbehave: their exit counts are not exact by design.
 MISBEHAVING_WORKLOADS = ("hostile", "triple-fault")
 
@@ -37,6 +37,9 @@ OPS = (
     "hostile_port_reads",
     "hostile_mmio_writes",
     "hostile_mmio_reads",
+    "pio_doorbells",
+    "mmio_doorbells",
+    "mmio_doorbell_misses",
 )
 
 # Which exit path each exit-causing op takes (see the route table).
@@ -47,12 +50,23 @@ OP_PATHS = {
     "pio_device_writes": "posted",
     "mmio_writes": "posted",
     "uart_bytes": "posted",
+    "pio_doorbells": "posted",
+    "mmio_doorbells": "posted",
+    "mmio_doorbell_misses": "posted",
     "pio_device_reads": "sync",
     "mmio_reads": "sync",
     "uart_syncs": "sync",
 }
+# Ops KVM takes in the kernel where the VMM registered their ranges (the raw
+# bench loop registers none): the test devices' register writes (coalesced:
+# they exit only when KVM's ring is full, then as "fallback") and their
+# doorbells (an eventfd signal instead of an exit).
+COALESCIBLE_OPS = ("pio_device_writes", "mmio_writes")
+DOORBELL_OPS = ("pio_doorbells", "mmio_doorbells")
+# Every access the guest makes to a device of the device model, whatever path it takes.
+DEVICE_ACCESS_OPS = tuple(op for op, path in OP_PATHS.items() if path != "native")
 # Which KVM exit reason each exit-causing op produces.
-MMIO_OPS = ("mmio_writes", "mmio_reads")
+MMIO_OPS = ("mmio_writes", "mmio_reads", "mmio_doorbells", "mmio_doorbell_misses")
 
 REPORT_STATE_ONLINE = 1
 REPORT_STATE_DONE = 2
@@ -77,7 +91,11 @@ class GuestParams(ctypes.Structure):
         ("debug_exit_port", ctypes.c_uint16),
         ("sleep_port", ctypes.c_uint16),
         ("pio_testdev_port", ctypes.c_uint16),
-        ("reserved", ctypes.c_uint16 * 3),
+        ("pio_doorbell_port", ctypes.c_uint16),
+        ("reserved", ctypes.c_uint16 * 2),
+        ("mmio_doorbell_addr", ctypes.c_uint64),
+        ("doorbell_value", ctypes.c_uint32),
+        ("reserved2", ctypes.c_uint32),
     ]
 
 

@@ -9,6 +9,7 @@ has none.
 import ctypes
 from collections.abc import Sequence
 
+from mpvmm.devicemodel.devices import TESTDEV_DOORBELL_VALUE
 from mpvmm.errors import GuestLoadError, UsageError
 from mpvmm.guest import abi
 from mpvmm.supervisor.ending import GuestEvent
@@ -95,6 +96,9 @@ class BuiltinGuest(Guest):
         self.params.debug_exit_port = layout.DEBUG_EXIT_PORT
         self.params.sleep_port = layout.SLEEP_PORT
         self.params.pio_testdev_port = layout.PIO_TESTDEV_PORT
+        self.params.pio_doorbell_port = layout.PIO_TESTDEV_DOORBELL_PORT
+        self.params.mmio_doorbell_addr = layout.MMIO_TESTDEV_DOORBELL_ADDR
+        self.params.doorbell_value = TESTDEV_DOORBELL_VALUE
         self._reports = [
             memory.view(layout.GUEST_REPORTS_ADDR + i * layout.GUEST_REPORT_STRIDE, abi.GuestReport)
             for i in range(cpus)

@@ -6,7 +6,9 @@ nothing), guest RAM, the guest, the VM and its vCPUs, the stats pages, the
 device-model process, the vCPU runners. Everything is undone in reverse by
 one ExitStack, whatever fails. What varies comes from the two objects
 ``choose`` picks once: the guest (guest.py) and where the vCPUs run
-(vcpu_host.py). The run ends when the guest ends it, when every vCPU has
+(vcpu_host.py). The in-kernel routes its machine's devices declare are
+registered on the VM(s) (in_kernel.py) before the device model starts, and
+``--transport`` decides how the rest reaches it. The run ends when the guest ends it, when every vCPU has
 exited, when ``--seconds`` runs out or a stop signal arrives (the guest is
 asked to finish, then forced after a grace period), or when a vCPU fails
 or the device model dies (ending.py).
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mpvmm.devicemodel.boards import kernel_routes
 from mpvmm.errors import UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
@@ -33,10 +36,12 @@ from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, R
 from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource
 from mpvmm.supervisor.linux_guest import LinuxBoot
 from mpvmm.supervisor.guest_memory import GuestMemory
+from mpvmm.supervisor.in_kernel import InKernelRoutes
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vcpu_host import RUNNERS, VcpuHost
+from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 from mpvmm.vcpu_worker.outcome import VcpuOutcome
-from mpvmm.vcpu_worker.route_table import paravirt_routes
+from mpvmm.vcpu_worker.route_table import machine_routes
 from mpvmm.vcpu_worker.runner import VcpuRunner, VcpuSet
 from mpvmm.vcpu_worker.stats_page import PATHS, StatsArea
 
@@ -51,6 +56,7 @@ class RunConfig:
     workload: str = "demo"
     seconds: float | None = None
     runner: str = "native"
+    transport: str = DEFAULT_TRANSPORT  # how requests reach the device model: "ring" or "mq"
     console: str | None = None
     # A Linux kernel instead of the built-in guest (linux_guest.py).
     kernel: str | None = None
@@ -111,6 +117,8 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"--cpus {config.cpus} is more than KVM allows on this host ({max_vcpus})")
     if config.runner not in RUNNERS:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
+    if config.transport not in TRANSPORTS:
+        raise UsageError(f"unknown transport {config.transport!r} (choose from {', '.join(TRANSPORTS)})")
     if config.seconds is not None and config.seconds < 0:
         raise UsageError(f"--seconds must not be negative, not {config.seconds:g}")
     limits.check_host(config.cpus, config.memory)
@@ -200,12 +208,14 @@ class Supervisor:
         guest = source.load(memory)
         host = stack.enter_context(host_class(kvm, memory, guest, config.cpus))
         irq_fds = host.connect_irq_lines(source.machine.irq_lines)
+        in_kernel = stack.enter_context(InKernelRoutes(host, machine_routes(kernel_routes(source.machine.name))))
         stats = stack.enter_context(StatsArea(config.cpus))
         terminal = stack.enter_context(RawTerminal(self.stdin_fd if source.machine.host_input else None))
         device_model = stack.enter_context(DeviceModelClient(
-            memory, config.cpus, config.console, machine=source.machine.name, irq_fds=irq_fds,
-            stdin_fd=terminal.input_fd))
-        vcpus = VcpuSet(host.create_runners(stats, paravirt_routes(), device_model.channels))
+            memory, config.cpus, config.console, transport=config.transport, machine=source.machine.name,
+            irq_fds=irq_fds, stdin_fd=terminal.input_fd, doorbells=in_kernel.doorbell_fds(),
+            coalesced_ring=in_kernel.coalesced_ring()))
+        vcpus = VcpuSet(host.create_runners(stats, in_kernel.routes, device_model.channels))
         stack.callback(vcpus.stop_and_join)
         vm = RunningVm(config, guest, host, vcpus, device_model, metrics)
         if metrics:

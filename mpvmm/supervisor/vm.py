@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 from mpvmm.kvm import bindings as kb
+from mpvmm.vcpu_worker.route_table import SPACE_PIO
 from mpvmm.x86 import layout
 
 
@@ -47,6 +48,14 @@ class VirtualMachine:
             self.vm.irqfd(fd, gsi)
             fds[name] = fd
         return fds
+
+    def coalesce(self, route) -> None:
+        """Have KVM append writes to ``route`` (a RouteTable Route) to its coalesced ring."""
+        self.vm.register_coalesced_mmio(route.base, route.length, pio=route.space == SPACE_PIO)
+
+    def add_doorbell(self, fd: int, route) -> None:
+        """Have KVM signal eventfd ``fd`` on writes to ``route`` (matching its datamatch, if any)."""
+        self.vm.ioeventfd(fd, route.base, route.length, datamatch=route.datamatch, pio=route.space == SPACE_PIO)
 
     def close(self) -> None:
         for vcpu in self.vcpus:

@@ -17,7 +17,7 @@ import pytest
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
-from mpvmm.devicemodel.process import serve_round
+from mpvmm.transport.server import serve_round
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
@@ -28,6 +28,8 @@ from mpvmm.devicemodel.protocol import (
     encode_request,
 )
 from mpvmm.errors import DeviceModelError
+from mpvmm.transport.channel import RingChannel
+from mpvmm.transport.ring import RING_SLOTS, RingArea
 from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,19 +42,37 @@ def queue_depth():
         return min(10, int(f.read()))
 
 
-class Harness:
-    """What the supervisor does: names, shm, queues, socketpair, the child."""
+class _Counts:
+    """The stats-page counters a RingChannel bumps (the harness has no stats page)."""
 
-    def __init__(self, vcpus=2):
+    posted_stalls = server_wakeups = reply_sleeps = 0
+
+
+class Harness:
+    """What the supervisor does: names, shm, queues or rings, socketpair, the child."""
+
+    def __init__(self, vcpus=2, transport="mq"):
+        self.transport = transport
+        self.vcpus = vcpus
         self.prefix = f"/mpvmm-test-{os.getpid()}-{secrets.token_hex(4)}"
         self.req_names = [f"{self.prefix}-req{i}" for i in range(vcpus)]
         self.rep_names = [f"{self.prefix}-rep{i}" for i in range(vcpus)]
         # Like GuestMemory: nameless at once, handed over as an fd.
         self.shm = posix_ipc.SharedMemory(self.prefix + "-ram", posix_ipc.O_CREX, mode=0o600, size=RAM_SIZE)
         self.shm.unlink()
-        depth = queue_depth()
-        self.requests = [self._create_queue(name, depth) for name in self.req_names]
-        self.replies = [self._create_queue(name, depth) for name in self.rep_names]
+        self.requests, self.replies, self.channels = [], [], []
+        self.area, self.wake_fd = None, -1
+        self.inherited = [self.shm.fd]
+        if transport == "mq":
+            depth = queue_depth()
+            self.requests = [self._create_queue(name, depth) for name in self.req_names]
+            self.replies = [self._create_queue(name, depth) for name in self.rep_names]
+        else:
+            self.area = RingArea.create(vcpus)
+            self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.channels = [RingChannel(self.area.requests(i), self.area.replies(i), self.area.header,
+                                         self.wake_fd) for i in range(vcpus)]
+            self.inherited += [self.area.fd, self.wake_fd]
         self.proc = None
         self.sock = None
         self._unpacker = msgpack.Unpacker(raw=False)
@@ -63,13 +83,18 @@ class Harness:
             name, posix_ipc.O_CREX, mode=0o600, max_messages=depth, max_message_size=MAX_MESSAGE_SIZE
         )
 
-    def start(self, stdout=subprocess.DEVNULL):
+    @property
+    def depth(self):
+        """Replies a vCPU's reply channel holds."""
+        return queue_depth() if self.transport == "mq" else RING_SLOTS
+
+    def start(self, stdout=subprocess.DEVNULL, extra_fds=()):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-            pass_fds=(child.fileno(), self.shm.fd),
+            pass_fds=(child.fileno(), *self.inherited, *extra_fds),
             stdout=stdout,
             env=env,
         )
@@ -77,14 +102,18 @@ class Harness:
         self.sock.settimeout(TIMEOUT)
 
     def configure(self, console=None, **changes):
+        if self.transport == "mq":
+            transport = {"request_queues": self.req_names, "reply_queues": self.rep_names}
+        else:
+            transport = {"transport": "ring", "ring_fd": self.area.fd, "wake_fd": self.wake_fd,
+                         "poll_limit_seconds": 0.0002}
         message = {
             "op": "configure",
             "version": 1,
             "ram_fd": self.shm.fd,
             "ram_size": RAM_SIZE,
-            "request_queues": self.req_names,
-            "reply_queues": self.rep_names,
             "console": console,
+            **transport,
             **changes,
         }
         self.send(message)
@@ -102,12 +131,27 @@ class Harness:
                 raise EOFError("device model closed the control socket")
             self._unpacker.feed(data)
 
-    def request(self, queue, *args):
-        self.requests[queue].send(encode_request(*args))
+    def send_raw(self, vcpu, record):
+        """One record on vCPU ``vcpu``'s request channel, as it is, malformed or not."""
+        if self.transport == "mq":
+            self.requests[vcpu].send(record)
+        else:
+            assert self.channels[vcpu].send(record, _Counts(), lambda: False)
 
-    def reply(self, queue):
-        message, _ = self.replies[queue].receive(TIMEOUT)
+    def request(self, vcpu, *args):
+        self.send_raw(vcpu, encode_request(*args))
+
+    def reply(self, vcpu):
+        if self.transport == "mq":
+            message, _ = self.replies[vcpu].receive(TIMEOUT)
+            return decode_reply(message)
+        deadline = time.monotonic() + TIMEOUT
+        while (message := self.channels[vcpu].receive(_Counts())) is None:
+            assert time.monotonic() < deadline, "no reply"
         return decode_reply(message)
+
+    def replies_waiting(self, vcpu):
+        return self.replies[vcpu].current_messages if self.transport == "mq" else len(self.area.replies(vcpu))
 
     def stats(self):
         self.send({"op": "stats"})
@@ -133,6 +177,10 @@ class Harness:
             queue.close()
         self.unlink_names()
         self.shm.close_fd()
+        if self.area is not None:
+            self.channels = []
+            self.area.close()
+            os.close(self.wake_fd)
 
     def leftovers(self):
         shm_left = [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(self.prefix[1:])]
@@ -146,9 +194,17 @@ class Harness:
         return shm_left + queues_left
 
 
+@pytest.fixture(params=["mq", "ring"])
+def harness(request):
+    h = Harness(transport=request.param)
+    yield h
+    h.close()
+    assert h.leftovers() == []
+
+
 @pytest.fixture
-def harness():
-    h = Harness()
+def mq_harness():
+    h = Harness(transport="mq")
     yield h
     h.close()
     assert h.leftovers() == []
@@ -175,11 +231,11 @@ def test_full_session(harness, tmp_path):
     # A message that claims another vCPU still answers on its own queue pair.
     harness.request(0, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, 2)
     assert harness.reply(0) == (2, testdev_pattern(0, 1))
-    assert harness.replies[1].current_messages == 0
+    assert harness.replies_waiting(1) == 0
 
-    harness.requests[1].send(b"\xc1")  # malformed
-    harness.requests[1].send(msgpack.packb([9, 1, 1, 0, 0, 1, 0, 9]))  # bad version, a read
-    harness.requests[1].send(b"")
+    harness.send_raw(1, b"\xc1")  # malformed
+    harness.send_raw(1, msgpack.packb([9, 1, 1, 0, 0, 1, 0, 9]))  # bad version, a read
+    harness.send_raw(1, b"")
     # Queues are FIFO: once this read is answered the bad ones were handled.
     harness.request(1, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, 9)
     assert harness.reply(1) == (9, testdev_pattern(0, 1))
@@ -192,7 +248,8 @@ def test_full_session(harness, tmp_path):
     assert stats["rejected"]["bad_version"] == 1
     assert stats["rejected"]["truncated"] == 1
     assert stats["unmapped"]["pio"] == {"read": 1, "write": 0}
-    assert stats["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 12, "reads": 3}
+    assert {k: stats["devices"]["testdev-pio"][k] for k in ("writes", "write_sum", "reads")} == \
+        {"writes": 2, "write_sum": 12, "reads": 3}
     assert stats["devices"]["testdev-mmio"]["reads"] == 1
     assert stats["requests"]["com1"]["write"] == 6
     assert reply["process"]["received"] == [10, 6]
@@ -255,11 +312,11 @@ def test_configure_with_too_small_ram_fails(harness):
     assert harness.proc.wait(TIMEOUT) == 1
 
 
-def test_configure_with_a_missing_queue_fails(harness):
-    harness.start()
-    answer = harness.configure(reply_queues=harness.rep_names[:1] + [harness.prefix + "-nope"])
+def test_configure_with_a_missing_queue_fails(mq_harness):
+    mq_harness.start()
+    answer = mq_harness.configure(reply_queues=mq_harness.rep_names[:1] + [mq_harness.prefix + "-nope"])
     assert answer["op"] == "error" and "nope" in answer["message"]
-    assert harness.proc.wait(TIMEOUT) == 1
+    assert mq_harness.proc.wait(TIMEOUT) == 1
 
 
 def test_sigint_is_ignored_and_unknown_ops_answered(harness):
@@ -278,7 +335,7 @@ def test_sigint_is_ignored_and_unknown_ops_answered(harness):
 def test_full_reply_queue_drops_and_counts(harness):
     harness.start()
     assert harness.configure()["op"] == "ready"
-    depth = queue_depth()
+    depth = harness.depth
     for seq in range(depth + 1):  # one more read than the reply queue holds
         harness.request(1, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, seq)
     deadline = time.monotonic() + TIMEOUT

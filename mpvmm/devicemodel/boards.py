@@ -1,0 +1,63 @@
+"""The machines the device model can build, and the accesses KVM handles for their devices.
+
+``build_machine(name, ...)`` is the device set of ``"builtin"`` (the
+built-in guest's: the UART, the test devices, sinks) or ``"pc"`` (that plus
+what a Linux guest needs, pc.py). ``kernel_routes(name)`` lists what the
+devices of that machine declare KVM may take without an exit (bus.py,
+``KernelAccess``): the ranges whose writes KVM coalesces and the doorbells
+it turns into eventfd signals, at the addresses the buses put them. The
+supervisor registers them with KVM (it alone may issue VM ioctls) and puts
+them in the route table; the device model drains and counts them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from mpvmm.devicemodel.bus import Bus, Device
+from mpvmm.devicemodel.machine import build_buses
+from mpvmm.devicemodel.pc import build_pc_buses
+from mpvmm.devicemodel.protocol import SPACE_MMIO, SPACE_PIO
+
+MACHINES = ("builtin", "pc")
+
+
+class KernelRoute(NamedTuple):
+    """A range KVM handles for a device: its writes coalesced, or a doorbell."""
+
+    space: int  # protocol.SPACE_PIO or SPACE_MMIO
+    base: int
+    length: int
+    device: str
+    doorbell: bool  # False: a coalesced range
+    datamatch: int | None = None  # a doorbell rung only by this value
+
+
+def build_machine(name: str, console_out: Callable[[bytes], None] | None = None,
+                  triggers: dict[str, Callable[[], None]] | None = None,
+                  on_event: Callable[[str], None] | None = None) -> tuple[Bus, Bus, dict[str, Device]]:
+    """The buses and devices of machine ``name``; a trigger per interrupt line and power events for "pc"."""
+    if name == "pc":
+        return build_pc_buses(console_out, triggers or {}, on_event or (lambda event: None))
+    if name == "builtin":
+        return build_buses(console_out)
+    raise ValueError(f"unknown machine {name!r}")
+
+
+def bus_kernel_routes(space: int, bus: Bus) -> list[KernelRoute]:
+    """Every device's declaration on ``bus``, at the addresses the bus gives it."""
+    routes = []
+    for entry in bus:
+        access = entry.device.kernel_access
+        for block in access.coalesced:
+            routes.append(KernelRoute(space, entry.range.base + block.base, block.length, entry.name, False))
+        for bell in access.doorbells:
+            routes.append(KernelRoute(space, entry.range.base + bell.offset, bell.size, entry.name, True,
+                                      bell.datamatch))
+    return routes
+
+
+def kernel_routes(name: str) -> list[KernelRoute]:
+    """What KVM may handle for machine ``name``'s devices (built inert, only to be asked)."""
+    pio, mmio, _ = build_machine(name)
+    return bus_kernel_routes(SPACE_PIO, pio) + bus_kernel_routes(SPACE_MMIO, mmio)

@@ -1,0 +1,265 @@
+"""The device model's end of the transport: every vCPU's requests, in per-vCPU order.
+
+``QueueServer`` reads POSIX message queues (pollable descriptors, so epoll
+says which have messages); ``RingServer`` reads the shared-memory rings,
+polls them for a while before it sleeps (polling.py) and sleeps on one
+eventfd the vCPUs write only when it said it sleeps (ring.h). Both take at
+most ``PER_VCPU_BATCH`` records from one vCPU before the next gets its turn,
+so one busy vCPU cannot starve the others, and both answer a request on the
+reply channel paired with the one it came from, whatever vCPU the
+(untrusted) record claims to be.
+
+The device model's loop (devicemodel/process.py) drives either the same
+way: ``serve`` a round, and when there is nothing left, ``poll`` and then
+``prepare_sleep`` before it sleeps in epoll, ``woke`` after.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import posix_ipc
+
+from mpvmm.errors import DeviceModelError
+from mpvmm.transport.polling import PollWindow
+from mpvmm.transport.ring import RingArea
+from mpvmm.vcpu_worker import _runloop
+
+# Records taken from one vCPU before the next gets its turn (less than a queue's depth of 10).
+PER_VCPU_BATCH = 8
+# Rounds of the final drain at shutdown: bounded, since running vCPUs may keep sending.
+SHUTDOWN_DRAIN_ROUNDS = 64
+
+Handler = Callable[[int, bytes], "bytes | None"]  # (vCPU index, request) -> the reply, if any
+
+
+def serve_round(queues: Sequence, ready: Sequence[int], handle: Callable[[int, bytes], None],
+                batch: int) -> list[int]:
+    """Take up to ``batch`` messages from each ready queue in turn.
+
+    The queues are non-blocking (an empty one raises BusyError). Returns the
+    indices of the queues that filled their batch and may hold more.
+    """
+    more = []
+    for index in ready:
+        queue = queues[index]
+        for _ in range(batch):
+            try:
+                message, _priority = queue.receive()
+            except posix_ipc.BusyError:
+                break
+            handle(index, message)
+        else:
+            more.append(index)
+    return more
+
+
+class RequestServer(ABC):
+    """Every vCPU's request and reply channel, as the device model sees them."""
+
+    name: str
+
+    def __init__(self, vcpus: int):
+        self.received = [0] * vcpus
+        self.replies_sent = self.replies_dropped = 0
+        self._rounds = 0
+
+    @abstractmethod
+    def fds(self) -> list[int]:
+        """Descriptors to wait on in epoll; readable means requests may be waiting."""
+
+    @abstractmethod
+    def serve(self, ready_fds: set[int], handle: Handler) -> bool:
+        """One fair round over the vCPUs; True when more requests may be waiting."""
+
+    def poll(self) -> bool:
+        """Before sleeping: look for requests a little longer; True if one came."""
+        return False
+
+    def prepare_sleep(self) -> bool:
+        """About to sleep in epoll; False if a request arrived meanwhile (do not sleep)."""
+        return True
+
+    def woke(self, ready_fds: set[int]) -> None:
+        """Back from epoll (``ready_fds`` were readable)."""
+
+    def drain(self, handle: Handler) -> None:
+        """Serve until nothing is left (bounded: running vCPUs may keep sending)."""
+        everything = set(self.fds())
+        for _ in range(SHUTDOWN_DRAIN_ROUNDS):
+            if not self.serve(everything, handle):
+                break
+
+    def stats(self) -> dict:
+        return {"transport": self.name, "received": list(self.received),
+                "replies_sent": self.replies_sent, "replies_dropped": self.replies_dropped}
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every channel; safe after a partial start."""
+
+    def _rotation(self, indices: list[int]) -> list[int]:
+        """Start each round at a different vCPU so none is always first."""
+        if not indices:
+            return indices
+        start = self._rounds % len(indices)
+        self._rounds += 1
+        return indices[start:] + indices[:start]
+
+
+class QueueServer(RequestServer):
+    """Request and reply POSIX message queues, opened by name and unlinked at once."""
+
+    name = "mq"
+
+    def __init__(self, request_names: Sequence[str], reply_names: Sequence[str]):
+        super().__init__(len(request_names))
+        self.requests: list[posix_ipc.MessageQueue] = []
+        self.replies: list[posix_ipc.MessageQueue] = []
+        for names, queues, reading in ((request_names, self.requests, True), (reply_names, self.replies, False)):
+            for name in names:
+                try:
+                    queue = posix_ipc.MessageQueue(name, read=reading, write=not reading)
+                except posix_ipc.Error as err:
+                    self.close()
+                    raise DeviceModelError(f"cannot open message queue {name!r}: {err}") from err
+                # We are the last to open it: no name may outlive this moment.
+                queue.unlink()
+                # Never block: an empty request queue or a full reply queue
+                # (a vCPU not reading) raises BusyError instead.
+                queue.block = False
+                queues.append(queue)
+        self._index_by_fd = {queue.mqd: index for index, queue in enumerate(self.requests)}
+        self._more: list[int] = []
+
+    def fds(self) -> list[int]:
+        return list(self._index_by_fd)
+
+    def serve(self, ready_fds: set[int], handle: Handler) -> bool:
+        ready = sorted({self._index_by_fd[fd] for fd in ready_fds if fd in self._index_by_fd} | set(self._more))
+        self._more = serve_round(self.requests, self._rotation(ready), lambda i, m: self._answer(i, m, handle),
+                                 PER_VCPU_BATCH)
+        return bool(self._more)
+
+    def _answer(self, index: int, message: bytes, handle: Handler) -> None:
+        self.received[index] += 1
+        reply = handle(index, message)
+        if reply is None:
+            return
+        try:
+            self.replies[index].send(reply)
+            self.replies_sent += 1
+        except posix_ipc.Error:
+            self.replies_dropped += 1
+
+    def close(self) -> None:
+        for queue in self.requests + self.replies:
+            try:
+                queue.close()
+            except posix_ipc.Error:
+                pass
+        self.requests, self.replies = [], []
+
+
+class RingServer(RequestServer):
+    """The vCPUs' rings in the shared RingArea, and the eventfd they wake us through."""
+
+    name = "ring"
+
+    def __init__(self, area: RingArea, wake_fd: int, poll_limit: float,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__(area.cpus)
+        self.area, self.wake_fd = area, wake_fd
+        self.requests = [area.requests(i) for i in range(area.cpus)]
+        self.replies = [area.replies(i) for i in range(area.cpus)]
+        self.window = PollWindow(limit=poll_limit)
+        self._clock = clock
+        self._idle_since: float | None = None
+        self.wakeups = self.polled_hits = self.sleeps = 0
+        self.poll_seconds = 0.0
+
+    def fds(self) -> list[int]:
+        return [self.wake_fd]
+
+    def _pending(self) -> bool:
+        return any(len(ring) for ring in self.requests)
+
+    def serve(self, ready_fds: set[int], handle: Handler) -> bool:
+        found = more = False
+        for index in self._rotation(list(range(len(self.requests)))):
+            ring = self.requests[index]
+            for _ in range(PER_VCPU_BATCH):
+                record = ring.pop()
+                if record is None:
+                    break
+                found = True
+                self._answer(index, record, handle)
+            else:
+                more = more or len(ring) > 0
+            ring.wake_producer()
+        now = self._clock()
+        if found and self._idle_since is not None:
+            self.window.record(now - self._idle_since)  # how long the wait for this work was
+            self._idle_since = None
+        if not more and self._idle_since is None:
+            self._idle_since = now
+        return more
+
+    def _answer(self, index: int, record: bytes, handle: Handler) -> None:
+        self.received[index] += 1
+        reply = handle(index, record)
+        if reply is None:
+            return
+        replies = self.replies[index]
+        if replies.push(reply):
+            self.replies_sent += 1
+            replies.wake_consumer()
+        else:
+            self.replies_dropped += 1  # a vCPU that does not read its replies
+
+    def poll(self) -> bool:
+        """Spin over the rings for the current window (zero: do not poll at all)."""
+        if not self.window.window:
+            return False
+        start = self._clock()
+        end = start + self.window.window
+        hit = False
+        while not hit and self._clock() < end:
+            hit = self._pending()
+        self.poll_seconds += self._clock() - start
+        self.polled_hits += hit
+        return hit
+
+    def prepare_sleep(self) -> bool:
+        header = self.area.header
+        header.server_sleeping = 1
+        _runloop.fence()  # the flag is visible before we look at the rings again
+        if self._pending():
+            header.server_sleeping = 0
+            return False
+        self.sleeps += 1
+        return True
+
+    def woke(self, ready_fds: set[int]) -> None:
+        self.area.header.server_sleeping = 0
+        if self.wake_fd in ready_fds:
+            try:
+                os.eventfd_read(self.wake_fd)
+                self.wakeups += 1
+            except BlockingIOError:
+                pass
+
+    def stats(self) -> dict:
+        return {**super().stats(), "wakeups": self.wakeups, "polled_hits": self.polled_hits,
+                "sleeps": self.sleeps, "poll_seconds": self.poll_seconds,
+                "poll_window_seconds": self.window.window, "poll_limit_seconds": self.window.limit}
+
+    def close(self) -> None:
+        self.requests, self.replies = [], []
+        self.area.close()
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
