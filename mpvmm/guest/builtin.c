@@ -184,6 +184,18 @@ static void mmio_read(struct vcpu *v, uint64_t offset)
         count(v, MPVMM_OP_READ_MISMATCHES);
 }
 
+static void ring_doorbells(struct vcpu *v, uint64_t round)
+{
+    count(v, MPVMM_OP_PIO_DOORBELLS);
+    outl(v->params->pio_doorbell_port, (uint32_t)round);
+    count(v, MPVMM_OP_MMIO_DOORBELLS);
+    mmio_write64(v->params->mmio_doorbell_addr, v->params->doorbell_value);
+    if (round % 16 == 15) {
+        count(v, MPVMM_OP_MMIO_DOORBELL_MISSES);
+        mmio_write64(v->params->mmio_doorbell_addr, v->params->doorbell_value + 1);
+    }
+}
+
 static void atomic_increment(struct vcpu *v, uint64_t round)
 {
     count(v, MPVMM_OP_ATOMIC_INCREMENTS);
@@ -230,6 +242,7 @@ static void run_demo(struct vcpu *v)
         pio_device_read(v, (round & 1) * 4);
         mmio_write(v, (round * 8) & 0xff8, (uint32_t)round);
         mmio_read(v, (round * 8) & 0xff8);
+        ring_doorbells(v, round);
         for (int i = 0; i < 16; i++)
             atomic_increment(v, round + i);
         if (round % 64 == 0)
@@ -283,16 +296,9 @@ static void run_mmio(struct vcpu *v)
 static void run_doorbell(struct vcpu *v)
 {
     uint64_t round = 0;
-    do {
-        count(v, MPVMM_OP_PIO_DOORBELLS);
-        outl(v->params->pio_doorbell_port, (uint32_t)round);
-        count(v, MPVMM_OP_MMIO_DOORBELLS);
-        mmio_write64(v->params->mmio_doorbell_addr, v->params->doorbell_value);
-        if (round % 16 == 15) {
-            count(v, MPVMM_OP_MMIO_DOORBELL_MISSES);
-            mmio_write64(v->params->mmio_doorbell_addr, v->params->doorbell_value + 1);
-        }
-    } while (round++, !stopping(v));
+    do
+        ring_doorbells(v, round);
+    while (round++, !stopping(v));
 }
 
 static void run_uart(struct vcpu *v)

@@ -80,6 +80,8 @@ class VcpuResult:
     sync_latency_sum_seconds: float
     sleep_seconds: float
     posted_stalls: int
+    server_wakeups: int  # ring transport: times this vCPU woke the sleeping device model
+    reply_sleeps: int  # ring transport: replies it slept for rather than spun
     guest: GuestCounts | None  # None: the guest keeps no counts for us (a kernel)
     pid: int  # the process that ran the vCPU: the supervisor, or its own worker process
     cpu_seconds: float | None  # that worker process's CPU time (process runner only)
@@ -203,7 +205,7 @@ class Supervisor:
         if config.metrics_port is not None:
             metrics = stack.enter_context(MetricsExporter(config.metrics_addr, config.metrics_port, {
                 "cpus": str(config.cpus), "memory_bytes": str(config.memory),
-                "runner": config.runner, "workload": source.workload}))
+                "runner": config.runner, "transport": config.transport, "workload": source.workload}))
         memory = stack.enter_context(GuestMemory(config.memory))
         guest = source.load(memory)
         host = stack.enter_context(host_class(kvm, memory, guest, config.cpus))
@@ -296,6 +298,8 @@ def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> Vcpu
         sync_latency_sum_seconds=stats.sync_latency_sum_ns / 1e9,
         sleep_seconds=stats.sleep_ns / 1e9,
         posted_stalls=stats.posted_stalls,
+        server_wakeups=stats.server_wakeups,
+        reply_sleeps=stats.reply_sleeps,
         guest=guest.counts(runner.index),
         pid=runner.pid,
         cpu_seconds=runner.cpu_seconds,

@@ -91,6 +91,8 @@ def report_dict(result) -> dict:
                 "sync_latency_sum_seconds": v.sync_latency_sum_seconds,
                 "sleep_seconds": v.sleep_seconds,
                 "posted_stalls": v.posted_stalls,
+                "server_wakeups": v.server_wakeups,
+                "reply_sleeps": v.reply_sleeps,
                 "guest": None if v.guest is None else dataclasses.asdict(v.guest),
                 "pid": v.pid,
                 "cpu_seconds": v.cpu_seconds,

@@ -129,7 +129,7 @@ def test_deep_nesting_is_refused_without_recursion_trouble():
 @pytest.mark.parametrize(
     "args",
     [
-        (2, 0, 0, 0, 1, 0, 0),
+        (3, 0, 0, 0, 1, 0, 0),
         (0, 0, 2, 0, 1, 0, 0),
         (0, 0, 0, 0, 5, 0, 0),
         (0, 0, 0, 0, 1, 256, 0),
