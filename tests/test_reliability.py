@@ -12,6 +12,7 @@ import pytest
 
 from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, Supervisor
+from mpvmm.transport import TRANSPORTS
 from mpvmm.vcpu_worker.outcome import Exited, Stopped
 from tests.conftest import device_model_processes, ipc_objects, open_fds
 
@@ -32,8 +33,9 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("runner", ["native", "python", "process"])
-def test_hostile_guest_is_survived(runner, tmp_path, no_leaks):
+def test_hostile_guest_is_survived(runner, transport, tmp_path, no_leaks):
     """UART floods, every port written, random MMIO read and written, from 4 vCPUs."""
     samples = []
 
@@ -46,7 +48,8 @@ def test_hostile_guest_is_survived(runner, tmp_path, no_leaks):
             time.sleep(0.4)
             samples.append(rss_kib(vm.device_model.pid))
 
-    result = run(tmp_path, watch_device_model, cpus=4, workload="hostile", seconds=2.0, runner=runner)
+    result = run(tmp_path, watch_device_model, cpus=4, workload="hostile", seconds=2.0, runner=runner,
+                 transport=transport)
     assert result.exit_code == 0, result.status
     dm = result.device_model  # answered shutdown, so it was alive to the end
     assert sum(dm["unmapped"]["pio"].values()) > 0 and sum(dm["unmapped"]["mmio"].values()) > 0
@@ -77,8 +80,11 @@ def test_triple_fault_is_reported_with_registers(tmp_path, no_leaks):
     assert result.seconds < 2
 
 
-def test_killed_device_model_is_noticed_within_a_second(tmp_path, no_leaks):
-    """Every vCPU blocked in a sync read when the device model dies still stops."""
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("workload", ["pio-device", "writes"])
+def test_killed_device_model_is_noticed_within_a_second(workload, transport, tmp_path, no_leaks):
+    """Every vCPU blocked in a sync read (pio-device), or in a full coalesced ring's
+    fallback write (writes), when the device model dies still stops."""
     killed = {}
 
     def kill_device_model(vm):
@@ -87,7 +93,7 @@ def test_killed_device_model_is_noticed_within_a_second(tmp_path, no_leaks):
         os.kill(vm.device_model.pid, signal.SIGKILL)
 
     started = time.monotonic()
-    result = run(tmp_path, kill_device_model, cpus=4, workload="pio-device", seconds=30)
+    result = run(tmp_path, kill_device_model, cpus=4, workload=workload, seconds=30, transport=transport)
     ended = started + result.seconds
     assert result.exit_code == 1
     assert result.status == "device model died (killed by signal 9)"
@@ -102,10 +108,12 @@ def _wait_for(predicate, timeout, what):
         time.sleep(0.02)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("runner", ["native", "process"])
-def test_sigkill_of_the_supervisor_leaves_nothing(runner, tmp_path, kvm_available):
+def test_sigkill_of_the_supervisor_leaves_nothing(runner, transport, tmp_path, kvm_available):
     before = ipc_objects()
     process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner,
+                                "--transport", transport,
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()
@@ -127,11 +135,12 @@ def test_sigkill_of_the_supervisor_leaves_nothing(runner, tmp_path, kvm_availabl
 START_UP_KILL_DELAYS = [0.0, 0.05, 0.15, 0.3, 0.5]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("delay", START_UP_KILL_DELAYS)
-def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, tmp_path, kvm_available):
+def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, transport, tmp_path, kvm_available):
     """No window in start-up where a SIGKILL strands a name in /dev/shm or /dev/mqueue."""
     before = ipc_objects()
-    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4",
+    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4", "--transport", transport,
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()
@@ -196,7 +205,8 @@ def soak(cycles: int, tmp_path, seed: int) -> None:
     baseline = (ipc_objects(), device_model_processes(), open_fds(), threading.active_count())
     for cycle in range(cycles):
         config = dict(cpus=rng.choice([1, 2, 3, 4, 8]), workload=rng.choice(SOAK_WORKLOADS),
-                      runner=rng.choice(["native", "python", "process"]), seconds=30)
+                      runner=rng.choice(["native", "python", "process"]), transport=rng.choice(TRANSPORTS),
+                      seconds=30)
         stop_after = rng.uniform(0.05, 0.6)
         graceful = rng.random() < 0.5
 

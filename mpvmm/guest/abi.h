@@ -32,6 +32,7 @@ enum mpvmm_workload {
     MPVMM_WORKLOAD_HOSTILE = 7,      /* floods and pokes everything; see builtin.c */
     MPVMM_WORKLOAD_TRIPLE_FAULT = 8, /* executes ud2 with no IDT: the VMM must report it */
     MPVMM_WORKLOAD_DOORBELL = 9,     /* rings the test devices' doorbells (KVM_IOEVENTFD) */
+    MPVMM_WORKLOAD_WRITES = 10,      /* test-device writes only, never a read: fills a coalesced ring */
 };
 
 /* What a vCPU counts: every exit it causes falls in exactly one of the

@@ -15,7 +15,7 @@ ATOMIC_COUNTERS = 8
 
 # Workload names as the CLI takes them, in abi.h's enum order.
 WORKLOADS = ("demo", "compute", "pio-null", "pio-device", "mmio", "uart", "atomics",
-             "hostile", "triple-fault", "doorbell")
+             "hostile", "triple-fault", "doorbell", "writes")
 # Workloads that exist to misbehave: their exit counts are not exact by design.
 MISBEHAVING_WORKLOADS = ("hostile", "triple-fault")
 

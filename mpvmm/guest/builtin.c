@@ -301,6 +301,17 @@ static void run_doorbell(struct vcpu *v)
     while (round++, !stopping(v));
 }
 
+/* Writes to both test devices and no read, so nothing ever waits for the
+ * device model: with the device model stopped, KVM's coalesced ring fills. */
+static void run_writes(struct vcpu *v)
+{
+    uint32_t round = 0;
+    do {
+        pio_device_write(v, round);
+        mmio_write(v, (round * 8) & 0xff8, round);
+    } while (round++, !stopping(v));
+}
+
 static void run_uart(struct vcpu *v)
 {
     uint64_t line = 1;
@@ -410,6 +421,7 @@ void guest_main(uint64_t index, volatile struct mpvmm_guest_params *block)
     case MPVMM_WORKLOAD_HOSTILE: run_hostile(v); break;
     case MPVMM_WORKLOAD_TRIPLE_FAULT: run_triple_fault(v); break;
     case MPVMM_WORKLOAD_DOORBELL: run_doorbell(v); break;
+    case MPVMM_WORKLOAD_WRITES: run_writes(v); break;
     default: finish(v, MPVMM_STATUS_BAD_PARAMS); return;
     }
     finish(v, v->report->ops[MPVMM_OP_READ_MISMATCHES] ? MPVMM_STATUS_READ_MISMATCH : MPVMM_STATUS_OK);

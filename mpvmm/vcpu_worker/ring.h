@@ -43,7 +43,7 @@
 
 #define RING_SLOTS 32             /* records a ring holds; a power of two */
 #define RING_MESSAGE_SIZE 128     /* the largest record, as a message queue's */
-#define RING_AREA_MAGIC 0x474e4952564d504dULL /* "MPVMRING" little-endian */
+#define RING_AREA_MAGIC 0x474e49524d56504dULL /* "MPVMRING" little-endian */
 #define RING_AREA_VERSION 1
 #define RING_HEADER_SIZE 4096     /* the header page; the rings follow it */
 #define RING_SPIN_NS 30000L       /* how long a vCPU spins for a reply before it sleeps */

@@ -1,5 +1,6 @@
 """The device-model process, end to end: real shm, real queues, a real child."""
 
+import mmap
 import os
 import secrets
 import select
@@ -21,6 +22,7 @@ from mpvmm.transport.server import serve_round
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
+    KIND_WRITE_ACKED,
     MAX_MESSAGE_SIZE,
     SPACE_MMIO,
     SPACE_PIO,
@@ -30,7 +32,9 @@ from mpvmm.devicemodel.protocol import (
 from mpvmm.errors import DeviceModelError
 from mpvmm.transport.channel import RingChannel
 from mpvmm.transport.ring import RING_SLOTS, RingArea
-from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT
+from mpvmm.x86.layout import (COM1_PORT, MMIO_TESTDEV_ADDR, MMIO_TESTDEV_DOORBELL_ADDR, PIO_TESTDEV_DOORBELL_PORT,
+                              PIO_TESTDEV_PORT)
+from tests.devicemodel.test_coalesced import Kvm as CoalescedProducer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
@@ -346,6 +350,96 @@ def test_full_reply_queue_drops_and_counts(harness):
     assert process["replies_sent"] == depth and process["replies_dropped"] == 1
     assert [harness.reply(1)[0] for _ in range(depth)] == list(range(depth))
     assert harness.proc.poll() is None
+
+
+def _ring_page():
+    """A stand-in for the vCPU fd the supervisor passes: a memfd whose third page holds the ring."""
+    fd = os.memfd_create("coalesced-ring")
+    os.ftruncate(fd, 3 * mmap.PAGESIZE)
+    return fd, mmap.mmap(fd, mmap.PAGESIZE, offset=2 * mmap.PAGESIZE)
+
+
+def _stats_until(harness, done):
+    deadline = time.monotonic() + TIMEOUT
+    while not done(stats := harness.stats()):
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.01)
+    return stats
+
+
+def test_coalesced_writes_are_drained_in_order_before_requests(harness):
+    fd, page = _ring_page()
+    kvm = CoalescedProducer(page)
+    try:
+        harness.start(extra_fds=(fd,))
+        assert harness.configure(coalesced_ring=[fd, 2])["op"] == "ready"
+        harness.proc.send_signal(signal.SIGSTOP)  # nothing drains while we fill
+        for sequence in (1, 2, 3):  # vCPU 0's first writes, through KVM's ring
+            assert kvm.write(PIO_TESTDEV_PORT, 4, sequence, pio=True)
+        harness.request(0, KIND_WRITE_ACKED, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 4, 1)  # a full ring's fallback
+        harness.proc.send_signal(signal.SIGCONT)
+        assert harness.reply(0) == (1, 0)
+        assert kvm.write(PIO_TESTDEV_PORT, 4, 5, pio=True)  # after the acknowledgement: on through the ring
+        stats = _stats_until(harness, lambda s: s["process"]["coalesced_ring"]["entries"] == 4)  # the <= 1 ms drain
+        device = stats["stats"]["devices"]["testdev-pio"]
+        assert (device["writes"], device["write_sum"], device["order_errors"]) == (5, 15, 0)
+        assert stats["stats"]["coalesced"]["testdev-pio"] == 4
+        assert stats["stats"]["requests"]["testdev-pio"] == {"read": 0, "write": 1}
+        assert kvm.header.first == kvm.header.last == 4
+    finally:
+        kvm.header = None
+        page.close()
+        os.close(fd)
+
+
+def test_doorbells_are_counted_by_device(harness):
+    pio_bell, mmio_bell = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        harness.start(extra_fds=(pio_bell, mmio_bell))
+        assert harness.configure(doorbells=[[pio_bell, SPACE_PIO, PIO_TESTDEV_DOORBELL_PORT],
+                                            [mmio_bell, SPACE_MMIO, MMIO_TESTDEV_DOORBELL_ADDR]])["op"] == "ready"
+        os.eventfd_write(pio_bell, 3)  # what KVM does for three rings
+        os.eventfd_write(mmio_bell, 1)
+        os.eventfd_write(mmio_bell, 1)
+        stats = _stats_until(harness, lambda s: sum(s["stats"]["doorbells"].values()) == 5)["stats"]
+        assert stats["doorbells"]["testdev-pio"] == stats["devices"]["testdev-pio"]["doorbells"] == 3
+        assert stats["doorbells"]["testdev-mmio"] == stats["devices"]["testdev-mmio"]["doorbells"] == 2
+    finally:
+        os.close(pio_bell)
+        os.close(mmio_bell)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"transport": "pigeon"}, "unknown transport"),
+    ({"doorbells": [[3, 9, 0]]}, "doorbells"),
+    ({"coalesced_ring": [3]}, "coalesced_ring"),
+    ({"transport": "ring", "ring_fd": None}, "ring_fd and wake_fd"),
+])
+def test_configure_refuses_bad_transport_and_in_kernel_fields(harness, changes, message):
+    harness.start()
+    answer = harness.configure(**changes)
+    assert answer["op"] == "error" and message in answer["message"], answer
+    assert harness.proc.wait(TIMEOUT) == 1
+
+
+@pytest.mark.parametrize("bad", ["area", "poll limit"])
+def test_a_bad_ring_area_or_poll_limit_is_refused(bad):
+    harness = Harness(transport="ring")
+    fake = os.memfd_create("not-rings")
+    os.ftruncate(fake, harness.area.size)
+    try:
+        harness.start(extra_fds=(fake,))
+        if bad == "area":
+            answer = harness.configure(ring_fd=fake)
+            assert answer["op"] == "error" and "not a version 1 ring area" in answer["message"]
+        else:
+            answer = harness.configure(poll_limit_seconds=5.0)  # polling is bounded far below that
+            assert answer["op"] == "error" and "poll_limit_seconds" in answer["message"]
+        assert harness.proc.wait(TIMEOUT) == 1
+    finally:
+        os.close(fake)
+        harness.close()
+    assert harness.leftovers() == []
 
 
 def test_usage_error_exit_2():

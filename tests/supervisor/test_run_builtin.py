@@ -13,6 +13,8 @@ from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.transport import TRANSPORTS
 from mpvmm.vcpu_worker.outcome import Exited
 from mpvmm.vcpu_worker.stats_page import PATHS
+
+FALLBACK = PATHS.index("fallback")
 from tests.conftest import thread_names
 
 SUM_MASK = (1 << 64) - 1
@@ -26,6 +28,7 @@ MAIN_OP = {
     "uart": "uart_bytes",
     "atomics": "atomic_increments",
     "doorbell": "pio_doorbells",
+    "writes": "mmio_writes",
 }
 CONSOLE_LINE = re.compile(r"^vcpu (\d+) (online|demo round \d+|uart line \d+)$")
 
@@ -170,6 +173,41 @@ def test_pause_freezes_and_resume_continues(runner, tmp_path, no_leaks):
     result, _ = run(2, "pio-null", runner, tmp_path, seconds=1.5, on_started=pause_and_resume)
     assert observed == {"while_paused": True, "resumed": True}
     check_counts_agree(result, 2, "pio-null")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("runner", ["native", "python"])
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_a_full_coalesced_ring_keeps_each_vcpus_order_and_every_write(cpus, runner, transport, tmp_path,
+                                                                       no_leaks):
+    """The device model stopped: KVM's ring fills, writes fall back to exits, and none overtakes the ring."""
+    seen = {}
+
+    def stall_device_model(vm):
+        time.sleep(0.2)
+        before = [runner.stats.paths[FALLBACK] for runner in vm.vcpus]
+        os.kill(vm.device_model.pid, signal.SIGSTOP)
+        try:
+            # Each vCPU fills the ring, falls back once more and waits for that to be acknowledged.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(
+                    runner.stats.paths[FALLBACK] == start for runner, start in zip(vm.vcpus, before)):
+                time.sleep(0.01)
+            blocked = [(runner.stats.runs, runner.stats.paths[FALLBACK]) for runner in vm.vcpus]
+            time.sleep(0.2)
+            seen["still"] = [(runner.stats.runs, runner.stats.paths[FALLBACK]) for runner in vm.vcpus] == blocked
+            seen["new fallbacks"] = [after - start for (_, after), start in zip(blocked, before)]
+        finally:
+            os.kill(vm.device_model.pid, signal.SIGCONT)
+
+    result, _ = run(cpus, "writes", runner, tmp_path, seconds=1.0, on_started=stall_device_model,
+                    transport=transport)
+    # One fallback each (a vCPU already waiting for one when the device model stopped adds none),
+    # then nothing: every vCPU waits, none of its writes lost or reordered.
+    assert seen["still"] and all(count in (0, 1) for count in seen["new fallbacks"]) and any(seen["new fallbacks"])
+    check_counts_agree(result, cpus, "writes")  # the sums, and order_errors == 0 on both devices
+    ring = result.device_model["process"]["coalesced_ring"]
+    assert ring["peak"] == ring["capacity"]  # it was full
 
 
 def test_process_runner_runs_one_process_per_vcpu(tmp_path, no_leaks):
