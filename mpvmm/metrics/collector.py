@@ -264,40 +264,39 @@ def device_families(stats: dict) -> list[Metric]:
     ]
 
 
+# The device model process's own figures: (family class, metric name, key in its stats, help).
+_COALESCED_RING_METRICS = (
+    (CounterMetricFamily, "mpvmm_coalesced_ring_drains", "drains", "Drains of KVM's coalesced ring that found writes"),
+    (CounterMetricFamily, "mpvmm_coalesced_ring_entries", "entries", "Writes drained from KVM's coalesced ring"),
+    (GaugeMetricFamily, "mpvmm_coalesced_ring_occupancy_entries", "pending",
+     "Writes waiting in KVM's coalesced ring at the scrape"),
+    (GaugeMetricFamily, "mpvmm_coalesced_ring_peak_entries", "peak",
+     "The most writes found waiting in KVM's coalesced ring at once"),
+    (GaugeMetricFamily, "mpvmm_coalesced_ring_capacity_entries", "capacity",
+     "Writes KVM's coalesced ring holds before writes exit again"),
+)
+_RING_TRANSPORT_METRICS = (
+    (CounterMetricFamily, "mpvmm_transport_server_wakeups", "wakeups",
+     "Times a vCPU's eventfd woke the sleeping device model"),
+    (CounterMetricFamily, "mpvmm_transport_polled_hits", "polled_hits",
+     "Requests the device model found while polling, before it slept"),
+    (CounterMetricFamily, "mpvmm_transport_sleeps", "sleeps", "Times the device model went to sleep on its rings"),
+    (CounterMetricFamily, "mpvmm_transport_poll_seconds", "poll_seconds",
+     "Time the device model spent polling its rings"),
+    (GaugeMetricFamily, "mpvmm_transport_poll_window_seconds", "poll_window_seconds",
+     "How long the device model now polls before it sleeps (adaptive)"),
+)
+
+
 def _process_families(process: dict) -> list[Metric]:
-    """The coalesced ring's and the transport's counters, from the device model process."""
+    """The coalesced ring's and the ring transport's figures, where the run has them."""
     families = []
-    ring = process.get("coalesced_ring")
-    if ring:
-        for name, key, documentation in (
-            ("drains", "drains", "Drains of KVM's coalesced ring that found writes"),
-            ("entries", "entries", "Writes drained from KVM's coalesced ring"),
-        ):
-            family = CounterMetricFamily(f"mpvmm_coalesced_ring_{name}", documentation)
-            family.add_metric([], ring[key])
+    for values, metrics in ((process.get("coalesced_ring"), _COALESCED_RING_METRICS),
+                            (process if process.get("transport") == "ring" else None, _RING_TRANSPORT_METRICS)):
+        for family_class, name, key, documentation in metrics if values else ():
+            family = family_class(name, documentation)
+            family.add_metric([], values[key])
             families.append(family)
-        for name, key, documentation in (
-            ("occupancy_entries", "pending", "Writes waiting in KVM's coalesced ring at the scrape"),
-            ("peak_entries", "peak", "The most writes found waiting in KVM's coalesced ring at once"),
-            ("capacity_entries", "capacity", "Writes KVM's coalesced ring holds before writes exit again"),
-        ):
-            family = GaugeMetricFamily(f"mpvmm_coalesced_ring_{name}", documentation)
-            family.add_metric([], ring[key])
-            families.append(family)
-    if process.get("transport") == "ring":
-        for name, key, documentation in (
-            ("server_wakeups", "wakeups", "Times a vCPU's eventfd woke the sleeping device model"),
-            ("polled_hits", "polled_hits", "Requests the device model found while polling, before it slept"),
-            ("sleeps", "sleeps", "Times the device model went to sleep on its rings"),
-            ("poll_seconds", "poll_seconds", "Time the device model spent polling its rings"),
-        ):
-            family = CounterMetricFamily(f"mpvmm_transport_{name}", documentation)
-            family.add_metric([], process[key])
-            families.append(family)
-        window = GaugeMetricFamily("mpvmm_transport_poll_window_seconds",
-                                   "How long the device model now polls before it sleeps (adaptive)")
-        window.add_metric([], process["poll_window_seconds"])
-        families.append(window)
     return families
 
 

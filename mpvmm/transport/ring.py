@@ -129,18 +129,17 @@ class MessageRing:
 
     def wake_consumer(self) -> bool:
         """After pushes: FUTEX_WAKE a consumer asleep on ``head``; True if one was."""
-        self._fence()
-        if not self.ring.consumer_waiting:
-            return False
-        self._futex_wake(self._head_address)
-        return True
+        return self._wake("consumer_waiting", self._head_address)
 
     def wake_producer(self) -> bool:
         """After pops: FUTEX_WAKE a producer asleep on ``tail`` for space; True if one was."""
-        self._fence()
-        if not self.ring.producer_waiting:
+        return self._wake("producer_waiting", self._tail_address)
+
+    def _wake(self, waiting_flag: str, address: int) -> bool:
+        self._fence()  # our index is visible before we look at the flag (ring.h's Dekker pair)
+        if not getattr(self.ring, waiting_flag):
             return False
-        self._futex_wake(self._tail_address)
+        self._futex_wake(address)
         return True
 
     def wait_for_record(self, timeout_seconds: float) -> bool:
