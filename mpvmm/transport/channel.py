@@ -11,7 +11,6 @@ reply did not come while the vCPU spun for it).
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from mpvmm.vcpu_worker import _runloop
 
 TRANSPORT_MQ, TRANSPORT_RING = 0, 1  # enum transport_kind in _runloop.c
 KICK_POLL_SECONDS = 0.1  # as KICK_POLL_NS in _runloop.c: the longest any wait lasts
-_ONE = (1).to_bytes(8, "little")
 
 
 class VcpuChannel(ABC):
@@ -84,20 +82,18 @@ class RingChannel(VcpuChannel):
 
     def __init__(self, requests: MessageRing, replies: MessageRing, header: RingAreaHeader, wake_fd: int):
         self.requests, self.replies, self.header, self.wake_fd = requests, replies, header, wake_fd
+        self._header_address = ctypes.addressof(header)
         self._server_was_awake = False
 
     def native_args(self) -> tuple[int, int, int, int, int]:
-        return TRANSPORT_RING, self.requests.address, self.replies.address, ctypes.addressof(self.header), self.wake_fd
+        return TRANSPORT_RING, self.requests.address, self.replies.address, self._header_address, self.wake_fd
 
     def fds(self) -> tuple[int, ...]:
         return (self.wake_fd,)
 
     def _wake_server(self, stats) -> None:
         """Wake the device model if (and only if) it said it is going to sleep."""
-        _runloop.fence()  # our record is visible before we look at the flag
-        if self.header.server_sleeping:
-            self.header.server_sleeping = 0
-            os.write(self.wake_fd, _ONE)
+        if _runloop.ring_wake_server(self._header_address, self.wake_fd):
             stats.server_wakeups += 1
 
     def send(self, record: bytes, stats, stop_requested: Callable[[], bool]) -> bool:

@@ -103,7 +103,7 @@ class RequestServer(ABC):
 
     def _rotation(self, indices: list[int]) -> list[int]:
         """Start each round at a different vCPU so none is always first."""
-        if not indices:
+        if len(indices) < 2:
             return indices
         start = self._rounds % len(indices)
         self._rounds += 1
@@ -175,6 +175,7 @@ class RingServer(RequestServer):
         self.area, self.wake_fd = area, wake_fd
         self.requests = [area.requests(i) for i in range(area.cpus)]
         self.replies = [area.replies(i) for i in range(area.cpus)]
+        self._indices = list(range(area.cpus))
         self.window = PollWindow(limit=poll_limit)
         self._clock = clock
         self._idle_since: float | None = None
@@ -189,23 +190,21 @@ class RingServer(RequestServer):
 
     def serve(self, ready_fds: set[int], handle: Handler) -> bool:
         found = more = False
-        for index in self._rotation(list(range(len(self.requests)))):
+        for index in self._rotation(self._indices):
             ring = self.requests[index]
-            for _ in range(PER_VCPU_BATCH):
-                record = ring.pop()
-                if record is None:
-                    break
-                found = True
+            taken = 0
+            while taken < PER_VCPU_BATCH and (record := ring.pop()) is not None:
+                taken += 1
                 self._answer(index, record, handle)
-            else:
-                more = more or len(ring) > 0
-            ring.wake_producer()
-        now = self._clock()
+            if taken:
+                found = True
+                more = more or (taken == PER_VCPU_BATCH and len(ring) > 0)
+                ring.wake_producer()  # it may wait for the room we just made
         if found and self._idle_since is not None:
-            self.window.record(now - self._idle_since)  # how long the wait for this work was
+            self.window.record(self._clock() - self._idle_since)  # how long the wait for this work was
             self._idle_since = None
         if not more and self._idle_since is None:
-            self._idle_since = now
+            self._idle_since = self._clock()
         return more
 
     def _answer(self, index: int, record: bytes, handle: Handler) -> None:

@@ -4,9 +4,10 @@
  * message queues. Each vCPU has a request ring (it produces, the device
  * model consumes) and a reply ring (the other way round); both carry the
  * same msgpack records as the queues, one record per slot. This file is the
- * vCPU's side in C; mpvmm/transport/ring.py mirrors the layout (checked by
- * tests/transport/test_ring_layout.py against layout()) and is the device
- * model's and the Python loop's side.
+ * one implementation of the rings: the native loop calls it directly, and
+ * the device model and the Python loop through the extension's ring_*
+ * functions (mpvmm/transport/ring.py, which mirrors the layout, checked by
+ * tests/transport/test_ring_layout.py against layout()).
  *
  * Event suppression, as virtio does it: nobody is woken who is not asleep.
  *  - The device model, before it sleeps in epoll, sets `server_sleeping` in
@@ -95,6 +96,12 @@ static int ring_push(struct msg_ring *ring, const uint8_t *record, uint32_t leng
     return 0;
 }
 
+/* Records in the ring now. */
+static uint32_t ring_count(const struct msg_ring *ring)
+{
+    return __atomic_load_n(&ring->head, __ATOMIC_ACQUIRE) - __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+}
+
 /* Takes one record into `out` (RING_MESSAGE_SIZE bytes); its length, -1 when
  * the ring is empty, or RING_MESSAGE_SIZE + 1 for a slot whose length is
  * impossible (the record is dropped: the caller counts it). */
@@ -123,6 +130,17 @@ static void ring_futex_wait(uint32_t *word, uint32_t expected, long timeout_ns)
 static void ring_futex_wake(uint32_t *word)
 {
     syscall(SYS_futex, word, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* After pushes (the consumer sleeps on `head`) or pops (the producer sleeps
+ * on `tail`): FUTEX_WAKE the other side if, and only if, it said it waits. */
+static int ring_wake_if_waiting(uint32_t *waiting, uint32_t *word)
+{
+    ring_fence(); /* our index is visible before we look at the flag */
+    if (!__atomic_load_n(waiting, __ATOMIC_RELAXED))
+        return 0;
+    ring_futex_wake(word);
+    return 1;
 }
 
 /* After a push: wake the device model if (and only if) it sleeps. Returns 1

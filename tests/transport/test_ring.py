@@ -1,7 +1,9 @@
-"""The ring protocol as pure logic (a MsgRing in ordinary memory, futexes recorded), and the shared area."""
+"""ring.h's protocol as pure logic (a MsgRing in this process's memory), and the shared area."""
 
 import ctypes
 import os
+import threading
+import time
 
 import pytest
 
@@ -11,20 +13,17 @@ from mpvmm.transport.ring import MESSAGE_SIZE, RING_SLOTS, MessageRing, MsgRing,
 from tests.conftest import ipc_objects
 
 
-class Futexes:
-    """Records the futex calls a ring makes, instead of making them."""
-
-    def __init__(self):
-        self.woken, self.waited = [], []
-
-    def ring(self, memory=None):
-        memory = memory if memory is not None else MsgRing()
-        return MessageRing(memory, fence=lambda: None, futex_wake=self.woken.append,
-                           futex_wait=lambda address, expected, ns: self.waited.append((address, expected, ns)))
+@pytest.fixture
+def memory():
+    return MsgRing()  # a ring in ordinary memory: ring.h's logic with no other process or kernel object
 
 
-def test_records_come_out_in_order_and_whole():
-    r = Futexes().ring()
+def ring_at(memory):
+    return MessageRing(ctypes.addressof(memory))
+
+
+def test_records_come_out_in_order_and_whole(memory):
+    r = ring_at(memory)
     records = [b"", b"a", bytes(range(MESSAGE_SIZE))]
     for record in records:
         assert r.push(record)
@@ -33,18 +32,17 @@ def test_records_come_out_in_order_and_whole():
     assert r.pop() is None and len(r) == 0
 
 
-def test_a_full_ring_refuses_and_frees_one_slot_per_pop():
-    r = Futexes().ring()
+def test_a_full_ring_refuses_and_frees_one_slot_per_pop(memory):
+    r = ring_at(memory)
     assert all(r.push(b"%d" % i) for i in range(RING_SLOTS))
     assert not r.push(b"more") and len(r) == RING_SLOTS
     assert r.pop() == b"0"
     assert r.push(b"more") and not r.push(b"again")
 
 
-def test_indices_wrap_at_32_bits():
-    memory = MsgRing()
+def test_indices_wrap_at_32_bits(memory):
     memory.head = memory.tail = 2**32 - 2  # two records short of wrapping
-    r = Futexes().ring(memory)
+    r = ring_at(memory)
     for i in range(5):
         assert r.push(b"%d" % i)
     assert memory.head == 3 and len(r) == 5
@@ -52,60 +50,59 @@ def test_indices_wrap_at_32_bits():
     assert memory.tail == 3
 
 
-def test_a_record_larger_than_a_slot_is_refused():
+def test_a_record_larger_than_a_slot_is_refused(memory):
     with pytest.raises(ValueError):
-        Futexes().ring().push(bytes(MESSAGE_SIZE + 1))
+        ring_at(memory).push(bytes(MESSAGE_SIZE + 1))
 
 
-def test_a_corrupt_slot_length_comes_out_too_large_for_the_decoder():
-    memory = MsgRing()
-    r = Futexes().ring(memory)
+def test_a_corrupt_slot_length_comes_out_too_large_for_the_decoder(memory):
+    r = ring_at(memory)
     r.push(b"ok")
     memory.slots[0].length = 2**31
     record = r.pop()
     assert len(record) == MESSAGE_SIZE + 1  # the decoder's "too_large", so it is counted and dropped
-    assert memory.tail == 1
+    assert memory.tail == 1  # and the ring goes on
 
 
-def test_the_other_side_is_woken_only_when_it_waits():
-    futexes = Futexes()
-    memory = MsgRing()
-    r = futexes.ring(memory)
+def test_the_other_side_is_woken_only_when_it_says_it_waits(memory):
+    r = ring_at(memory)
     r.push(b"x")
-    assert not r.wake_consumer() and futexes.woken == []
+    assert not r.wake_consumer() and not r.wake_producer()
     memory.consumer_waiting = 1
-    assert r.wake_consumer()
-    assert futexes.woken == [ctypes.addressof(memory) + MsgRing.head.offset]
-    assert not r.wake_producer()
-    memory.producer_waiting = 1
-    assert r.wake_producer()
-    assert futexes.woken[-1] == ctypes.addressof(memory) + MsgRing.tail.offset
+    assert r.wake_consumer() and not r.wake_producer()
+    memory.consumer_waiting, memory.producer_waiting = 0, 1
+    assert r.wake_producer() and not r.wake_consumer()
 
 
-def test_a_consumer_sleeps_only_on_an_empty_ring_and_says_so_meanwhile():
-    futexes = Futexes()
-    memory = MsgRing()
-    seen = []
-    r = MessageRing(memory, fence=lambda: seen.append(memory.consumer_waiting), futex_wake=futexes.woken.append,
-                    futex_wait=lambda *args: futexes.waited.append(args))
-    assert r.wait_for_record(0.1)
-    assert futexes.waited == [(ctypes.addressof(memory) + MsgRing.head.offset, 0, 100_000_000)]
-    assert seen == [1] and memory.consumer_waiting == 0  # flagged before the fence, cleared after
+def test_a_consumer_sleeps_only_on_an_empty_ring_and_is_woken(memory):
+    r = ring_at(memory)
+    started = time.monotonic()
+    assert r.wait_for_record(0.02)  # empty: it slept, until the timeout
+    assert time.monotonic() - started >= 0.015 and memory.consumer_waiting == 0
     r.push(b"x")
-    assert not r.wait_for_record(0.1) and len(futexes.waited) == 1  # a record is there: no sleep
+    assert not r.wait_for_record(5.0)  # a record is there: no sleep at all
+    r.pop()
+    slept = []
+    waiter = threading.Thread(target=lambda: slept.append(r.wait_for_record(5.0)))
+    waiter.start()
+    while not memory.consumer_waiting and waiter.is_alive():  # it says it waits, then sleeps
+        time.sleep(0.001)
+    started = time.monotonic()
+    r.push(b"y")
+    assert r.wake_consumer()
+    waiter.join(5.0)
+    assert slept == [True] and time.monotonic() - started < 1.0  # woken, not timed out
 
 
-def test_a_producer_sleeps_only_on_a_full_ring():
-    futexes = Futexes()
-    memory = MsgRing()
-    r = futexes.ring(memory)
-    r.wait_for_space(0.1)
-    assert futexes.waited == []
+def test_a_producer_sleeps_only_on_a_full_ring(memory):
+    r = ring_at(memory)
+    started = time.monotonic()
+    r.wait_for_space(5.0)
+    assert time.monotonic() - started < 1.0  # room: no wait
     for _ in range(RING_SLOTS):
         r.push(b"x")
-    r.wait_for_space(0.05)
-    assert futexes.waited == [(ctypes.addressof(memory) + MsgRing.tail.offset, 0, 50_000_000)]
-    assert memory.producer_waiting == 0
+    r.wait_for_space(0.02)
+    assert time.monotonic() - started >= 0.015 and memory.producer_waiting == 0
 
 
 def test_area_is_nameless_zeroed_and_attachable(kvm_available):
