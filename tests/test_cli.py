@@ -99,6 +99,7 @@ BAD_INPUT = [
     (["--workload", "nope"], "invalid choice"),
     (["--seconds", "-1"], "--seconds must not be negative"),
     (["--runner", "fast"], "invalid choice"),
+    (["--transport", "pigeon"], "invalid choice"),
     (["--kernel", "/nonexistent/bzImage"], "kernel /nonexistent/bzImage: No such file"),
     (["--kernel", "/nonexistent/bzImage", "--runner", "process"], "--runner process has no shared interrupt controller"),
     (["--report", "/nonexistent/dir/report.json"], "--report"),
