@@ -615,90 +615,6 @@ static PyObject *runloop_wake(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* The ring's protocol for Python: the device model and the Python loop
- * (mpvmm/transport/ring.py) call these, so ring.h is its one implementation.
- * Addresses are of rings, or the area's header, mapped in this process. */
-static PyObject *runloop_fence(PyObject *self, PyObject *noargs)
-{
-    ring_fence();
-    Py_RETURN_NONE;
-}
-
-static PyObject *runloop_ring_push(PyObject *self, PyObject *args)
-{
-    unsigned long long address;
-    Py_buffer record;
-    if (!PyArg_ParseTuple(args, "Ky*", &address, &record))
-        return NULL;
-    if (record.len > RING_MESSAGE_SIZE) {
-        PyBuffer_Release(&record);
-        return PyErr_Format(PyExc_ValueError, "a %zd-byte record does not fit a %d-byte slot", record.len,
-                            RING_MESSAGE_SIZE);
-    }
-    int full = ring_push((struct msg_ring *)(uintptr_t)address, record.buf, (uint32_t)record.len);
-    PyBuffer_Release(&record);
-    return PyBool_FromLong(!full);
-}
-
-/* A slot with an impossible length comes out one byte too long, which the
- * decoder rejects as too_large: counted and dropped like any bad record. */
-static PyObject *runloop_ring_pop(PyObject *self, PyObject *args)
-{
-    unsigned long long address;
-    uint8_t record[RING_MESSAGE_SIZE + 1] = {0};
-    if (!PyArg_ParseTuple(args, "K", &address))
-        return NULL;
-    long n = ring_pop((struct msg_ring *)(uintptr_t)address, record);
-    if (n < 0)
-        Py_RETURN_NONE;
-    return PyBytes_FromStringAndSize((const char *)record, n);
-}
-
-static PyObject *runloop_ring_count(PyObject *self, PyObject *args)
-{
-    unsigned long long address;
-    if (!PyArg_ParseTuple(args, "K", &address))
-        return NULL;
-    return PyLong_FromUnsignedLong(ring_count((struct msg_ring *)(uintptr_t)address));
-}
-
-static PyObject *runloop_ring_wake(PyObject *self, PyObject *args)
-{
-    unsigned long long address;
-    int producer;
-    if (!PyArg_ParseTuple(args, "Kp", &address, &producer))
-        return NULL;
-    struct msg_ring *ring = (struct msg_ring *)(uintptr_t)address;
-    return PyBool_FromLong(producer ? ring_wake_if_waiting(&ring->producer_waiting, &ring->tail)
-                                    : ring_wake_if_waiting(&ring->consumer_waiting, &ring->head));
-}
-
-static PyObject *runloop_ring_wait(PyObject *self, PyObject *args)
-{
-    unsigned long long address;
-    int for_space;
-    long long timeout_ns;
-    int slept = 0;
-    if (!PyArg_ParseTuple(args, "KpL", &address, &for_space, &timeout_ns))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    if (for_space)
-        ring_wait_for_space((struct msg_ring *)(uintptr_t)address, (long)timeout_ns);
-    else
-        slept = ring_wait_for_record((struct msg_ring *)(uintptr_t)address, (long)timeout_ns);
-    Py_END_ALLOW_THREADS
-    return PyBool_FromLong(slept);
-}
-
-static PyObject *runloop_ring_wake_server(PyObject *self, PyObject *args)
-{
-    unsigned long long header;
-    int wake_fd;
-    if (!PyArg_ParseTuple(args, "Ki", &header, &wake_fd))
-        return NULL;
-    return PyBool_FromLong(ring_wake_server((struct ring_area_header *)(uintptr_t)header, wake_fd));
-}
-
 static int add_int(PyObject *dict, const char *key, long long value)
 {
     PyObject *number = PyLong_FromLongLong(value);
@@ -804,16 +720,6 @@ static PyMethodDef runloop_methods[] = {
     {"install_kick_handler", runloop_install_kick_handler, METH_VARARGS,
      "Install a no-op handler (no SA_RESTART) so the signal interrupts blocking calls."},
     {"wake", runloop_wake, METH_VARARGS, "FUTEX_WAKE the worker paused on this address."},
-    {"fence", runloop_fence, METH_NOARGS, "A full memory fence (ring.h's event suppression)."},
-    {"ring_push", runloop_ring_push, METH_VARARGS, "ring_push(ring, record) -> False if the ring is full."},
-    {"ring_pop", runloop_ring_pop, METH_VARARGS, "ring_pop(ring) -> the oldest record, or None."},
-    {"ring_count", runloop_ring_count, METH_VARARGS, "ring_count(ring) -> records in it now."},
-    {"ring_wake", runloop_ring_wake, METH_VARARGS,
-     "ring_wake(ring, producer) -> True if the other side waited and was woken."},
-    {"ring_wait", runloop_ring_wait, METH_VARARGS,
-     "ring_wait(ring, for_space, timeout_ns) -> True if it slept waiting for a record."},
-    {"ring_wake_server", runloop_ring_wake_server, METH_VARARGS,
-     "ring_wake_server(header, wake_fd) -> True if the sleeping device model was woken."},
     {"layout", runloop_layout, METH_NOARGS, "Offsets and constants of the shared layouts."},
     {"latency_bucket", runloop_latency_bucket, METH_VARARGS,
      "latency_bucket(ns) -> the sync latency bucket a round trip of ns nanoseconds is counted in."},
@@ -825,7 +731,15 @@ static struct PyModuleDef runloop_module = {
     runloop_methods,
 };
 
+/* ring_python.c: ring.h's protocol for the device model and the Python loop. */
+extern PyMethodDef ring_python_methods[];
+
 PyMODINIT_FUNC PyInit__runloop(void)
 {
-    return PyModule_Create(&runloop_module);
+    PyObject *module = PyModule_Create(&runloop_module);
+    if (module && PyModule_AddFunctions(module, ring_python_methods)) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }
