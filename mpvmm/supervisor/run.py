@@ -123,7 +123,7 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"unknown transport {config.transport!r} (choose from {', '.join(TRANSPORTS)})")
     if config.seconds is not None and config.seconds < 0:
         raise UsageError(f"--seconds must not be negative, not {config.seconds:g}")
-    limits.check_host(config.cpus, config.memory)
+    limits.check_host(config.cpus, config.memory, message_queues=config.transport == "mq")
 
 
 def choose(config: RunConfig) -> tuple[GuestSource, type[VcpuHost]]:
