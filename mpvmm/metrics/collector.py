@@ -283,6 +283,8 @@ _RING_TRANSPORT_METRICS = (
     (CounterMetricFamily, "mpvmm_transport_sleeps", "sleeps", "Times the device model went to sleep on its rings"),
     (CounterMetricFamily, "mpvmm_transport_poll_seconds", "poll_seconds",
      "Time the device model spent polling its rings"),
+    (CounterMetricFamily, "mpvmm_transport_poll_preempted", "poll_preempted",
+     "Polls the device model ended because another task wanted its core"),
     (GaugeMetricFamily, "mpvmm_transport_poll_window_seconds", "poll_window_seconds",
      "How long the device model now polls before it sleeps (adaptive)"),
 )

@@ -32,6 +32,9 @@ from mpvmm.vcpu_worker import _runloop
 PER_VCPU_BATCH = 8
 # Rounds of the final drain at shutdown: bounded, since running vCPUs may keep sending.
 SHUTDOWN_DRAIN_ROUNDS = 64
+# A look at the rings that came back this late means the polling device model
+# was descheduled: something else wanted the core.
+POLL_PREEMPTED_SECONDS = 50e-6
 
 Handler = Callable[[int, bytes], "bytes | None"]  # (vCPU index, request) -> the reply, if any
 
@@ -170,16 +173,16 @@ class RingServer(RequestServer):
     name = "ring"
 
     def __init__(self, area: RingArea, wake_fd: int, poll_limit: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, yield_cpu: Callable[[], None] = os.sched_yield):
         super().__init__(area.cpus)
         self.area, self.wake_fd = area, wake_fd
         self.requests = [area.requests(i) for i in range(area.cpus)]
         self.replies = [area.replies(i) for i in range(area.cpus)]
         self._indices = list(range(area.cpus))
         self.window = PollWindow(limit=poll_limit)
-        self._clock = clock
+        self._clock, self._yield = clock, yield_cpu
         self._idle_since: float | None = None
-        self.wakeups = self.polled_hits = self.sleeps = 0
+        self.wakeups = self.polled_hits = self.sleeps = self.poll_preempted = 0
         self.poll_seconds = 0.0
 
     def fds(self) -> list[int]:
@@ -220,15 +223,30 @@ class RingServer(RequestServer):
             self.replies_dropped += 1  # a vCPU that does not read its replies
 
     def poll(self) -> bool:
-        """Spin over the rings for the current window (zero: do not poll at all)."""
+        """Look at the rings for the current window (zero: do not poll at all).
+
+        Like KVM's halt polling, which stops as soon as another task is
+        runnable on its CPU, it never holds a core someone else wants: it
+        yields between looks, and a look that comes back late (we were
+        descheduled) ends the polling and counts as a wait polling did not
+        catch, which shrinks the window.
+        """
         if not self.window.window:
             return False
-        start = self._clock()
+        start = last = self._clock()
         end = start + self.window.window
         hit = False
-        while not hit and self._clock() < end:
+        while not hit and last < end:
+            self._yield()
+            now = self._clock()
+            if now - last > POLL_PREEMPTED_SECONDS:
+                self.poll_preempted += 1
+                self.window.record(float("inf"))
+                last = now
+                break
+            last = now
             hit = self._pending()
-        self.poll_seconds += self._clock() - start
+        self.poll_seconds += last - start
         self.polled_hits += hit
         return hit
 
@@ -253,7 +271,7 @@ class RingServer(RequestServer):
 
     def stats(self) -> dict:
         return {**super().stats(), "wakeups": self.wakeups, "polled_hits": self.polled_hits,
-                "sleeps": self.sleeps, "poll_seconds": self.poll_seconds,
+                "sleeps": self.sleeps, "poll_seconds": self.poll_seconds, "poll_preempted": self.poll_preempted,
                 "poll_window_seconds": self.window.window, "poll_limit_seconds": self.window.limit}
 
     def close(self) -> None:

@@ -30,6 +30,7 @@
 #include <linux/futex.h>
 #include <linux/kvm.h>
 #include <mqueue.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -270,7 +271,9 @@ static long ring_receive_reply(struct worker *w, uint8_t *msg)
         t->server_was_awake = 0; /* spin once per request, not after every timeout */
         uint64_t end = monotonic_ns() + RING_SPIN_NS;
         while (monotonic_ns() < end) {
-            __builtin_ia32_pause();
+            /* Spin without keeping the core from anyone who wants it: the
+             * device model may be waiting to run on this very CPU. */
+            sched_yield();
             if ((n = ring_pop(t->replies, msg)) >= 0)
                 return n;
         }

@@ -105,6 +105,21 @@ def test_polling_finds_what_arrives_and_the_window_adapts(ends):
     assert server.window.window == 2 * start
 
 
+def test_polling_gives_way_to_anyone_who_wants_the_core(ends):
+    server, channels, clock = ends
+    yields = []
+
+    def yield_cpu():  # another task ran meanwhile: this look comes back late
+        yields.append(clock.now)
+        clock.now += 100e-6
+
+    server._yield = yield_cpu
+    server.window.window = 80e-6
+    assert not server.poll()
+    assert len(yields) == 1 and server.poll_preempted == 1  # it stopped at once
+    assert server.window.window == 40e-6  # a wait polling could not catch: shrunk
+
+
 def test_a_full_request_ring_stalls_the_vcpu_until_a_stop(ends):
     server, channels, _ = ends
     counts = Counts()
@@ -121,4 +136,5 @@ def test_stats_say_what_the_transport_did(ends):
     server.serve(set(), echo)
     stats = server.stats()
     assert stats["transport"] == "ring" and stats["received"] == [1, 0] and stats["replies_sent"] == 1
-    assert stats["poll_limit_seconds"] == 200e-6 and {"wakeups", "polled_hits", "sleeps", "poll_seconds"} <= set(stats)
+    assert stats["poll_limit_seconds"] == 200e-6
+    assert {"wakeups", "polled_hits", "sleeps", "poll_seconds", "poll_preempted"} <= set(stats)
