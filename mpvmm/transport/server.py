@@ -228,8 +228,8 @@ class RingServer(RequestServer):
         Like KVM's halt polling, which stops as soon as another task is
         runnable on its CPU, it never holds a core someone else wants: it
         yields between looks, and a look that comes back late (we were
-        descheduled) ends the polling and counts as a wait polling did not
-        catch, which shrinks the window.
+        descheduled) ends the polling. As in KVM, the window itself follows
+        only how long the wait turns out to be (``serve``).
         """
         if not self.window.window:
             return False
@@ -241,7 +241,6 @@ class RingServer(RequestServer):
             now = self._clock()
             if now - last > POLL_PREEMPTED_SECONDS:
                 self.poll_preempted += 1
-                self.window.record(float("inf"))
                 last = now
                 break
             last = now
