@@ -5,6 +5,8 @@ message says what went wrong and, where it can, what to do about it. The CLI
 turns them into exit codes in one place (``mpvmm.cli``).
 """
 
+import signal
+
 
 class MpvmmError(Exception):
     """Root of every error mpvmm raises on purpose."""
@@ -46,3 +48,23 @@ class DeviceModelError(MpvmmError):
 class ProtocolError(MpvmmError):
     """A message between the vCPU run loops and the device model is malformed."""
 
+
+
+class StateError(MpvmmError):
+    """A saved machine state (a snapshot's, a migration's) is malformed or does not fit this host."""
+
+
+class SnapshotError(UsageError):
+    """A snapshot cannot be written or restored as asked: another version, truncated, wrong size, corrupt."""
+
+
+class MigrationError(MpvmmError):
+    """A live migration failed: the peer went away, refused, or sent a corrupt stream."""
+
+
+class Interrupted(MpvmmError):
+    """A stop signal arrived before the VM ran (SIGINT while waiting for an incoming VM): exit 128+N."""
+
+    def __init__(self, signum: int, what: str):
+        super().__init__(f"{what}: stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum

@@ -29,6 +29,15 @@ if ! command -v prometheus >/dev/null; then
     apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# The device model's seccomp allow-list is checked against what a real
+# device model calls, recorded with strace (tests/devicemodel/test_syscalls.py).
+if ! command -v strace >/dev/null; then
+    echo "install.sh: installing Debian package: strace (for the sandbox tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends strace >/dev/null
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'

@@ -9,4 +9,18 @@ if [ ! -c /dev/kvm ]; then
     exit 1
 fi
 bash scripts/install.sh
+# What only the tests use, from Debian's packages: QEMU runs the L1 of the
+# nested-KVM Linux tests (tests/nested, docs/linux.md), iasl (acpica-tools)
+# disassembles our ACPI tables. Debian's kernels and busybox are downloaded
+# into a cache, not installed, by scripts/fetch-test-kernel.sh.
+need_apt=()
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+command -v iasl >/dev/null || need_apt+=(acpica-tools)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "test.sh: installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+bash scripts/fetch-test-kernel.sh >/dev/null
 exec .venv/bin/python -m pytest "$@"

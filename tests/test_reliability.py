@@ -1,20 +1,18 @@
 """Faults, hostile guests and repeated start/stop: the VMM survives and leaks nothing."""
 
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.transport import TRANSPORTS
 from mpvmm.vcpu_worker.outcome import Exited, Stopped
-from tests.conftest import device_model_processes, ipc_objects, open_fds
+from tests.conftest import device_model_processes, ipc_objects
 
 SUPERVISOR_ALIVE_TIMEOUT = 10
 
@@ -112,7 +110,7 @@ def _wait_for(predicate, timeout, what):
 @pytest.mark.parametrize("runner", ["native", "process"])
 def test_sigkill_of_the_supervisor_leaves_nothing(runner, transport, tmp_path, kvm_available):
     before = ipc_objects()
-    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner,
+    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner, "--metrics-port", "0",
                                 "--transport", transport,
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -140,7 +138,8 @@ START_UP_KILL_DELAYS = [0.0, 0.05, 0.15, 0.3, 0.5]
 def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, transport, tmp_path, kvm_available):
     """No window in start-up where a SIGKILL strands a name in /dev/shm or /dev/mqueue."""
     before = ipc_objects()
-    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4", "--transport", transport,
+    process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4", "--metrics-port", "0",
+                                "--transport", transport,
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()
@@ -196,39 +195,46 @@ def _orphans_named(prefix: str) -> list[int]:
     return found
 
 
-SOAK_WORKLOADS = [w for w in abi.WORKLOADS if w not in abi.MISBEHAVING_WORKLOADS] + ["hostile"]
+# A stopped device model answers nothing: the supervisor sees it stopped and
+# does not wait for it (device_model_client.STOPPED_CHECK_SECONDS), so the end
+# comes within a force-stop of the vCPUs. docs/reliability.md states it.
+STOPPED_DEVICE_MODEL_BOUND_SECONDS = 10
 
 
-def soak(cycles: int, tmp_path, seed: int) -> None:
-    """Start and stop VMs with random shapes and stop points; check for leaks after each."""
-    rng = random.Random(seed)
-    baseline = (ipc_objects(), device_model_processes(), open_fds(), threading.active_count())
-    for cycle in range(cycles):
-        config = dict(cpus=rng.choice([1, 2, 3, 4, 8]), workload=rng.choice(SOAK_WORKLOADS),
-                      runner=rng.choice(["native", "python", "process"]), transport=rng.choice(TRANSPORTS),
-                      seconds=30)
-        stop_after = rng.uniform(0.05, 0.6)
-        graceful = rng.random() < 0.5
+@pytest.mark.parametrize("runner", ["native", "process"])
+def test_stopped_device_model_and_sigint_give_130_the_summary_and_a_complete_report(runner, spawn, tmp_path):
+    report = tmp_path / "r.json"
+    process = spawn([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner,
+                     "--workload", "pio-device", "--metrics-port", "0", "--console", str(tmp_path / "console"),
+                     "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _child_device_models(process.pid), SUPERVISOR_ALIVE_TIMEOUT, "device model never started")
+    (dm,) = _child_device_models(process.pid)
+    time.sleep(0.5)  # every vCPU in its loop, reads waiting on the device model
+    os.kill(dm, signal.SIGSTOP)
+    _wait_for(lambda: _state(dm) == "T", 2.0, "device model did not stop")
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == "mpvmm: stopped by SIGINT; exit code 130" and "Traceback" not in err
+    assert f"2 vCPUs, {runner} runner, pio-device workload" in out
+    assert "not collected: device model: device model is stopped" in out
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 130 and data["status"] == "stopped by SIGINT"
+    assert data["not_collected"] == {"device_model": "device model is stopped (SIGSTOP, or a debugger) and cannot answer"}
+    assert data["device_model"] == {}
+    assert [vcpu["index"] for vcpu in data["vcpus"]] == [0, 1]
+    assert all(vcpu["exits"]["io"] > 0 and vcpu["guest"]["ops"]["pio_device_writes"] > 0 for vcpu in data["vcpus"])
+    assert took < STOPPED_DEVICE_MODEL_BOUND_SECONDS
+    _wait_for(lambda: _state(dm) in ("gone", "Z"), 2.0, "the stopped device model outlived the run")
 
-        def stop(vm):
-            time.sleep(stop_after)
-            if graceful:
-                vm.guest.request_stop()  # the guest finishes its round and exits
-            else:
-                for runner in vm.vcpus:  # forced: lands mid-exit, mid-sync-read
-                    runner.stop()
 
-        result = run(tmp_path, stop, **config)
-        assert result.exit_code == 0, (cycle, config, result.status)
-        assert all(isinstance(v.outcome, Exited | Stopped) for v in result.vcpus), (cycle, config)
-        now = (ipc_objects(), device_model_processes(), open_fds(), threading.active_count())
-        assert now == baseline, (cycle, config, now, baseline)
+def test_killed_device_model_is_marked_not_collected(tmp_path, no_leaks):
+    def kill_device_model(vm):
+        time.sleep(0.3)
+        os.kill(vm.device_model.pid, signal.SIGKILL)
 
-
-def test_soak_short(tmp_path, no_leaks):
-    soak(int(os.environ.get("MPVMM_SOAK_CYCLES", "20")), tmp_path, seed=1)
-
-
-@pytest.mark.slow
-def test_soak_long(tmp_path, no_leaks):
-    soak(200, tmp_path, seed=2)
+    result = run(tmp_path, kill_device_model, cpus=1, workload="pio-device", seconds=30)
+    assert result.exit_code == 1 and result.status == "device model died (killed by signal 9)"
+    assert result.not_collected == {"device_model": "device model gone (killed by signal 9)"}

@@ -16,7 +16,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mpvmm.arguments import check_writable
+from mpvmm.arguments import check_writable, parse_number
 from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 
 # Workloads with exact, steady exit streams; hostile and faulting ones are no benchmark.
@@ -25,6 +25,8 @@ BENCH_RUNNERS = ("raw", "native", "python", "process")
 # A 1-minute load average from this up means something else runs beside the bench.
 BUSY_LOAD_AVERAGE = 0.5
 PROGRESS_REFRESH_SECONDS = 1.0  # rarely: a refresh takes the GIL the python runner is measured on
+# An hour-long window per run is already far past a useful bench (the figures settle in seconds).
+WINDOW_SECONDS_MAX = 3600
 
 
 def _list_of(kind: str, choices: tuple[str, ...]):
@@ -51,16 +53,14 @@ def _cpu_list(text: str) -> list[int]:
     return counts
 
 
-def _positive(kind: type, what: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
-        if not value > 0:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-        return value
-    return parse
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid repeat count {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 def add_bench_command(commands) -> None:
@@ -78,9 +78,9 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--transport", type=_list_of("transport", TRANSPORTS), default=[DEFAULT_TRANSPORT],
                        metavar="NAME,...", help=f"transports to the device model: {', '.join(TRANSPORTS)} "
                                                 f"(default {DEFAULT_TRANSPORT})")
-    bench.add_argument("--seconds", type=_positive(float, "number of seconds"), default=2.0,
-                       help="length of each measured window (default 2)")
-    bench.add_argument("--repeat", type=_positive(int, "repeat count"), default=3,
+    bench.add_argument("--seconds", type=parse_number(0, WINDOW_SECONDS_MAX, low_allowed=False), default=2.0,
+                       help="length of each measured window, at most an hour (default 2)")
+    bench.add_argument("--repeat", type=_positive_int, default=3,
                        help="runs of each combination; the median is reported (default 3)")
     bench.add_argument("--pin", action="store_true",
                        help="pin each vCPU thread to a host CPU of its own (where there are enough)")
@@ -104,9 +104,9 @@ def _check_host(args) -> None:
 def cmd_bench(args) -> int:
     from mpvmm.bench import report
 
-    for path, option in ((args.json, "--json"), (args.plot, "--plot")):
+    for path, option, replaced in ((args.json, "--json", True), (args.plot, "--plot", False)):
         if path:
-            check_writable(path, option)
+            check_writable(path, option, replaced=replaced)
     if args.plot:
         from mpvmm.bench.plot import require_matplotlib
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from mpvmm.errors import MpvmmError
 from mpvmm.guest import abi
 from mpvmm.kvm import bindings as kb
+from mpvmm.stop_signals import STOP_SIGNALS
 from mpvmm.supervisor.run import RunConfig, RunningVm, Supervisor
 from mpvmm.transport import DEFAULT_TRANSPORT
 
@@ -125,9 +126,6 @@ def pin_plan(cpus: int) -> list[int] | None:
     """The host CPU for each vCPU thread, one each, or None where there are too few."""
     available = sorted(os.sched_getaffinity(0))
     return available[:cpus] if cpus <= len(available) else None
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from mpvmm import __version__
 from mpvmm.guest.abi import DEVICE_ACCESS_OPS
+from mpvmm.output import write_atomically
 from mpvmm.supervisor.summary import latency_quantile
 
 RECORD_VERSION = 2
@@ -130,9 +131,8 @@ def build_records(samples, host: dict) -> list[dict]:
 
 
 def write_json(records: list[dict], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(records, f, indent=2)
-        f.write("\n")
+    """The records as JSON, replacing ``path`` whole, as ``mpvmm start --report`` does."""
+    write_atomically(path, (json.dumps(records, indent=2) + "\n").encode())
 
 
 def _number(value: float | None, digits: int = 0) -> str:

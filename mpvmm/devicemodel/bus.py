@@ -70,6 +70,9 @@ class Device(Protocol):
     def stats(self) -> dict[str, int]:
         """Plain counters of what the device saw, for the device model's stats."""
 
+    def state(self) -> dict:
+        """Everything needed to rebuild the device (its class's ``from_state``), as msgpack-able values."""
+
 
 class DoorbellDevice(Device, Protocol):
     """A device that declares doorbells, told how many rings each had."""

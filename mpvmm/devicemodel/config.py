@@ -7,7 +7,7 @@ exits 1; nothing in it is trusted before it passes.
 
 from dataclasses import dataclass
 
-from mpvmm.devicemodel.boards import MACHINES
+from mpvmm.devicemodel.machines import MACHINES
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION, SPACE_MMIO, SPACE_PIO
 from mpvmm.errors import DeviceModelError
 from mpvmm.transport import TRANSPORTS
@@ -46,6 +46,9 @@ class Config:
     # page_offset (fd, page_offset), or None when nothing is coalesced.
     doorbells: tuple[tuple[int, int, int], ...] = ()
     coalesced_ring: tuple[int, int] | None = None
+    # Guest RAM is mapped read-only unless set: the devices so far never
+    # write guest memory; a virtio device process will.
+    ram_writable: bool = False
 
     @classmethod
     def from_message(cls, message: object) -> "Config":
@@ -69,8 +72,12 @@ class Config:
             raise DeviceModelError("irqfds must map device names to file descriptors")
         if stdin_fd is not None and not _is_fd(stdin_fd):
             raise DeviceModelError("stdin_fd must be a file descriptor or None")
+        ram_writable = message.get("ram_writable", False)
+        if type(ram_writable) is not bool:
+            raise DeviceModelError("ram_writable must be true or false")
         return cls(ram_fd, ram_size, console, **_transport(message), machine=machine,
-                   irqfds=tuple(sorted(irqfds.items())), stdin_fd=stdin_fd, **_in_kernel(message))
+                   irqfds=tuple(sorted(irqfds.items())), stdin_fd=stdin_fd, **_in_kernel(message),
+                   ram_writable=ram_writable)
 
 
 def _transport(message: dict) -> dict:

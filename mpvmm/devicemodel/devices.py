@@ -7,6 +7,8 @@ Both are pure state machines with ``read(offset, size)`` and
 from __future__ import annotations
 
 from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS, BusRange, Doorbell, KernelAccess
+from mpvmm.devicemodel.device_state import expect_keys, expect_uint
+from mpvmm.errors import DeviceModelError
 
 # The test device answers every read with this pattern XOR the offset, so a
 # guest can check that the value it got came from the right register and
@@ -103,6 +105,33 @@ class TestDevice:
                 "doorbells": self.doorbells, "doorbell_misses": self.doorbell_misses,
                 "order_errors": self.order_errors}
 
+    # Its counts are its state: a restored VM's totals go on from the saved
+    # ones, and each vCPU's sequence goes on where it was.
+    def state(self) -> dict:
+        sequences = [[size, source, last] for (size, source), last in sorted(self._last_sequence.items())]
+        return {**self.stats(), "sequences": sequences}
+
+    @classmethod
+    def from_state(cls, state: object, **layout) -> "TestDevice":
+        """Rebuilt from ``state()``; ``layout`` is the constructor's (registers, doorbell), which is not state."""
+        keys = ("writes", "write_sum", "reads", "doorbells", "doorbell_misses", "order_errors", "sequences")
+        expect_keys(state, keys, "test device")
+        device = cls(**layout)
+        for key in keys[:-1]:
+            setattr(device, key, expect_uint(state[key], 64, f"test device {key}"))
+        sequences = state["sequences"]
+        if not isinstance(sequences, list) or len(sequences) > 2 * _SEQUENCE_SOURCES:
+            raise DeviceModelError("test device sequences must be a list of [size, source, last]")
+        for entry in sequences:
+            if not isinstance(entry, list) or len(entry) != 3 or entry[0] not in _SEQUENCE_SPLIT:
+                raise DeviceModelError("test device sequences must be a list of [size, source, last]")
+            size, source, last = entry
+            split = _SEQUENCE_SPLIT[size]
+            if type(source) is not int or not 0 <= source < _SEQUENCE_SOURCES:
+                raise DeviceModelError(f"test device sequence source must be below {_SEQUENCE_SOURCES}")
+            device._last_sequence[(size, source)] = expect_uint(last, split, "test device sequence")
+        return device
+
 
 class Sink:
     """Ports a guest pokes that we deliberately ignore, like kvmtool's x86/ioport.c.
@@ -128,3 +157,13 @@ class Sink:
 
     def stats(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes}
+
+    def state(self) -> dict[str, int]:
+        return self.stats()
+
+    @classmethod
+    def from_state(cls, state: object) -> "Sink":
+        expect_keys(state, ("reads", "writes"), "sink")
+        sink = cls()
+        sink.reads, sink.writes = (expect_uint(state[key], 64, f"sink {key}") for key in ("reads", "writes"))
+        return sink

@@ -28,6 +28,8 @@ class HostConsole:
             self._line_buffered = False
         self.written_bytes = 0
         self.lost_bytes = 0
+        self.write_errors = 0
+        self.last_error: str | None = None  # strerror of the latest failed write, for the user
 
     def write(self, data: bytes) -> None:
         self._buffer += data
@@ -40,9 +42,12 @@ class HostConsole:
         try:
             while done < len(view):
                 done += os.write(self.fd, view[done:])
-        except OSError:
-            # A closed pipe or full disk must not stop the guest: count, drop.
+        except OSError as err:
+            # A closed pipe or full disk must not stop the guest: count, drop,
+            # and keep why, for the summary, the report and /metrics.
             self.lost_bytes += len(view) - done
+            self.write_errors += 1
+            self.last_error = err.strerror
         finally:
             self.written_bytes += done
             view.release()
@@ -53,5 +58,6 @@ class HostConsole:
         if self._owns_fd:
             os.close(self.fd)
 
-    def stats(self) -> dict[str, int]:
-        return {"written_bytes": self.written_bytes, "lost_bytes": self.lost_bytes}
+    def stats(self) -> dict[str, int | str | None]:
+        return {"written_bytes": self.written_bytes, "lost_bytes": self.lost_bytes,
+                "write_errors": self.write_errors, "error": self.last_error}

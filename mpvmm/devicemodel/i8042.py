@@ -16,6 +16,7 @@ from collections import deque
 from typing import Callable
 
 from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS
+from mpvmm.devicemodel.device_state import expect_bytes, expect_keys, expect_uint
 
 DATA_OFFSET = 0
 STATUS_OFFSET = 4  # read: status; write: controller command
@@ -23,6 +24,7 @@ STATUS_OFFSET = 4  # read: status; write: controller command
 STATUS_OUTPUT_FULL = 0x01
 STATUS_SYSTEM_FLAG = 0x04  # set once the self-test has passed
 STATUS_LAST_WAS_COMMAND = 0x08
+STATUS_NOT_INHIBITED = 0x10  # the keyboard lock switch is off (clear: Linux warns "Keylock active")
 
 CMD_READ_CTR = 0x20
 CMD_WRITE_CTR = 0x60
@@ -66,7 +68,7 @@ class I8042:
         self._reset = reset or _no_action
         self._trigger = trigger or _no_action
         self.command_byte = CTR_DEFAULT
-        self.status = STATUS_SYSTEM_FLAG
+        self.status = STATUS_SYSTEM_FLAG | STATUS_NOT_INHIBITED
         self._output: deque[int] = deque()
         self._pending_command: int | None = None  # a command waiting for its data byte
         self.resets = 0
@@ -150,3 +152,22 @@ class I8042:
 
     def stats(self) -> dict[str, int]:
         return {"resets": self.resets}
+
+    _STATE_KEYS = ("command_byte", "status", "output", "pending_command", "resets")
+
+    def state(self) -> dict:
+        return {"command_byte": self.command_byte, "status": self.status, "output": bytes(self._output),
+                "pending_command": self._pending_command, "resets": self.resets}
+
+    @classmethod
+    def from_state(cls, state: object, reset: Callable[[], None] | None = None,
+                   trigger: Callable[[], None] | None = None) -> "I8042":
+        expect_keys(state, cls._STATE_KEYS, "i8042")
+        i8042 = cls(reset, trigger)
+        i8042.command_byte = expect_uint(state["command_byte"], 8, "i8042 command byte")
+        i8042.status = expect_uint(state["status"], 8, "i8042 status")
+        i8042._output.extend(expect_bytes(state["output"], OUTPUT_BUFFER_MAX, "i8042 output"))
+        pending = state["pending_command"]
+        i8042._pending_command = None if pending is None else expect_uint(pending, 8, "i8042 pending command")
+        i8042.resets = expect_uint(state["resets"], 64, "i8042 resets")
+        return i8042

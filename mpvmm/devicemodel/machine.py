@@ -24,6 +24,7 @@ from mpvmm.devicemodel.protocol import (
     encode_reply,
 )
 from mpvmm.devicemodel.serial import Serial
+from mpvmm.errors import DeviceModelError
 from mpvmm.x86.layout import (
     COM1_PORT,
     COM1_PORT_COUNT,
@@ -53,22 +54,47 @@ SPACE_NAMES = {SPACE_PIO: "pio", SPACE_MMIO: "mmio"}
 OPS = ("read", "write")
 
 
+def make_device(cls, states: dict | None, name: str, **hooks):
+    """A new ``cls`` with ``hooks`` (its trigger, output ...), or one rebuilt from ``states[name]``.
+
+    ``states`` is None for a machine that boots afresh, or the per-device
+    records a restored machine saved, keyed by device name.
+    """
+    if states is None:
+        return cls(**hooks)
+    if name not in states:
+        raise DeviceModelError(f"the saved device states have no record for {name}")
+    return cls.from_state(states[name], **hooks)
+
+
+def check_all_restored(states: dict | None, devices: dict[str, Device]) -> None:
+    """Refuse saved states for devices this machine does not have."""
+    if states is not None and set(states) - set(devices):
+        raise DeviceModelError(f"the saved device states name devices this machine lacks: "
+                               f"{', '.join(sorted(set(states) - set(devices)))}")
+
+
 def build_buses(
     console_out: Callable[[bytes], None] | None = None,
     com1_trigger: Callable[[], None] | None = None,
+    states: dict | None = None,
 ) -> tuple[Bus, Bus, dict[str, Device]]:
     """Create the machine's devices and place them on the pio and mmio buses.
 
     Returns ``(pio, mmio, devices_by_name)``. The test device has one instance
-    per bus, so a test can tell which path a guest access took.
+    per bus, so a test can tell which path a guest access took. With
+    ``states`` (device name -> ``state()`` record) each device is rebuilt
+    from its record instead.
     """
     pio, mmio = Bus("pio"), Bus("mmio")
-    uart = Serial(trigger=com1_trigger, out=console_out)
+    uart = make_device(Serial, states, COM1_NAME, trigger=com1_trigger, out=console_out)
     # The port device's doorbell takes any value, the MMIO one's only
     # TESTDEV_DOORBELL_VALUE (KVM_IOEVENTFD's datamatch): both kinds are used.
-    pio_testdev = TestDevice(PIO_TESTDEV_REGISTERS, doorbell_size=4)
-    mmio_testdev = TestDevice(MMIO_TESTDEV_REGISTERS, doorbell_size=8, datamatch=TESTDEV_DOORBELL_VALUE)
-    port80, pci_config = Sink(), Sink()
+    pio_testdev = make_device(TestDevice, states, PIO_TESTDEV_NAME, registers=PIO_TESTDEV_REGISTERS,
+                              doorbell_size=4)
+    mmio_testdev = make_device(TestDevice, states, MMIO_TESTDEV_NAME, registers=MMIO_TESTDEV_REGISTERS,
+                               doorbell_size=8, datamatch=TESTDEV_DOORBELL_VALUE)
+    port80, pci_config = make_device(Sink, states, PORT80_NAME), make_device(Sink, states, PCI_CONFIG_NAME)
     pio.insert(BusRange(COM1_PORT, COM1_PORT_COUNT), uart, COM1_NAME)
     pio.insert(BusRange(PIO_TESTDEV_PORT, PIO_TESTDEV_PORT_COUNT), pio_testdev, PIO_TESTDEV_NAME)
     pio.insert(BusRange(POST_DIAGNOSTIC_PORT, 1), port80, PORT80_NAME)
@@ -173,20 +199,47 @@ class DeviceModel:
         except Exception:
             self.device_errors[name] += 1
 
+    def timer_deadline(self) -> float | None:
+        """The earliest ``time.time()`` at which a device wants ``run_timers`` (the RTC's update cycle)."""
+        deadlines = [device.timer_deadline() for device in self._timed()]
+        return min((deadline for deadline in deadlines if deadline is not None), default=None)
+
+    def run_timers(self) -> None:
+        """Let every device with a clock catch up with it (each one checks its own deadline)."""
+        for name, device in self.devices.items():
+            if hasattr(device, "on_timer"):
+                try:
+                    device.on_timer()
+                except Exception:
+                    self.device_errors[name] += 1
+
+    def _timed(self) -> list:
+        return [device for device in self.devices.values() if hasattr(device, "timer_deadline")]
+
+    def decode(self, data: bytes) -> Request | None:
+        """The request in ``data``, or None: a malformed one is counted under its reason."""
+        try:
+            return decode_request(data)
+        except MessageRejected as err:
+            self.rejected[err.reason] += 1
+            return None
+
     def handle_message(self, data: bytes) -> bytes | None:
         """Decode, dispatch and, for a read, encode the reply; None otherwise.
 
         A malformed message is counted under its reason and dropped.
         """
-        try:
-            request = decode_request(data)
-        except MessageRejected as err:
-            self.rejected[err.reason] += 1
+        request = self.decode(data)
+        if request is None:
             return None
         value = self.handle(request)
         if value is None:
             return None
         return encode_reply(request.seq, value)
+
+    def states(self) -> dict[str, dict]:
+        """Every device's ``state()`` record, keyed by its name: what a snapshot keeps."""
+        return {name: device.state() for name, device in self.devices.items()}
 
     def stats(self) -> dict:
         """Plain counters, nested by name (msgpack-able, string keys only)."""

@@ -21,7 +21,7 @@ from typing import Callable
 from mpvmm.devicemodel.acpi_pm import AcpiPm
 from mpvmm.devicemodel.bus import BusRange
 from mpvmm.devicemodel.i8042 import I8042
-from mpvmm.devicemodel.machine import COM1_NAME, build_buses
+from mpvmm.devicemodel.machine import COM1_NAME, build_buses, make_device
 from mpvmm.devicemodel.rtc import Rtc
 from mpvmm.x86 import layout
 
@@ -31,7 +31,7 @@ ACPI_PM_NAME = "acpi-pm"
 I8042_PORT_COUNT = layout.I8042_COMMAND_PORT - layout.I8042_DATA_PORT + 1
 # irqfd names in the configure message, and the GSI each is registered on:
 # the one IRQ map of the PC machine (the supervisor registers these irqfds).
-IRQ_LINES = {COM1_NAME: layout.COM1_IRQ, I8042_NAME: layout.I8042_IRQ}
+IRQ_LINES = {COM1_NAME: layout.COM1_IRQ, I8042_NAME: layout.I8042_IRQ, RTC_NAME: layout.RTC_IRQ}
 EVENT_I8042_RESET = "reboot"
 _ONE = (1).to_bytes(8, "little")
 
@@ -49,11 +49,13 @@ def build_pc_buses(
     console_out: Callable[[bytes], None] | None,
     triggers: dict[str, Callable[[], None]],
     on_event: Callable[[str], None],
+    states: dict | None = None,
 ):
-    pio, mmio, devices = build_buses(console_out, triggers.get(COM1_NAME))
-    rtc = Rtc()
-    i8042 = I8042(reset=lambda: on_event(EVENT_I8042_RESET), trigger=triggers.get("i8042"))
-    acpi_pm = AcpiPm(on_event)
+    pio, mmio, devices = build_buses(console_out, triggers.get(COM1_NAME), states)
+    rtc = make_device(Rtc, states, RTC_NAME, trigger=triggers.get(RTC_NAME))
+    i8042 = make_device(I8042, states, I8042_NAME, reset=lambda: on_event(EVENT_I8042_RESET),
+                        trigger=triggers.get(I8042_NAME))
+    acpi_pm = make_device(AcpiPm, states, ACPI_PM_NAME, on_event=on_event)
     pio.insert(BusRange(layout.RTC_PORT, layout.RTC_PORT_COUNT), rtc, RTC_NAME)
     # 0x61 between them is the PIT's speaker port, answered in the kernel.
     pio.insert(BusRange(layout.I8042_DATA_PORT, I8042_PORT_COUNT), i8042, I8042_NAME)

@@ -17,50 +17,56 @@ ring area's fd), maps KVM's coalesced ring from the vCPU fd it was given,
 then answers ``ready`` or ``error`` (and exits 1). It asks to die with the
 supervisor only after that: a supervisor killed mid-start-up must not take
 the device model with it before the names it sent are gone. Then ``stats``
-is answered with ``stats``, and ``shutdown`` with ``bye`` once the requests
-and the coalesced ring are drained and the console flushed (exit 0). End of
-file means the supervisor is gone: exit 0.
+is answered with ``stats``, ``save_state`` and ``restore_state`` carry the
+devices' state records, and ``shutdown`` is answered with ``bye`` once the
+requests and the coalesced ring are drained and the console flushed (exit
+0). End of file means the supervisor is gone: exit 0.
 
 One thread serves everything through epoll: the transport's descriptors
 (message queues are pollable on Linux; the ring transport has one eventfd),
-the control socket, the doorbells' eventfds and the terminal. The coalesced
-ring is drained before every request and doorbell, and at least every
-millisecond. Nothing a guest sends can end the loop.
+the control socket, the doorbells' eventfds and the terminal. Requests are
+taken in rounds, and a read is answered only after every write then queued
+by any vCPU, in a channel or in KVM's coalesced ring (rounds.py says why).
+The coalesced ring is drained before every access the device model
+performs and every doorbell, and at least every millisecond. The loop also
+wakes for device timers (the RTC's update cycle). Nothing a guest sends can
+end the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
-import resource
 import select
-import signal
 import socket
 import sys
+import time
 from typing import Sequence
 
 import msgpack
 import posix_ipc
 
-from mpvmm.devicemodel.boards import build_machine
 from mpvmm.devicemodel.coalesced import DRAIN_INTERVAL_SECONDS, CoalescedRing
 from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
+from mpvmm.devicemodel.machines import MachineBuilder
 from mpvmm.devicemodel.pc import eventfd_trigger
-from mpvmm.devicemodel.protocol import SCHEMA_VERSION
-from mpvmm.devicemodel.sandbox import confine
+from mpvmm.devicemodel.process_setup import batch_scheduling, die_with_parent, raise_fd_limit
+from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
+from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
+from mpvmm.output import open_standard_fds
+from mpvmm.stop_signals import ignore_stop_signals
 from mpvmm.transport.ring import RingArea
 from mpvmm.transport.server import QueueServer, RequestServer, RingServer
 
 # Control messages are small; more than this unread means a broken peer.
 CONTROL_BUFFER_MAX = 1 << 20
 CONTROL_READ_SIZE = 65536
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STDOUT_FD = 1  # the console without --console: whatever the supervisor's stdout is
 
 
 class _Exit(Exception):
@@ -69,46 +75,6 @@ class _Exit(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
-
-
-def _raise_fd_limit() -> None:
-    """Two queue descriptors per vCPU: 512 vCPUs already pass the usual soft limit of 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            pass  # configure reports "Too many open files" if it comes to that
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill us when the supervisor goes, however it goes.
-
-    If it went before we asked (we are an orphan already), leave now.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: EOF on the control socket still ends us
-    if os.getppid() != parent:
-        raise _Exit(0)
-
-
-def _batch_scheduling() -> None:
-    """SCHED_BATCH: a posted write wakes us, but must not preempt the vCPU that sent it.
-
-    As an ordinary task the device model, woken by every posted write, often
-    preempted the sending vCPU thread on its own CPU (measured: ~0.5 forced
-    context switches per exit on the 2-core development VM). A batch task is
-    not given wake-up preemption; it runs when the vCPU blocks (every sync
-    read does) or at the next tick, draining several writes at once. Measured
-    there: pio-device 44.3 -> 37.8 us and uart 48.1 -> 38.6 us per exit.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass  # not Linux, or refused: ordinary scheduling still works
 
 
 class DeviceModelServer:
@@ -127,6 +93,7 @@ class DeviceModelServer:
         self._epoll: select.epoll | None = None
         self.internal_errors = 0
         self.host_input: HostInput | None = None
+        self.confinement: Confinement | None = None
 
     # --- Control channel. ---
 
@@ -175,6 +142,11 @@ class DeviceModelServer:
             self.console.flush()
             self._send({"op": "bye", **self._stats()})
             raise _Exit(0)
+        elif op == "save_state":  # the vCPUs are paused: the queues hold only what came before
+            self._drain_all()
+            self._send({"op": "state", "devices": self.model.states()})
+        elif op == "restore_state":
+            self._restore_state(message.get("devices"))
         elif op == "configure":
             self._send({"op": "error", "message": "already configured"})
         else:
@@ -189,6 +161,7 @@ class DeviceModelServer:
                 "internal_errors": self.internal_errors,
                 "console": self.console.stats(),
                 "coalesced_ring": self.coalesced.stats() if self.coalesced is not None else None,
+                "terminal_input": self.host_input.stats() if self.host_input is not None else None,
             },
         }
 
@@ -205,12 +178,17 @@ class DeviceModelServer:
         try:
             config = Config.from_message(message)
             self._open(config)
-            _die_with_parent(self.parent)  # only now: every name is unlinked
-            confine()  # everything is open: give up what a hostile guest would want next
+            # Everything is open: give up what a hostile guest would want next
+            # (sandbox.py). The uid first: changing it clears the parent-death signal.
+            confinement = drop_privileges()
+            if not die_with_parent(self.parent):  # only now: every name is unlinked
+                raise _Exit(0)  # the supervisor is gone already
+            self.confinement = restrict(confinement)
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
             raise _Exit(1) from err
-        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION})
+        self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION,
+                    "sandbox": self.confinement.as_message()})
 
     def _open(self, config: Config) -> None:
         try:
@@ -221,18 +199,18 @@ class DeviceModelServer:
             raise DeviceModelError(f"guest RAM fd {config.ram_fd} holds {size} bytes, configure says {config.ram_size}")
         # Kept mapped for the virtio devices to come; the fd is not needed.
         try:
-            self.ram = mmap.mmap(config.ram_fd, config.ram_size)
+            self.ram = map_guest_ram(config.ram_fd, config.ram_size, config.ram_writable)
         finally:
             os.close(config.ram_fd)
         self.requests = _open_transport(config)
         if config.console is None:
-            self.console = HostConsole(sys.stdout.fileno(), owns_fd=False)
+            self.console = HostConsole(STDOUT_FD, owns_fd=False)
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
         triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
-        self.model = DeviceModel(machine=build_machine(config.machine, self.console.write, triggers,
-                                                       self._system_event))
+        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event)
+        self.model = self._machine.build()
         if config.coalesced_ring is not None:
             self.coalesced = CoalescedRing.map(*config.coalesced_ring)
         self.doorbells = {fd: (space, address) for fd, space, address in config.doorbells}
@@ -242,18 +220,33 @@ class DeviceModelServer:
         if config.stdin_fd is not None:
             self.host_input = HostInput(config.stdin_fd, self.model.uart, self._epoll)
 
-    # --- Requests, doorbells and the coalesced ring. ---
+    def _restore_state(self, devices: object) -> None:
+        """Rebuild the machine from saved records (snapshots, migration); the old one stays if they are refused."""
+        try:
+            self.model = self._machine.build(devices if isinstance(devices, dict) else {})
+        except (DeviceModelError, TypeError, ValueError) as err:
+            self._send({"op": "error", "message": f"device state refused: {err}"})
+            return
+        if self.host_input is not None:
+            self.host_input.uart = self.model.uart
+        self._send({"op": "restored"})
+
+    # --- Requests, doorbells and the coalesced ring (rounds.Device). ---
 
     def _drain_coalesced(self) -> None:
         if self.coalesced is not None:
             self.coalesced.drain(self.model.write_coalesced)
 
-    def _handle(self, index: int, message: bytes) -> bytes | None:
-        # A read must see every earlier write of its vCPU, and a ring-full
-        # fallback must not overtake the ring: drain it first, every time.
+    def decode(self, record: bytes) -> Request | None:
+        return self.model.decode(record)
+
+    def perform(self, request: Request) -> bytes | None:
+        # Every write KVM coalesced before this access comes first: a read
+        # must see them, and a ring-full fallback must not overtake them.
         self._drain_coalesced()
         try:
-            return self.model.handle_message(message)
+            value = self.model.handle(request)
+            return None if value is None else encode_reply(request.seq, value)
         except Exception:  # DeviceModel already guards; this is the last fence
             self.internal_errors += 1
             return None
@@ -268,7 +261,7 @@ class DeviceModelServer:
 
     def _drain_all(self) -> None:
         self._drain_coalesced()
-        self.requests.drain(self._handle)
+        self.requests.drain(self)
         for fd in self.doorbells:
             self._ring_doorbell(fd)
         self._drain_coalesced()
@@ -280,7 +273,7 @@ class DeviceModelServer:
         ready: set[int] = set()
         while True:
             self._drain_coalesced()  # at least once a DRAIN_INTERVAL_SECONDS: the epoll timeout
-            if self.requests.serve(ready, self._handle):
+            if self.requests.serve(ready, self):
                 timeout = 0.0
             elif self.requests.poll():
                 ready = set()
@@ -290,9 +283,10 @@ class DeviceModelServer:
                 if not self.requests.prepare_sleep():
                     ready = set()
                     continue
-                timeout = DRAIN_INTERVAL_SECONDS if self.coalesced is not None else -1
+                timeout = self._sleep_timeout()
             ready = {fd for fd, _mask in self._epoll.poll(timeout)}
             self.requests.woke(ready)
+            self.model.run_timers()
             for fd in ready:
                 if self.host_input is not None and fd == self.host_input.fd:
                     self.host_input.on_readable()
@@ -302,7 +296,16 @@ class DeviceModelServer:
                 elif fd in self.doorbells:
                     self._ring_doorbell(fd)
             if self.host_input is not None:
-                self.host_input.rearm()
+                self.host_input.feed()  # the guest may have read from the FIFO meanwhile
+
+    def _sleep_timeout(self) -> float:
+        """Seconds to sleep at most: until a device's next timer (the RTC's update
+        cycle) or the next drain of the coalesced ring; -1 when neither is due."""
+        deadline = self.model.timer_deadline()
+        timer = None if deadline is None else max(0.0, deadline - time.time())
+        drain = DRAIN_INTERVAL_SECONDS if self.coalesced is not None else None
+        timeouts = [t for t in (timer, drain) if t is not None]
+        return min(timeouts) if timeouts else -1
 
     def close(self) -> None:
         """Release everything opened so far; safe after a failed configure."""
@@ -346,11 +349,11 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m mpvmm.devicemodel <control_fd>", file=sys.stderr)
         return 2
     parent = os.getppid()
-    _raise_fd_limit()
-    _batch_scheduling()
-    # Ctrl-C in the terminal reaches the whole process group; the supervisor
-    # handles it and tells us to shut down, so we drain instead of dying.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    open_standard_fds()  # a closed stdout must not become a queue's number, then taken for the console
+    raise_fd_limit()
+    batch_scheduling()
+    # Started with the stop signals blocked (device_model_client.py): the supervisor's to handle.
+    ignore_stop_signals()
     try:
         control = socket.socket(fileno=int(argv[0]))
     except OSError as err:

@@ -8,14 +8,14 @@ import ctypes
 from importlib import resources
 from pathlib import Path
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 PARAMS_MAGIC = 0x524150564D56504D
 REPORT_MAGIC = 0x545045524D56504D
 ATOMIC_COUNTERS = 8
 
 # Workload names as the CLI takes them, in abi.h's enum order.
 WORKLOADS = ("demo", "compute", "pio-null", "pio-device", "mmio", "uart", "atomics",
-             "hostile", "triple-fault", "doorbell", "writes")
+             "hostile", "triple-fault", "dirty", "doorbell", "writes")
 # Workloads that exist to misbehave: their exit counts are not exact by design.
 MISBEHAVING_WORKLOADS = ("hostile", "triple-fault")
 
@@ -37,6 +37,7 @@ OPS = (
     "hostile_port_reads",
     "hostile_mmio_writes",
     "hostile_mmio_reads",
+    "dirty_pages",
     "pio_doorbells",
     "mmio_doorbells",
     "mmio_doorbell_misses",
@@ -72,6 +73,7 @@ REPORT_STATE_ONLINE = 1
 REPORT_STATE_DONE = 2
 STATUS_OK = 0
 STATUS_READ_MISMATCH = 3
+STATUS_STATE_LOST = 4
 
 
 class GuestParams(ctypes.Structure):
@@ -93,6 +95,10 @@ class GuestParams(ctypes.Structure):
         ("pio_testdev_port", ctypes.c_uint16),
         ("pio_doorbell_port", ctypes.c_uint16),
         ("reserved", ctypes.c_uint16 * 2),
+        ("dirty_rate_mib", ctypes.c_uint32),
+        ("dirty_round_us", ctypes.c_uint32),
+        ("dirty_base", ctypes.c_uint64),
+        ("dirty_size", ctypes.c_uint64),
         ("mmio_doorbell_addr", ctypes.c_uint64),
         ("doorbell_value", ctypes.c_uint32),
         ("reserved2", ctypes.c_uint32),

@@ -378,12 +378,44 @@ static void run_triple_fault(struct vcpu *v)
     __asm__ volatile("ud2");
 }
 
-static void run_atomics(struct vcpu *v)
+/* Returns whether its own count (in a register) still matches the one in
+ * its report (in RAM): see MPVMM_STATUS_STATE_LOST. */
+static int run_atomics(struct vcpu *v)
 {
     uint64_t round = 0;
     do
         atomic_increment(v, round++);
     while (!stopping(v));
+    return round == v->report->ops[MPVMM_OP_ATOMIC_INCREMENTS];
+}
+
+/* Writes one word in each of this vCPU's pages of the dirty region in turn,
+ * so many pages per burst that the whole VM dirties dirty_rate_mib MiB/s,
+ * resting dirty_round_us between bursts: the load a live migration has to
+ * outrun (it copies what the guest dirtied while it copied). */
+#define PAGE_SIZE 4096u
+#define PAGES_PER_MIB 256u
+#define CREDIT_PER_PAGE 1000000u /* page-microseconds: pages/s times microseconds */
+
+static int run_dirty(struct vcpu *v)
+{
+    volatile struct mpvmm_guest_params *p = v->params;
+    uint64_t pages = p->dirty_size / PAGE_SIZE / p->cpus;
+    uint64_t base = p->dirty_base + v->index * pages * PAGE_SIZE;
+    uint64_t pages_per_second = (uint64_t)p->dirty_rate_mib * PAGES_PER_MIB / p->cpus;
+    uint64_t credit = 0, next = 0, round = 0, written = 0;
+    do {
+        sleep_us(v, p->dirty_round_us);
+        credit += pages_per_second * p->dirty_round_us;
+        for (; credit >= CREDIT_PER_PAGE && pages; credit -= CREDIT_PER_PAGE) {
+            *(volatile uint64_t *)(base + next * PAGE_SIZE) = round;
+            count(v, MPVMM_OP_DIRTY_PAGES);
+            written++;
+            if (++next == pages)
+                next = 0;
+        }
+    } while (round++, !stopping(v));
+    return written == v->report->ops[MPVMM_OP_DIRTY_PAGES];
 }
 
 static void finish(struct vcpu *v, uint64_t status)
@@ -410,6 +442,7 @@ void guest_main(uint64_t index, volatile struct mpvmm_guest_params *block)
     v->report->state = MPVMM_REPORT_STATE_ONLINE;
     print_vcpu_line(v, "online", 0, 0);
 
+    int consistent = 1;
     switch (block->workload) {
     case MPVMM_WORKLOAD_DEMO: run_demo(v); break;
     case MPVMM_WORKLOAD_COMPUTE: run_compute(v); break;
@@ -417,12 +450,16 @@ void guest_main(uint64_t index, volatile struct mpvmm_guest_params *block)
     case MPVMM_WORKLOAD_PIO_DEVICE: run_pio_device(v); break;
     case MPVMM_WORKLOAD_MMIO: run_mmio(v); break;
     case MPVMM_WORKLOAD_UART: run_uart(v); break;
-    case MPVMM_WORKLOAD_ATOMICS: run_atomics(v); break;
+    case MPVMM_WORKLOAD_ATOMICS: consistent = run_atomics(v); break;
     case MPVMM_WORKLOAD_HOSTILE: run_hostile(v); break;
     case MPVMM_WORKLOAD_TRIPLE_FAULT: run_triple_fault(v); break;
+    case MPVMM_WORKLOAD_DIRTY: consistent = run_dirty(v); break;
     case MPVMM_WORKLOAD_DOORBELL: run_doorbell(v); break;
     case MPVMM_WORKLOAD_WRITES: run_writes(v); break;
     default: finish(v, MPVMM_STATUS_BAD_PARAMS); return;
     }
-    finish(v, v->report->ops[MPVMM_OP_READ_MISMATCHES] ? MPVMM_STATUS_READ_MISMATCH : MPVMM_STATUS_OK);
+    if (!consistent)
+        finish(v, MPVMM_STATUS_STATE_LOST);
+    else
+        finish(v, v->report->ops[MPVMM_OP_READ_MISMATCHES] ? MPVMM_STATUS_READ_MISMATCH : MPVMM_STATUS_OK);
 }

@@ -24,22 +24,44 @@ from ctypes import c_uint64 as u64
 from mpvmm.kvm.bindings_x86 import (  # noqa: F401  (re-exported)
     KVM_APIC_REG_SIZE,
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_IOAPIC_NUM_PINS,
+    KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_XCRS,
     KVM_NR_INTERRUPTS,
+    KVM_NR_IRQCHIPS,
+    KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_PAYLOAD,
+    KVM_VCPUEVENT_VALID_SHADOW,
+    KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    KVM_VCPUEVENT_VALID_SMM,
+    KVM_VCPUEVENT_VALID_TRIPLE_FAULT,
     cpuid2_type,
     kvm_cpuid2,
     kvm_cpuid_entry2,
     kvm_debug_exit_arch,
+    kvm_debugregs,
     kvm_dtable,
     kvm_fpu,
+    kvm_ioapic_state,
     kvm_lapic_state,
     kvm_msr_entry,
     kvm_msr_list,
     kvm_msrs,
+    kvm_pic_state,
+    kvm_pit_channel_state,
+    kvm_pit_state2,
     kvm_regs,
     kvm_segment,
     kvm_sregs,
+    kvm_vcpu_events,
+    kvm_xcr,
+    kvm_xcrs,
+    kvm_xsave,
     msr_list_type,
     msrs_type,
+    xsave_type,
 )
 
 KVM_API_VERSION = 12
@@ -129,6 +151,35 @@ class kvm_coalesced_mmio_ring(Structure):
 COALESCED_RING_PAGE_SIZE = 4096  # the ring is one page (PAGE_SIZE on x86-64)
 # KVM_COALESCED_MMIO_MAX of linux/kvm.h, which needs the kernel's PAGE_SIZE to expand.
 COALESCED_RING_ENTRIES = (COALESCED_RING_PAGE_SIZE - ctypes.sizeof(kvm_coalesced_mmio_ring)) // ctypes.sizeof(kvm_coalesced_mmio)
+# --- linux/kvm.h: state save and restore, dirty logging ---------------------------
+
+
+class _kvm_irqchip_chip(Union):
+    _fields_ = [("dummy", u8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(Structure):
+    """One chip of the in-kernel irqchip, chosen by ``chip_id`` (KVM_IRQCHIP_*)."""
+
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", _kvm_irqchip_chip)]
+
+
+class kvm_clock_data(Structure):
+    """The VM's kvmclock (KVM_GET_CLOCK): nanoseconds, and with flags the host's realtime and TSC."""
+
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64), ("host_tsc", u64),
+                ("pad", u32 * 4)]  # fmt: skip
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
+class kvm_dirty_log(Structure):
+    """A memslot's dirty bitmap (one bit per page), written at ``dirty_bitmap``, a host address."""
+
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
 # --- linux/kvm.h: binary statistics (api.rst, KVM_GET_STATS_FD) ----------------
@@ -180,9 +231,15 @@ KVM_CAP_COALESCED_MMIO = 15  # its value is the ring's page offset in a vCPU fd'
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
+KVM_CAP_PIT_STATE2 = 35
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_INTERNAL_ERROR_DATA = 40
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_SIGNAL_MSI = 77
@@ -195,6 +252,7 @@ KVM_CAP_X86_DISABLE_EXITS = 143
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_XSAVE2 = 208
 
 # --- linux/kvm.h: exits ----------------------------------------------------------
 
@@ -424,6 +482,8 @@ STRUCTURES: tuple[type, ...] = (
     kvm_pit_config, kvm_mp_state, kvm_ioeventfd, kvm_irqfd,
     kvm_coalesced_mmio_zone, kvm_coalesced_mmio, kvm_coalesced_mmio_ring,
     kvm_stats_header, kvm_stats_desc, kvm_run,
+    kvm_pic_state, kvm_ioapic_state, kvm_irqchip, kvm_pit_channel_state, kvm_pit_state2,
+    kvm_clock_data, kvm_vcpu_events, kvm_debugregs, kvm_xsave, kvm_xcr, kvm_xcrs, kvm_dirty_log,
 )  # fmt: skip
 
 assert ctypes.sizeof(_kvm_run_exit) == 256, "the kvm_run exit union must stay 256 bytes"

@@ -86,15 +86,22 @@ KVM_GET_SUPPORTED_CPUID = IOWR(KVMIO, 0x05, b.kvm_cpuid2)
 
 # --- VM fd ---
 KVM_CREATE_VCPU = IO(KVMIO, 0x41)  # returns a vCPU fd
+KVM_GET_DIRTY_LOG = IOW(KVMIO, 0x42, b.kvm_dirty_log)  # IOW, but KVM writes the bitmap it points to
 KVM_SET_USER_MEMORY_REGION = IOW(KVMIO, 0x46, b.kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = IOW(KVMIO, 0x48, c_uint64)
 KVM_REGISTER_COALESCED_MMIO = IOW(KVMIO, 0x67, b.kvm_coalesced_mmio_zone)
 KVM_UNREGISTER_COALESCED_MMIO = IOW(KVMIO, 0x68, b.kvm_coalesced_mmio_zone)
 KVM_CREATE_IRQCHIP = IO(KVMIO, 0x60)
+KVM_GET_IRQCHIP = IOWR(KVMIO, 0x62, b.kvm_irqchip)
+KVM_SET_IRQCHIP = IOR(KVMIO, 0x63, b.kvm_irqchip)  # sic: _IOR in linux/kvm.h, though KVM reads it
 KVM_IRQFD = IOW(KVMIO, 0x76, b.kvm_irqfd)
 KVM_CREATE_PIT2 = IOW(KVMIO, 0x77, b.kvm_pit_config)
 KVM_IOEVENTFD = IOW(KVMIO, 0x79, b.kvm_ioeventfd)
+KVM_SET_CLOCK = IOW(KVMIO, 0x7B, b.kvm_clock_data)
+KVM_GET_CLOCK = IOR(KVMIO, 0x7C, b.kvm_clock_data)
+KVM_GET_PIT2 = IOR(KVMIO, 0x9F, b.kvm_pit_state2)
+KVM_SET_PIT2 = IOW(KVMIO, 0xA0, b.kvm_pit_state2)
 KVM_GET_STATS_FD = IO(KVMIO, 0xCE)  # also valid on a vCPU fd
 
 # --- vCPU fd ---
@@ -110,8 +117,18 @@ KVM_SET_FPU = IOW(KVMIO, 0x8D, b.kvm_fpu)
 KVM_GET_LAPIC = IOR(KVMIO, 0x8E, b.kvm_lapic_state)
 KVM_SET_LAPIC = IOW(KVMIO, 0x8F, b.kvm_lapic_state)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, b.kvm_cpuid2)
+KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, b.kvm_cpuid2)
 KVM_GET_MP_STATE = IOR(KVMIO, 0x98, b.kvm_mp_state)
 KVM_SET_MP_STATE = IOW(KVMIO, 0x99, b.kvm_mp_state)
+KVM_GET_VCPU_EVENTS = IOR(KVMIO, 0x9F, b.kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = IOW(KVMIO, 0xA0, b.kvm_vcpu_events)
+KVM_GET_DEBUGREGS = IOR(KVMIO, 0xA1, b.kvm_debugregs)
+KVM_SET_DEBUGREGS = IOW(KVMIO, 0xA2, b.kvm_debugregs)
+KVM_GET_XSAVE = IOR(KVMIO, 0xA4, b.kvm_xsave)
+KVM_SET_XSAVE = IOW(KVMIO, 0xA5, b.kvm_xsave)
+KVM_GET_XCRS = IOR(KVMIO, 0xA6, b.kvm_xcrs)
+KVM_SET_XCRS = IOW(KVMIO, 0xA7, b.kvm_xcrs)
+KVM_GET_XSAVE2 = IOR(KVMIO, 0xCF, b.kvm_xsave)  # the buffer is KVM_CAP_XSAVE2 bytes long
 
 # fcntl.ioctl passes an int argument as a C int, too narrow for values such
 # as KVM_SET_TSS_ADDR's 0xfffbd000; those go through libc's ioctl as an

@@ -224,6 +224,45 @@ class Vm:
         request = b.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resamplefd)
         _ioctl(self.fd, "KVM_IRQFD", ioctls.KVM_IRQFD, request)
 
+    def check_extension(self, cap: int) -> int:
+        """Like Kvm.check_extension, for this VM (some answers, KVM_CAP_XSAVE2's, are per VM)."""
+        return _ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, cap)
+
+    def get_irqchip(self, chip_id: int) -> b.kvm_irqchip:
+        """One chip of the in-kernel irqchip: KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC."""
+        chip = b.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, "KVM_GET_IRQCHIP", ioctls.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: b.kvm_irqchip) -> None:
+        _ioctl(self.fd, "KVM_SET_IRQCHIP", ioctls.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> b.kvm_pit_state2:
+        state = b.kvm_pit_state2()
+        _ioctl(self.fd, "KVM_GET_PIT2", ioctls.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: b.kvm_pit_state2) -> None:
+        _ioctl(self.fd, "KVM_SET_PIT2", ioctls.KVM_SET_PIT2, state)
+
+    def get_clock(self) -> b.kvm_clock_data:
+        """The VM's kvmclock in nanoseconds (with ``flags`` saying what else KVM filled in)."""
+        clock = b.kvm_clock_data()
+        _ioctl(self.fd, "KVM_GET_CLOCK", ioctls.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock: b.kvm_clock_data) -> None:
+        _ioctl(self.fd, "KVM_SET_CLOCK", ioctls.KVM_SET_CLOCK, clock)
+
+    def get_dirty_log(self, slot: int, bitmap_address: int) -> None:
+        """Write slot ``slot``'s dirty bitmap at ``bitmap_address`` and start a new one.
+
+        The slot must have been set with KVM_MEM_LOG_DIRTY_PAGES; the buffer
+        holds one bit per page, rounded up to 64 bits.
+        """
+        log = b.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap_address)
+        _ioctl(self.fd, "KVM_GET_DIRTY_LOG", ioctls.KVM_GET_DIRTY_LOG, log)
+
     def create_vcpu(self, index: int) -> "Vcpu":
         """vCPU ``index`` (also its initial APIC ID), with its kvm_run page mapped."""
         fd = _ioctl(self.fd, "KVM_CREATE_VCPU", ioctls.KVM_CREATE_VCPU, index)

@@ -85,17 +85,25 @@ class Vcpu:
             cpuid.entries[i] = entry
         _ioctl(self.fd, "KVM_SET_CPUID2", ioctls.KVM_SET_CPUID2, cpuid)
 
-    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
-        """MSR index -> value; KvmError names the first MSR KVM would not read."""
+    def get_cpuid2(self, max_entries: int = 256) -> list[b.kvm_cpuid_entry2]:
+        """Copies of the CPUID entries this vCPU was given (KVM_SET_CPUID2)."""
+        cpuid = b.cpuid2_type(max_entries)()
+        cpuid.nent = max_entries
+        _ioctl(self.fd, "KVM_GET_CPUID2", ioctls.KVM_GET_CPUID2, cpuid)
+        return [b.kvm_cpuid_entry2.from_buffer_copy(e) for e in cpuid.entries[: cpuid.nent]]
+
+    def get_msrs(self, indices: Iterable[int], strict: bool = True) -> dict[int, int]:
+        """MSR index -> value. KVM stops at the first MSR it cannot read: KvmError names it,
+        or, not ``strict``, the MSRs before it are returned."""
         indices = list(indices)
         msrs = b.msrs_type(len(indices))()
         msrs.nmsrs = len(indices)
         for entry, index in zip(msrs.entries, indices):
             entry.index = index
         done = _ioctl(self.fd, "KVM_GET_MSRS", ioctls.KVM_GET_MSRS, msrs)
-        if done < len(indices):  # KVM stops at the first MSR it cannot read
+        if done < len(indices) and strict:
             raise KvmError(f"KVM_GET_MSRS cannot read MSR {indices[done]:#x} on vcpu {self.index}")
-        return {entry.index: entry.data for entry in msrs.entries}
+        return {entry.index: entry.data for entry in msrs.entries[:done]}
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """Write MSRs; KvmError names the first MSR KVM would not write."""
@@ -127,6 +135,44 @@ class Vcpu:
 
     def set_lapic(self, lapic: b.kvm_lapic_state) -> None:
         _ioctl(self.fd, "KVM_SET_LAPIC", ioctls.KVM_SET_LAPIC, lapic)
+
+    def get_vcpu_events(self) -> b.kvm_vcpu_events:
+        """Pending and injected exceptions, interrupts, NMIs and SMIs."""
+        events = b.kvm_vcpu_events()
+        _ioctl(self.fd, "KVM_GET_VCPU_EVENTS", ioctls.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def set_vcpu_events(self, events: b.kvm_vcpu_events) -> None:
+        _ioctl(self.fd, "KVM_SET_VCPU_EVENTS", ioctls.KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self) -> b.kvm_debugregs:
+        debugregs = b.kvm_debugregs()
+        _ioctl(self.fd, "KVM_GET_DEBUGREGS", ioctls.KVM_GET_DEBUGREGS, debugregs)
+        return debugregs
+
+    def set_debugregs(self, debugregs: b.kvm_debugregs) -> None:
+        _ioctl(self.fd, "KVM_SET_DEBUGREGS", ioctls.KVM_SET_DEBUGREGS, debugregs)
+
+    def get_xsave(self, size: int = ctypes.sizeof(b.kvm_xsave)):
+        """The XSAVE image of ``size`` bytes: KVM_GET_XSAVE, or KVM_GET_XSAVE2 beyond 4 KiB."""
+        xsave = b.xsave_type(size)()
+        if ctypes.sizeof(xsave) > ctypes.sizeof(b.kvm_xsave):
+            _ioctl(self.fd, "KVM_GET_XSAVE2", ioctls.KVM_GET_XSAVE2, xsave)
+        else:
+            _ioctl(self.fd, "KVM_GET_XSAVE", ioctls.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def set_xsave(self, xsave) -> None:
+        """Any size ``get_xsave`` returned: KVM reads as much as KVM_CAP_XSAVE2 says."""
+        _ioctl(self.fd, "KVM_SET_XSAVE", ioctls.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self) -> b.kvm_xcrs:
+        xcrs = b.kvm_xcrs()
+        _ioctl(self.fd, "KVM_GET_XCRS", ioctls.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: b.kvm_xcrs) -> None:
+        _ioctl(self.fd, "KVM_SET_XCRS", ioctls.KVM_SET_XCRS, xcrs)
 
     def stats_fd(self) -> int:
         """A new fd for this vCPU's binary statistics (read with binary_stats.StatsReader)."""

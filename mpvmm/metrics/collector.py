@@ -54,6 +54,7 @@ class VmSources:
     device_stats: Callable[[], dict] | None = None
     kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)
     kvm_vm_reader: StatsReader | None = None
+    migration: Callable[[], dict | None] | None = None  # the VM's migration report, in or out
 
     def close(self) -> None:
         for reader in [*self.kvm_vcpu_readers, self.kvm_vm_reader]:
@@ -127,6 +128,8 @@ class VmCollector(Collector):
                 families += self._kvm_families(self._sources)
                 families += self._guest_families(self._sources)
                 families += self._device_families(self._sources)
+                if self._sources.migration is not None:
+                    families += migration_families(self._sources.migration())
         return families
 
     # --- The run loop's stats pages. ---
@@ -261,6 +264,7 @@ def device_families(stats: dict) -> list[Metric]:
         _by_label("mpvmm_device_errors", "Device emulation failures, by device", "device",
                   stats.get("device_errors", {})),
         *_process_families(stats.get("process", {})),
+        *console_families(stats.get("console", {})),
     ]
 
 
@@ -299,6 +303,49 @@ def _process_families(process: dict) -> list[Metric]:
             family = family_class(name, documentation)
             family.add_metric([], values[key])
             families.append(family)
+    return families
+
+
+def console_families(console: dict) -> list[Metric]:
+    """The guest console's bytes written and lost, and the writes that failed (a full disk, a closed pipe)."""
+    families = []
+    for key, name, documentation in (
+        ("written_bytes", "mpvmm_console_written_bytes", "Guest console bytes written to the console file or stdout"),
+        ("lost_bytes", "mpvmm_console_lost_bytes", "Guest console bytes lost to failed writes"),
+        ("write_errors", "mpvmm_console_write_errors", "Failed writes of guest console output"),
+    ):
+        if key in console:
+            family = CounterMetricFamily(name, documentation)
+            family.add_metric([], console[key])
+            families.append(family)
+    return families
+
+
+def migration_families(report: dict | None) -> list[Metric]:
+    """A migration's rounds, pages per round, downtime and time, labelled by this VMM's role in it."""
+    if report is None:
+        return []
+    role = [report["role"]]
+    rounds = GaugeMetricFamily("mpvmm_migration_rounds", "Rounds of pages a live migration sent",
+                               labels=["role"])
+    rounds.add_metric(role, report["rounds"])
+    pages = GaugeMetricFamily("mpvmm_migration_round_pages", "Pages sent in each round of a live migration",
+                              labels=["role", "round"])
+    for index, count in enumerate(report["pages_per_round"], 1):
+        pages.add_metric(role + [str(index)], count)
+    families: list[Metric] = [rounds, pages]
+    if report.get("downtime_ms") is not None:
+        downtime = GaugeMetricFamily("mpvmm_migration_downtime_seconds",
+                                     "From the pause on the source to the VM running on the destination",
+                                     labels=["role"])
+        downtime.add_metric(role, report["downtime_ms"] / 1000)
+        families.append(downtime)
+    duration = report.get("total_seconds", report.get("receive_seconds"))
+    if duration is not None:
+        total = GaugeMetricFamily("mpvmm_migration_duration_seconds", "How long a live migration took in all",
+                                  labels=["role"])
+        total.add_metric(role, duration)
+        families.append(total)
     return families
 
 

@@ -2,56 +2,43 @@
 
 The port is bound when the exporter is created, which the supervisor does
 before it creates the VM, so a busy port is a usage error that leaves
-nothing behind. The server answers one request at a time on a thread named
-``metrics``: Prometheus scrapes one at a time anyway, and a server that
-handles requests on its own thread can be shut down completely (``close``
-returns with no thread and no socket left), which a thread-per-request
-server cannot promise.
+nothing behind. One thread named ``metrics`` serves every connection
+(``mpvmm/http_server.py``: a deadline for each whole request, a cap on
+connections), so no client can hold the endpoint or delay the end of a
+run, and ``close`` returns with no thread and no socket left.
+prometheus_client writes the exposition; ``/metrics`` is served, ``/`` is
+a pointer to it, every other path is 404, GET and HEAD are allowed.
 """
 
 import errno
+import gzip
 import socket
-import threading
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+import urllib.parse
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from mpvmm import __version__
 from mpvmm.errors import UsageError
 from mpvmm.metrics.collector import VmCollector, VmSources, open_kvm_reader
+from mpvmm.http_server import HttpServer, Request, Response
 
-POLL_SECONDS = 0.1  # how soon close() sees the server loop stop
-CLIENT_TIMEOUT_SECONDS = 5.0  # a client that stops talking cannot hold the only server thread
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log: the terminal belongs to the guest console and the summary."""
-
-    timeout = CLIENT_TIMEOUT_SECONDS
-
-    def log_message(self, format, *args):
-        pass
+LISTEN_BACKLOG = 64
+POINTER_PAGE = (b"<html><head><title>mpvmm</title></head><body><h1>mpvmm</h1>"
+                b'<p><a href="/metrics">Metrics</a></p></body></html>\n')
 
 
-class _Server4(WSGIServer):
-    address_family = socket.AF_INET
-
-
-class _Server6(WSGIServer):
-    address_family = socket.AF_INET6
-
-
-def _bind(addr: str, port: int, app) -> WSGIServer:
-    """A server listening on addr:port, or a UsageError naming the option to change."""
+def _bind(addr: str, port: int) -> socket.socket:
+    """A socket listening on addr:port, or a UsageError naming the option to change."""
     if not 0 <= port <= 65535:
         raise UsageError(f"--metrics-port must be between 0 and 65535, not {port}")
     try:
         family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     except socket.gaierror as err:
         raise UsageError(f"--metrics-addr {addr}: {err.strerror}") from err
-    server_class = _Server6 if family == socket.AF_INET6 else _Server4
     try:
-        return make_server(addr, port, app, server_class=server_class, handler_class=_QuietHandler)
+        return socket.create_server((addr, port), family=family, backlog=LISTEN_BACKLOG)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise UsageError(f"--metrics-port {port}: {addr}:{port} is already in use "
@@ -84,8 +71,7 @@ class MetricsExporter:
     ``close`` (or the end of a ``with`` block) stops the server.
     """
 
-    _server: WSGIServer | None = None
-    _thread: threading.Thread | None = None
+    _server: HttpServer | None = None
 
     def __init__(self, addr: str, port: int, info: dict[str, str]):
         self.registry = CollectorRegistry()
@@ -97,24 +83,49 @@ class MetricsExporter:
         self._device_model_pid: int | None = None
         ProcessCollector(namespace="mpvmm_device_model", pid=self._device_model_proc_name,
                          registry=self.registry)
-        self._server = _bind(addr, port, make_wsgi_app(self.registry))
+        listener = _bind(addr, port)
+        try:
+            self._server = HttpServer(listener, self._answer, thread_name="metrics")
+        except BaseException:
+            listener.close()
+            raise
         self.addr = addr
-        self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(POLL_SECONDS,),
-                                        name="metrics", daemon=True)
-        self._thread.start()
+        self.port = self._server.port
 
     @property
     def url(self) -> str:
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
         return f"http://{host}:{self.port}/metrics"
 
+    def _answer(self, request: Request) -> Response:
+        """What each request gets (on the server thread)."""
+        url = urllib.parse.urlsplit(request.target)
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, "Method Not Allowed", b"GET or HEAD\n", [("Allow", "GET, HEAD")])
+        if request.target.startswith("/") and url.path == "/metrics":
+            return self._exposition(request, urllib.parse.parse_qs(url.query))
+        if request.target.startswith("/") and url.path == "/":
+            return Response(200, "OK", POINTER_PAGE, [("Content-Type", "text/html; charset=utf-8")])
+        return Response(404, "Not Found", b"not found: see /metrics\n", [("Content-Type", "text/plain")])
+
+    def _exposition(self, request: Request, params: dict[str, list[str]]) -> Response:
+        """prometheus_client's text (or OpenMetrics, if asked), gzipped if accepted, as its own server does."""
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        registry = self.registry.restricted_registry(params["name[]"]) if "name[]" in params else self.registry
+        body = encoder(registry)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(request.headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        return Response(200, "OK", body, headers)
+
     def _device_model_proc_name(self) -> str:
         # A /proc entry that never exists makes ProcessCollector export nothing.
         return str(self._device_model_pid) if self._device_model_pid else "none"
 
-    def attach(self, vm) -> None:
-        """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model).
+    def attach(self, vm, migration: Callable[[], dict | None] | None = None) -> None:
+        """Start exporting ``vm`` (supervisor.run.RunningVm: its vCPUs, KVM stats, guest, device model),
+        and ``migration()``'s report of a migration, once there is one.
 
         Call it before the vCPUs start: opening a vCPU's stats fd is a vCPU
         ioctl, which waits for the vCPU's mutex, and a running vCPU holds it
@@ -123,7 +134,8 @@ class MetricsExporter:
         """
         sources = VmSources(stats_pages=[runner.stats for runner in vm.vcpus],
                             worker_pids=_RunnerPids(vm.vcpus.runners),
-                            guest_counts=vm.guest.counts, device_stats=vm.device_model.stats)
+                            guest_counts=vm.guest.counts, device_stats=vm.device_model.stats,
+                            migration=migration)
         vm_stats_fd, vcpu_stats_fds = vm.host.kvm_stats_fds()
         try:
             # One fd per vCPU for the whole run: reopening per scrape would
@@ -143,15 +155,10 @@ class MetricsExporter:
         self._device_model_pid = None
 
     def close(self) -> None:
-        """Detach, stop the server thread and close the socket. Idempotent."""
+        """Detach, stop the server thread and close every socket. Idempotent; never waits on a client."""
         self.detach()
-        if self._thread is not None:
-            if self._thread.is_alive():
-                self._server.shutdown()
-            self._thread.join()
-            self._thread = None
         if self._server is not None:
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
     def __enter__(self) -> "MetricsExporter":

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 
+from mpvmm.arguments import format_size, parse_number
 from mpvmm.supervisor.run import RunConfig, Supervisor
 
 SCRAPE_PERIOD_SECONDS = 1.0
@@ -104,13 +105,14 @@ def scrape_cost(cpus: int, scrapes: int, console: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus", type=int, default=2, help="vCPUs of the pio-null runs (default 2)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run (default 5)")
+    parser.add_argument("--seconds", type=parse_number(0, 3600, low_allowed=False), default=5.0,
+                        help="length of each run, at most an hour (default 5)")
     parser.add_argument("--repeats", type=int, default=3, help="off/on pairs (default 3; 0: scrape cost only)")
     parser.add_argument("--scrape-cpus", type=int, default=64,
                         help="vCPUs of the VM whose scrape cost is timed (default 64; 0: skip)")
     args = parser.parse_args(argv)
-    if args.repeats < 0 or args.cpus < 1 or args.scrape_cpus < 0 or args.seconds <= 0:
-        parser.error("--repeats and --scrape-cpus must not be negative, --cpus and --seconds must be positive")
+    if args.repeats < 0 or args.cpus < 1 or args.scrape_cpus < 0:
+        parser.error("--repeats and --scrape-cpus must not be negative, --cpus must be positive")
     with tempfile.NamedTemporaryFile(prefix="mpvmm-overhead-console-") as console:
         rates = {False: [], True: []}
         scrape_durations = []
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if not cpus:
                 continue
             cost = scrape_cost(cpus, 20, console.name)
-            print(f"scrape of a {cpus}-vCPU demo VM ({cost['bytes'] / 1024:.0f} KiB): "
+            print(f"scrape of a {cpus}-vCPU demo VM ({format_size(cost['bytes'])}): "
                   f"median {statistics.median(cost['running']) * 1e3:.0f} ms wall while it runs, "
                   f"{statistics.median(cost['paused']) * 1e3:.0f} ms wall and {cost['cpu'] * 1e3:.1f} ms CPU "
                   f"while its vCPUs are paused")

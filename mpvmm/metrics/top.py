@@ -8,9 +8,11 @@ an exit, writes KVM coalesced, doorbells KVM signalled), with the coalesced
 ring's and the transport's figures under it.
 """
 
+import http.client
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,10 +21,17 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from mpvmm.arguments import TOP_INTERVAL_MAX, check_number, format_size
 from mpvmm.errors import MpvmmError, UsageError
 from mpvmm.vcpu_worker.stats_page import PATHS
 
-SCRAPE_TIMEOUT_SECONDS = 3.0
+# The whole scrape, connect to last byte: what the endpoint allows a request
+# itself. A 64-vCPU VM's answer (380 KiB) takes about 50 ms.
+SCRAPE_DEADLINE_SECONDS = 5.0
+# About 6 KiB per vCPU: room for a 4096-vCPU VM, and a bound on the memory
+# an endless or hostile answer can take.
+MAX_BODY_BYTES = 32 << 20
+READ_SIZE = 64 * 1024
 # Reasons that always get a column; any other gets one once it has happened.
 ALWAYS_SHOWN_REASONS = ("io", "mmio")
 
@@ -53,27 +62,85 @@ def parse(text: str, seconds: float) -> Scrape:
     return Scrape(seconds, samples)
 
 
-def scrape(url: str, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> Scrape:
-    if not url.startswith(("http://", "https://")):
+def scrape(url: str, deadline_seconds: float = SCRAPE_DEADLINE_SECONDS) -> Scrape:
+    """One scrape of ``url``, parsed; a ScrapeError for anything but an mpvmm endpoint's answer."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--url {url}: not an http:// or https:// URL")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            text = response.read().decode()
-    except urllib.error.HTTPError as err:
-        raise ScrapeError(f"{url}: HTTP {err.code} {err.reason}") from err
-    except urllib.error.URLError as err:
-        # URLError.reason is the OSError behind it, or a plain string.
-        reason = (err.reason.strerror if isinstance(err.reason, OSError) else None) or err.reason
+        body = _fetch(parts, deadline_seconds)
+    except ScrapeError as err:
+        raise ScrapeError(f"{url}: {err}") from err
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        # An OSError's strerror is the short reason ("Connection refused").
+        reason = (err.strerror if isinstance(err, OSError) else None) or str(err) or type(err).__name__
         raise ScrapeError(f"cannot reach {url}: {reason} (is `mpvmm start` running?)") from err
-    except (OSError, ValueError) as err:
-        raise ScrapeError(f"cannot reach {url}: {err}") from err
     try:
-        result = parse(text, time.monotonic())
-    except ValueError as err:
+        result = parse(body.decode(), time.monotonic())
+    except ValueError as err:  # UnicodeDecodeError included
         raise ScrapeError(f"{url} did not answer with Prometheus metrics: {err}") from err
     if not result.series("mpvmm_vm_info"):
         raise ScrapeError(f"{url} is not an mpvmm metrics endpoint (no mpvmm_vm_info)")
     return result
+
+
+def _fetch(parts: urllib.parse.SplitResult, deadline_seconds: float) -> bytes:
+    """The body of a GET, at most MAX_BODY_BYTES and within ``deadline_seconds`` in all.
+
+    A socket timeout bounds each read, not the whole answer: a server that
+    sends a byte now and then, or streams for ever, would never trip it. So
+    a timer shuts the socket down at the deadline, which ends whatever read
+    is waiting, and the body is read a chunk at a time against the cap.
+    """
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname, parts.port, timeout=deadline_seconds)
+    expired = threading.Event()
+    timer = threading.Timer(deadline_seconds, _cut, (connection, expired))
+    timer.start()
+    try:
+        # A TLS handshake happens in connect, so the timer runs from before it.
+        connection.connect()
+        body = _read_body(connection, parts, expired)
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise ScrapeError(f"no complete answer within {deadline_seconds:g} s") from None
+        raise
+    finally:
+        timer.cancel()
+        connection.close()
+    if expired.is_set():  # the cut looked like the end of the body
+        raise ScrapeError(f"no complete answer within {deadline_seconds:g} s")
+    return body
+
+
+def _read_body(connection: http.client.HTTPConnection, parts: urllib.parse.SplitResult,
+               expired: threading.Event) -> bytes:
+    if expired.is_set():  # the deadline passed while connecting, before the timer could cut anything
+        raise ScrapeError("connecting took the whole deadline")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection.request("GET", path)
+    response = connection.getresponse()
+    if response.status != 200:
+        raise ScrapeError(f"HTTP {response.status} {response.reason}")
+    if response.length is not None and response.length > MAX_BODY_BYTES:
+        raise ScrapeError(f"the answer is larger than {format_size(MAX_BODY_BYTES)}: not a metrics endpoint")
+    body = bytearray()
+    while not expired.is_set() and (chunk := response.read1(READ_SIZE)):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ScrapeError(f"the answer is larger than {format_size(MAX_BODY_BYTES)}: not a metrics endpoint")
+    return bytes(body)
+
+
+def _cut(connection: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """At the deadline: end the read in progress (it returns end of file or an error)."""
+    expired.set()
+    sock = connection.sock  # None while still connecting: connect has its own timeout
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _by_vcpu(scrape: Scrape, name: str, key: str | None = None) -> dict[tuple[int, str], float]:
@@ -202,8 +269,7 @@ def device_table(before: Scrape, after: Scrape) -> Table:
 
 def run_top(url: str, once: bool = False, interval: float = 1.0, console: Console | None = None) -> int:
     """Show rates until Ctrl-C, or (``once``) print one table from two scrapes and return."""
-    if interval <= 0:
-        raise UsageError(f"--interval must be positive, not {interval:g}")
+    check_number(interval, "--interval", 0, TOP_INTERVAL_MAX, low_allowed=False)
     before = scrape(url)
     if once:
         # Every column whole even when stdout is a pipe or a file (80 columns).

@@ -15,17 +15,22 @@ is left in /dev/shm or /dev/mqueue whatever happens to either process, and
 no other process can open a queue once the VM runs.
 """
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import msgpack
 import posix_ipc
 
 from mpvmm.errors import DeviceModelError, HostLimitError
+from mpvmm.stop_signals import STOP_SIGNALS
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.guest_memory import unique_name
 from mpvmm.transport.channel import QueueChannel, RingChannel, VcpuChannel
@@ -34,6 +39,8 @@ from mpvmm.transport.ring import RingArea
 
 START_TIMEOUT_SECONDS = 15.0
 REPLY_TIMEOUT_SECONDS = 5.0
+# While waiting for an answer, how often to look whether the process was stopped.
+STOPPED_CHECK_SECONDS = 0.1
 
 
 class DeviceModelClient:
@@ -137,6 +144,13 @@ class DeviceModelClient:
         terminal = os.dup(self._extra["stdin_fd"]) if self._extra["stdin_fd"] is not None else None
         if terminal is not None:
             self._extra["stdin_fd"] = terminal
+        # The stop signals are the supervisor's (stop_signals.py). Blocked
+        # across the fork, they reach the device model blocked from its first
+        # instruction, so none sent to the process group can kill its
+        # interpreter while it starts; it ignores them, discarding any
+        # pending, before it unblocks them. The supervisor still gets each
+        # one: another thread takes it, or it arrives when unblocked below.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
@@ -144,6 +158,7 @@ class DeviceModelClient:
                 stdin=subprocess.DEVNULL,
             )
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child.close()
             if terminal is not None:
                 os.close(terminal)
@@ -167,8 +182,12 @@ class DeviceModelClient:
                     return message
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DeviceModelError(f"device model did not answer within {timeout:.0f} s")
-            self._control.settimeout(left)
+                raise DeviceModelError(f"device model did not answer within {timeout:g} s ({self.describe_exit()})")
+            if self.stopped():
+                # It cannot answer until someone resumes it: waiting out the
+                # timeout would only delay the end of the run (or a scrape).
+                raise DeviceModelError("device model is stopped (SIGSTOP, or a debugger) and cannot answer")
+            self._control.settimeout(min(left, STOPPED_CHECK_SECONDS))
             try:
                 data = self._control.recv(65536)
             except TimeoutError:
@@ -180,14 +199,49 @@ class DeviceModelClient:
             self._unpacker.feed(data)
 
     def stats(self) -> dict:
-        """The device model's counters (devices, requests, coalesced, doorbells, unmapped, rejected),
-        with its process's under ``process`` (the transport, the coalesced ring)."""
+        """The device model's counters (devices, requests, coalesced, doorbells, unmapped, rejected,
+        console), with its process's under ``process`` (the transport, the coalesced ring)."""
         with self._lock:
             self._send({"op": "stats"})
             return _counters(self._receive(REPLY_TIMEOUT_SECONDS))
 
+    # Device state (snapshots, migration). The request goes out when the
+    # block starts and the answer is read when it ends, so the device model
+    # works while the caller reads or writes the vCPUs' state: part of a
+    # migration's downtime.
+
+    @contextlib.contextmanager
+    def saving_state(self) -> Iterator[dict[str, dict]]:
+        """Yields a dict that holds every device's state record, by device name, once the block ends."""
+        with self._lock:
+            self._send({"op": "save_state"})
+            devices: dict[str, dict] = {}
+            try:
+                yield devices
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "state" or not isinstance(reply.get("devices"), dict):
+            raise DeviceModelError(f"device model did not save its state: {reply.get('message', reply)}")
+        devices.update(reply["devices"])
+
+    @contextlib.contextmanager
+    def restoring_state(self, devices: dict[str, dict]) -> Iterator[None]:
+        """Rebuild the device model's devices from saved records; done when the block ends."""
+        with self._lock:
+            self._send({"op": "restore_state", "devices": devices})
+            try:
+                yield
+            finally:
+                reply = self._receive(REPLY_TIMEOUT_SECONDS)
+        if reply.get("op") != "restored":
+            raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
+
     def shutdown(self) -> dict:
-        """Ask the device model to drain, flush the console and exit; its last stats."""
+        """Ask the device model to drain, flush the console and exit; its last counters.
+
+        A DeviceModelError if it does not answer within REPLY_TIMEOUT_SECONDS
+        (it is stopped, or stuck); ``close`` then kills it.
+        """
         with self._lock:
             self._send({"op": "shutdown"})
             reply = self._receive(REPLY_TIMEOUT_SECONDS)
@@ -226,12 +280,16 @@ class DeviceModelClient:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stopped(self) -> bool:
+        """Alive but stopped (SIGSTOP, SIGTSTP, a debugger): it answers nothing until resumed."""
+        return self.alive() and _stopped(self.process.pid)
+
     def describe_exit(self) -> str:
         if self.process is None:
             return "never started"
         code = self.process.poll()
         if code is None:
-            return "still running"
+            return "stopped" if _stopped(self.process.pid) else "still running"
         if code < 0:
             return f"killed by signal {code * -1}"
         return f"exit status {code}"
@@ -275,5 +333,19 @@ class DeviceModelClient:
 
 
 def _counters(reply: dict) -> dict:
-    """A ``stats`` or ``bye`` answer as one dict: the model's counters and ``process``."""
-    return {**reply.get("stats", {}), "process": reply.get("process", {})}
+    """What a stats or bye answer counted: the devices', the console's, the terminal input's (if any)
+    and the process's own under ``process`` (the transport, the coalesced ring)."""
+    process = reply.get("process", {})
+    counters = {**reply.get("stats", {}), "console": process.get("console", {}), "process": process}
+    if process.get("terminal_input") is not None:
+        counters["terminal_input"] = process["terminal_input"]
+    return counters
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, SIGTSTP) or held by a tracer: it cannot answer."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False

@@ -80,7 +80,21 @@ class TimeLimit:
     """--seconds ran out."""
 
 
-RunEnding = GuestEnded | UnknownGuestEvent | DeviceModelDied | VcpuFailed | GuestExited | StopSignal | TimeLimit
+@dataclass(frozen=True)
+class ApiStop:
+    """The control API's stop: ended like --seconds."""
+
+
+@dataclass(frozen=True)
+class MigratedAway:
+    """The VM runs in another VMM now; ``report`` says how it went there."""
+
+    to: str
+    report: dict
+
+
+RunEnding = (GuestEnded | UnknownGuestEvent | DeviceModelDied | VcpuFailed | GuestExited | StopSignal | TimeLimit
+             | ApiStop | MigratedAway)
 
 
 def device_model_ending(name: str) -> GuestEnded | UnknownGuestEvent:
@@ -107,6 +121,11 @@ def status_line(ending: RunEnding) -> str:
             return f"stopped by {signal.Signals(signum).name}"
         case TimeLimit():
             return "time limit reached"
+        case ApiStop():
+            return "stopped through the API"
+        case MigratedAway(to, report):
+            return (f"migrated to {to} (downtime {report['downtime_ms']:.1f} ms, "
+                    f"total {report['total_seconds']:.2f} s, {report['rounds']} rounds)")
         case _:
             assert_never(ending)
 
@@ -133,7 +152,9 @@ def exit_status(ending: RunEnding, outcomes: Sequence[VcpuOutcome]) -> ExitStatu
         case StopSignal(signum):
             # The shell's convention for "ended by a signal".
             unless_a_vcpu_failed = ExitStatus(128 + signum, status, {})
-        case UnknownGuestEvent() | VcpuFailed() | GuestExited() | TimeLimit():
+        case MigratedAway():
+            return ExitStatus(0, status, {})  # its vCPUs were stopped here, and run on there
+        case UnknownGuestEvent() | VcpuFailed() | GuestExited() | TimeLimit() | ApiStop():
             unless_a_vcpu_failed = None
         case _:
             assert_never(ending)

@@ -7,19 +7,23 @@ guest into guest RAM and returns the ``Guest``, which sets up each vCPU as
 the guest expects to start, says how to ask it to finish, what it counted,
 and when a vCPU's end is the guest's way of ending the run.
 
-Two kinds exist (builtin_guest.py, linux_guest.py). A guest restored from a
-snapshot is a third source: its ``load`` restores guest RAM and its Guest's
-``set_up_vcpus`` the saved vCPU state, and the rest of the run is the same.
+Two kinds boot afresh (builtin_guest.py, linux_guest.py). Two more bring a
+guest back: a snapshot (snapshot/restore.py) and a VM arriving from another
+VMM (migration/destination.py). Their ``load`` fills guest RAM (or maps the
+sender's), and their Guest's ``restore`` writes the saved vCPU, VM and
+device state into the built VM before it starts; underneath, each wraps
+the Guest of the kind it was saved as, which answers everything else.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpvmm.supervisor.ending import GuestEvent
+from mpvmm.supervisor.guest_memory import GuestMemory
 from mpvmm.vcpu_worker.outcome import VcpuOutcome
 
 
@@ -48,6 +52,8 @@ class Guest(ABC):
 
     # How long the guest gets to finish by itself once asked, before its vCPUs are forced off.
     stop_grace_seconds: ClassVar[float]
+    # How the guest arrived from another VMM (the destination's migration report), if it did.
+    arrival: dict | None = None
 
     @abstractmethod
     def set_up_vcpus(self, kvm, vcpus: Sequence) -> None:
@@ -73,9 +79,35 @@ class Guest(ABC):
     def ending(self, outcome: VcpuOutcome) -> GuestEvent | None:
         """The guest event a vCPU's outcome stands for (a reset, a power-off), if any."""
 
+    @abstractmethod
+    def describe(self) -> dict:
+        """What a restored copy needs to know of this guest: its kind and parameters (msgpack-able)."""
+
+    # --- Bringing a saved guest back, and letting one go. Nothing to do for a guest that boots. ---
+
+    def restore(self, vm, cancelled: Callable[[], bool]) -> None:
+        """Bring the built VM (a supervisor.run.RunningVm, not yet started) to the saved state.
+
+        A restored guest writes its vCPUs', VM's and devices' state; an
+        arriving one first receives it. ``cancelled()`` turns true when the
+        run is told to stop meanwhile.
+        """
+
+    def started(self) -> None:
+        """The VM's vCPUs run (an arriving guest tells its sender)."""
+
+    def hand_over(self) -> None:
+        """Guest RAM now belongs to another VMM: never touch it again, keep the counts as they are."""
+
 
 class GuestSource(ABC):
-    """A guest as the command line named it, checked and ready to load."""
+    """A guest as the command line named it, checked and ready to load.
+
+    A source that brings its machine along (a snapshot, an arriving VM)
+    puts it in the run's configuration (``machine_config``). It is a
+    context manager: ``close`` releases what it holds (a mapped file, a
+    connection), told the error if the run failed before it started.
+    """
 
     machine: ClassVar[MachineSpec]
     workload: str  # the workload label of mpvmm_vm_info: a workload's name, or "linux"
@@ -83,3 +115,20 @@ class GuestSource(ABC):
     @abstractmethod
     def load(self, memory) -> Guest:
         """Write the guest into ``memory`` (supervisor.guest_memory.GuestMemory)."""
+
+    def machine_config(self, config):
+        """The run's configuration (supervisor.run.RunConfig) for this guest's machine: as given."""
+        return config
+
+    def create_memory(self, size: int):
+        """Guest RAM for this guest: new, zeroed shared memory (an arriving VM may bring its own)."""
+        return GuestMemory(size)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Release what the source holds; nothing for a guest that boots."""
+
+    def __enter__(self) -> "GuestSource":
+        return self
+
+    def __exit__(self, exc_type, error, traceback) -> None:
+        self.close(error)

@@ -28,7 +28,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MADV_DONTDUMP = 16
 
 
-def map_shared(fd: int, size: int) -> int:
+def map_shared(fd: int, size: int, writable: bool = True) -> int:
     """mmap ``size`` bytes of ``fd`` (or anonymous memory for -1), shared; returns the address.
 
     Mapped through libc rather than the mmap module so that the address is a
@@ -36,7 +36,8 @@ def map_shared(fd: int, size: int) -> int:
     pinning the mapping.
     """
     flags = mmap.MAP_SHARED | (mmap.MAP_ANONYMOUS if fd < 0 else 0)
-    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    protection = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    address = _libc.mmap(None, size, protection, flags, fd, 0)
     if address in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         raise MpvmmError(f"cannot map {size} bytes of shared memory: {os.strerror(err)}")
@@ -53,22 +54,30 @@ def unique_name(role: str) -> str:
 
 
 class GuestMemory:
-    """Guest RAM as a POSIX shared memory object mapped at ``host_address``."""
+    """Guest RAM as a POSIX shared memory object mapped at ``host_address``.
+
+    ``GuestMemory(size)`` creates a new object; ``GuestMemory.adopt(fd,
+    size)`` maps one another VMM passed over a Unix socket (a local
+    migration), so both map the same pages.
+    """
 
     # Class-level defaults: close() works even after a failed constructor.
     host_address = 0
     size = 0
-    _shm = None
+    fd = -1  # the object's file descriptor: the only way to it, as it has no name
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, *, _fd: int | None = None):
         if size <= 0 or size % layout.PAGE_SIZE:
             raise ValueError(f"guest memory size {size} is not a positive multiple of the page size")
-        try:
-            self._shm = posix_ipc.SharedMemory(unique_name("ram"), posix_ipc.O_CREX, mode=0o600, size=size)
-        except (posix_ipc.Error, OSError) as err:
-            raise HostLimitError(f"cannot create {size} bytes of guest memory in /dev/shm: {err}") from err
-        # Nameless from here on: the fd (passed to the device model) is the only way in.
-        self._shm.unlink()
+        if _fd is None:
+            try:
+                shm = posix_ipc.SharedMemory(unique_name("ram"), posix_ipc.O_CREX, mode=0o600, size=size)
+            except (posix_ipc.Error, OSError) as err:
+                raise HostLimitError(f"cannot create {size} bytes of guest memory in /dev/shm: {err}") from err
+            # Nameless from here on: the fd (passed to the device model) is the only way in.
+            shm.unlink()
+            _fd = shm.fd  # ours to close from here: posix_ipc never closes it by itself
+        self.fd = _fd
         try:
             self.host_address = map_shared(self.fd, size)
         except MpvmmError:
@@ -78,10 +87,18 @@ class GuestMemory:
         # Guest RAM in a core dump of the supervisor would only bloat it.
         _libc.madvise(self.host_address, size, _MADV_DONTDUMP)
 
-    @property
-    def fd(self) -> int:
-        """The object's file descriptor (-1 once closed): the only way to it, as it has no name."""
-        return self._shm.fd if self._shm is not None else -1
+    @classmethod
+    def adopt(cls, fd: int, size: int) -> "GuestMemory":
+        """Map guest RAM another process created (``fd`` becomes ours, closed with it)."""
+        try:
+            actual = os.fstat(fd).st_size
+        except OSError as err:
+            os.close(fd)
+            raise MpvmmError(f"the guest RAM fd received is unusable: {err.strerror}") from err
+        if actual != size:
+            os.close(fd)
+            raise MpvmmError(f"the guest RAM received holds {actual} bytes, not the {size} announced")
+        return cls(size, _fd=fd)
 
     # --- The guest-physical view. ---
 
@@ -121,12 +138,9 @@ class GuestMemory:
         if self.host_address:
             unmap(self.host_address, self.size)
             self.host_address = 0
-        if self._shm is not None:
-            try:
-                self._shm.close_fd()
-            except posix_ipc.Error:
-                pass
-            self._shm = None
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
     def __enter__(self):
         return self

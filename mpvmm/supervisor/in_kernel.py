@@ -1,7 +1,7 @@
 """The device accesses KVM handles without an exit: coalesced writes and doorbells.
 
 The devices of a machine declare them (devicemodel/bus.py, ``KernelAccess``;
-devicemodel/boards.py lists them at their bus addresses) and the route table
+devicemodel/kernel_routes.py lists them at their bus addresses) and the route table
 carries them (route_table.py, ``ACTION_COALESCED`` and ``ACTION_IOEVENTFD``).
 Registering them is a VM ioctl, which KVM accepts only from the address
 space that created the VM (docs/design.md, "The address-space rule"), so it

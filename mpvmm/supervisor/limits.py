@@ -6,6 +6,7 @@ Each check raises HostLimitError naming the limit and how to raise it.
 import os
 import resource
 
+from mpvmm.arguments import format_size
 from mpvmm.errors import HostLimitError
 
 MQUEUE_SYSCTL = "/proc/sys/fs/mqueue"
@@ -86,8 +87,8 @@ def check_memory(size: int) -> None:
     available = _mem_available()
     if available is not None and size > available:
         raise HostLimitError(
-            f"guest memory of {size >> 20} MiB exceeds the host's available memory "
-            f"({available >> 20} MiB): choose a smaller --memory"
+            f"guest memory of {format_size(size)} exceeds the host's available memory "
+            f"({format_size(available)}): choose a smaller --memory"
         )
     try:
         shm = os.statvfs("/dev/shm")
@@ -96,7 +97,7 @@ def check_memory(size: int) -> None:
     free = shm.f_bavail * shm.f_frsize
     if size > free:
         raise HostLimitError(
-            f"guest memory of {size >> 20} MiB does not fit /dev/shm ({free >> 20} MiB free): "
+            f"guest memory of {format_size(size)} does not fit /dev/shm ({format_size(free)} free): "
             f"choose a smaller --memory or remount /dev/shm with a larger size="
         )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mpvmm.arguments import format_size
 from mpvmm.devicemodel.pc import IRQ_LINES
 from mpvmm.errors import GuestLoadError, UsageError
 from mpvmm.kvm import bindings as kb
@@ -69,8 +70,8 @@ class LinuxBoot(GuestSource):
     def from_files(cls, kernel_path: str, initrd_path: str | None, cmdline: str | None,
                    cpus: int, memory_size: int) -> "LinuxBoot":
         if memory_size < MIN_MEMORY:
-            raise UsageError(f"--memory {memory_size >> 20} MiB is too small to boot Linux "
-                             f"(needs at least {MIN_MEMORY >> 20} MiB)")
+            raise UsageError(f"--memory {format_size(memory_size)} is too small to boot Linux "
+                             f"(needs at least {format_size(MIN_MEMORY)})")
         if not 1 <= cpus <= 254:
             raise UsageError(f"a Linux guest takes 1 to 254 vCPUs (xAPIC ids), not {cpus}")
         data = _read(kernel_path, "kernel", bzimage.KernelImageError)
@@ -143,7 +144,7 @@ class LinuxBoot(GuestSource):
         address = layout.LINUX_BZIMAGE_LOAD_ADDR
         end = max(address + len(code), max(header.pref_address, 0x1000000) + header.init_size)
         if not memory.contains(address, end - address):
-            raise bzimage.KernelImageError(f"kernel needs {end >> 20} MiB of guest memory to decompress; "
+            raise bzimage.KernelImageError(f"kernel needs {format_size(end)} of guest memory to decompress; "
                                            f"give the VM more --memory")
         memory.write(address, code)
         return address + bzimage.STARTUP_64_OFFSET, end
@@ -183,6 +184,9 @@ class LinuxGuest(Guest):
 
     def atomic_total(self) -> int | None:
         return None
+
+    def describe(self) -> dict:
+        return {"kind": "linux", "entry": self.entry}
 
     def ending(self, outcome: VcpuOutcome) -> GuestEvent | None:
         """A triple fault resets a PC; a system event is the kernel powering off, rebooting or crashing."""

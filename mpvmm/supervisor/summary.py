@@ -8,6 +8,7 @@ from rich.table import Table
 
 from mpvmm import __version__
 from mpvmm.guest import abi
+from mpvmm.output import write_atomically
 from mpvmm.vcpu_worker.outcome import report_fields
 from mpvmm.vcpu_worker.stats_page import LATENCY_BOUNDS_SECONDS, PATHS
 
@@ -74,6 +75,28 @@ def render_summary(result, console: Console) -> None:
     if ops["atomic_increments"]:
         console.print(f"atomics: shared counters total {result.atomic_total}, "
                       f"guest increments {ops['atomic_increments']}")
+    guest_console = result.device_model.get("console", {})
+    if guest_console.get("lost_bytes"):
+        console.print(f"console: {guest_console['written_bytes']} bytes written, {guest_console['lost_bytes']} lost "
+                      f"in {guest_console['write_errors']} failed writes ({guest_console['error']})")
+    dropped_input = result.device_model.get("terminal_input", {}).get("dropped_bytes")
+    if dropped_input:
+        console.print(f"terminal input: {dropped_input} bytes typed ahead past what may wait for the guest, dropped")
+    for part, why in result.not_collected.items():
+        console.print(f"not collected: {part.replace('_', ' ')}: {why}")
+    if result.migration is not None:
+        console.print(migration_line(result.migration))
+
+
+def migration_line(report: dict) -> str:
+    """One line for either end of a migration: where, downtime, time, rounds and pages per round."""
+    where = f"to {report['to']}" if report["role"] == "source" else f"from {report['from']}"
+    seconds = report.get("total_seconds", report.get("receive_seconds"))
+    pages = ", ".join(str(count) for count in report["pages_per_round"]) or "none"
+    downtime = report.get("downtime_ms")
+    return (f"migration {where} ({report['memory']} RAM): downtime "
+            f"{'-' if downtime is None else f'{downtime:.1f}'} ms, {seconds:.2f} s in all, "
+            f"{report['rounds']} rounds, pages per round: {pages}")
 
 
 def report_dict(result) -> dict:
@@ -109,10 +132,35 @@ def report_dict(result) -> dict:
         "atomic_total": result.atomic_total,
         "device_model": result.device_model,
         "fault_registers": {str(k): v for k, v in result.fault_registers.items()},
+        "not_collected": result.not_collected,
+        "output_errors": result.output_errors,
+        "migration": result.migration,
     }
 
 
 def write_report(result, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(report_dict(result), f, indent=2)
-        f.write("\n")
+    """The report as JSON, replacing ``path`` whole (output.write_atomically)."""
+    write_atomically(path, (json.dumps(report_dict(result), indent=2) + "\n").encode())
+
+
+def console_error(result) -> str | None:
+    """What the guest console lost, if it lost anything, as the status line says it."""
+    guest_console = result.device_model.get("console", {})
+    if not guest_console.get("lost_bytes"):
+        return None
+    where = result.config.console or "stdout"
+    return f"{guest_console['lost_bytes']} bytes of guest console output not written to {where} ({guest_console['error']})"
+
+
+def with_output_errors(result, errors: list[str]):
+    """``result`` with ``errors`` (output that could not be written) added to its status.
+
+    A run that was otherwise clean then exits 1: its output is incomplete,
+    and a script must not take it for a complete one. A run that already
+    failed, or was stopped by a signal, keeps its exit code.
+    """
+    if not errors:
+        return result
+    return dataclasses.replace(result, exit_code=result.exit_code or 1,
+                               status="; ".join([result.status, *errors]),
+                               output_errors=[*result.output_errors, *errors])

@@ -42,6 +42,10 @@ class VcpuHost(ABC):
 
     # Whether every vCPU sees one in-kernel irqchip (a guest with interrupt lines needs it).
     shares_interrupt_controller: ClassVar[bool]
+    # Whether the VM is one machine whose state the supervisor can read and
+    # write whole (snapshot, restore, migration); ``machine`` is then that VM.
+    has_machine_state: ClassVar[bool]
+    machine: VirtualMachine | None = None
 
     @abstractmethod
     def connect_irq_lines(self, lines: Mapping[str, int]) -> dict[str, int]:
@@ -89,11 +93,12 @@ class ThreadsOnOneVm(VcpuHost):
     """One KVM VM in the supervisor; each vCPU runs on a thread (``runner_class``)."""
 
     shares_interrupt_controller = True
+    has_machine_state = True
     runner_class: ClassVar[type[ThreadRunner]]
 
     def __init__(self, kvm, memory, guest: Guest, cpus: int):
         self.ring_page = kvm.coalesced_ring_page()
-        self.vm = VirtualMachine(kvm, memory, range(cpus))
+        self.vm = self.machine = VirtualMachine(kvm, memory, range(cpus))
         try:
             guest.set_up_vcpus(kvm, self.vm.vcpus)
         except BaseException:
@@ -140,6 +145,7 @@ class ProcessPerVcpu(VcpuHost):
     """``--runner process``: a process per vCPU, each building its own VM when started."""
 
     shares_interrupt_controller = False
+    has_machine_state = False  # a VM per worker process, each with its own chips
 
     def __init__(self, kvm, memory, guest: Guest, cpus: int):
         self.memory = memory

@@ -3,11 +3,12 @@
 ``QueueServer`` reads POSIX message queues (pollable descriptors, so epoll
 says which have messages); ``RingServer`` reads the shared-memory rings,
 polls them for a while before it sleeps (polling.py) and sleeps on one
-eventfd the vCPUs write only when it said it sleeps (ring.h). Both take at
-most ``PER_VCPU_BATCH`` records from one vCPU before the next gets its turn,
-so one busy vCPU cannot starve the others, and both answer a request on the
-reply channel paired with the one it came from, whatever vCPU the
-(untrusted) record claims to be.
+eventfd the vCPUs write only when it said it sleeps (ring.h). Both serve in
+the rounds of devicemodel/rounds.py: at most ``PER_VCPU_BATCH`` records from
+one vCPU before the next gets its turn, so one busy vCPU cannot starve the
+others, and a read answered only after every write any vCPU queued before
+it. Both answer a request on the reply channel paired with the one it came
+from, whatever vCPU the (untrusted) record claims to be.
 
 The device model's loop (devicemodel/process.py) drives either the same
 way: ``serve`` a round, and when there is nothing left, ``poll`` and then
@@ -17,15 +18,17 @@ way: ``serve`` a round, and when there is nothing left, ``poll`` and then
 from __future__ import annotations
 
 import os
+import select
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import posix_ipc
 
+from mpvmm.devicemodel.rounds import Device, Kept, answer_reads, take
 from mpvmm.errors import DeviceModelError
 from mpvmm.transport.polling import PollWindow
-from mpvmm.transport.ring import RingArea
+from mpvmm.transport.ring import RING_SLOTS, RingArea
 from mpvmm.vcpu_worker import _runloop
 
 # Records taken from one vCPU before the next gets its turn (less than a queue's depth of 10).
@@ -36,34 +39,12 @@ SHUTDOWN_DRAIN_ROUNDS = 64
 # was descheduled: something else wanted the core.
 POLL_PREEMPTED_SECONDS = 50e-6
 
-Handler = Callable[[int, bytes], "bytes | None"]  # (vCPU index, request) -> the reply, if any
-
-
-def serve_round(queues: Sequence, ready: Sequence[int], handle: Callable[[int, bytes], None],
-                batch: int) -> list[int]:
-    """Take up to ``batch`` messages from each ready queue in turn.
-
-    The queues are non-blocking (an empty one raises BusyError). Returns the
-    indices of the queues that filled their batch and may hold more.
-    """
-    more = []
-    for index in ready:
-        queue = queues[index]
-        for _ in range(batch):
-            try:
-                message, _priority = queue.receive()
-            except posix_ipc.BusyError:
-                break
-            handle(index, message)
-        else:
-            more.append(index)
-    return more
-
 
 class RequestServer(ABC):
-    """Every vCPU's request and reply channel, as the device model sees them."""
+    """Every vCPU's request and reply channel, as the device model sees them (rounds.Channels)."""
 
     name: str
+    depth: int  # the most records one request channel holds
 
     def __init__(self, vcpus: int):
         self.received = [0] * vcpus
@@ -75,8 +56,40 @@ class RequestServer(ABC):
         """Descriptors to wait on in epoll; readable means requests may be waiting."""
 
     @abstractmethod
-    def serve(self, ready_fds: set[int], handle: Handler) -> bool:
-        """One fair round over the vCPUs; True when more requests may be waiting."""
+    def pop(self, index: int) -> bytes | None:
+        """The oldest record on vCPU ``index``'s request channel, or None."""
+
+    @abstractmethod
+    def reply(self, index: int, record: bytes) -> None:
+        """Send ``record`` on vCPU ``index``'s reply channel (dropped and counted if it is full)."""
+
+    @abstractmethod
+    def ready_now(self) -> list[int]:
+        """The vCPUs whose request channels hold records now."""
+
+    @abstractmethod
+    def _ready(self, ready_fds: set[int]) -> list[int]:
+        """The vCPUs to serve this round, given the descriptors epoll found readable."""
+
+    def serve(self, ready_fds: set[int], device: Device) -> bool:
+        """One fair round over the vCPUs, its reads answered last; True when more may be waiting."""
+        kept: Kept = []
+        more = []
+        for index in self._rotation(self._ready(ready_fds)):
+            taken, filled = self._take(index, device, kept, PER_VCPU_BATCH)
+            if filled:
+                more.append(index)
+        answer_reads(self, device, kept, self.ready_now, lambda index: self._take(index, device, kept, self.depth),
+                     len(self.received))
+        return self._served(more)
+
+    def _take(self, index: int, device: Device, kept: Kept, batch: int) -> tuple[int, bool]:
+        taken, filled = take(self, index, device, kept, batch)
+        self.received[index] += taken
+        return taken, filled
+
+    def _served(self, more: list[int]) -> bool:
+        return bool(more)
 
     def poll(self) -> bool:
         """Before sleeping: look for requests a little longer; True if one came."""
@@ -89,11 +102,11 @@ class RequestServer(ABC):
     def woke(self, ready_fds: set[int]) -> None:
         """Back from epoll (``ready_fds`` were readable)."""
 
-    def drain(self, handle: Handler) -> None:
+    def drain(self, device: Device) -> None:
         """Serve until nothing is left (bounded: running vCPUs may keep sending)."""
         everything = set(self.fds())
         for _ in range(SHUTDOWN_DRAIN_ROUNDS):
-            if not self.serve(everything, handle):
+            if not self.serve(everything, device):
                 break
 
     def stats(self) -> dict:
@@ -122,6 +135,7 @@ class QueueServer(RequestServer):
         super().__init__(len(request_names))
         self.requests: list[posix_ipc.MessageQueue] = []
         self.replies: list[posix_ipc.MessageQueue] = []
+        self._epoll: select.epoll | None = None
         for names, queues, reading in ((request_names, self.requests, True), (reply_names, self.replies, False)):
             for name in names:
                 try:
@@ -135,28 +149,40 @@ class QueueServer(RequestServer):
                 # (a vCPU not reading) raises BusyError instead.
                 queue.block = False
                 queues.append(queue)
+        self.depth = max((queue.max_messages for queue in self.requests), default=0)
         self._index_by_fd = {queue.mqd: index for index, queue in enumerate(self.requests)}
+        # Which queues hold messages now, in one call (rounds.answer_reads asks every round that kept a read).
+        self._epoll = select.epoll()
+        for fd in self._index_by_fd:
+            self._epoll.register(fd, select.EPOLLIN)
         self._more: list[int] = []
 
     def fds(self) -> list[int]:
         return list(self._index_by_fd)
 
-    def serve(self, ready_fds: set[int], handle: Handler) -> bool:
-        ready = sorted({self._index_by_fd[fd] for fd in ready_fds if fd in self._index_by_fd} | set(self._more))
-        self._more = serve_round(self.requests, self._rotation(ready), lambda i, m: self._answer(i, m, handle),
-                                 PER_VCPU_BATCH)
-        return bool(self._more)
-
-    def _answer(self, index: int, message: bytes, handle: Handler) -> None:
-        self.received[index] += 1
-        reply = handle(index, message)
-        if reply is None:
-            return
+    def pop(self, index: int) -> bytes | None:
         try:
-            self.replies[index].send(reply)
+            message, _priority = self.requests[index].receive()
+        except posix_ipc.BusyError:
+            return None
+        return message
+
+    def reply(self, index: int, record: bytes) -> None:
+        try:
+            self.replies[index].send(record)
             self.replies_sent += 1
         except posix_ipc.Error:
             self.replies_dropped += 1
+
+    def ready_now(self) -> list[int]:
+        return [self._index_by_fd[fd] for fd, _mask in self._epoll.poll(0)]
+
+    def _ready(self, ready_fds: set[int]) -> list[int]:
+        return sorted({self._index_by_fd[fd] for fd in ready_fds if fd in self._index_by_fd} | set(self._more))
+
+    def _served(self, more: list[int]) -> bool:
+        self._more = more
+        return bool(more)
 
     def close(self) -> None:
         for queue in self.requests + self.replies:
@@ -165,6 +191,9 @@ class QueueServer(RequestServer):
             except posix_ipc.Error:
                 pass
         self.requests, self.replies = [], []
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
 
 
 class RingServer(RequestServer):
@@ -184,6 +213,8 @@ class RingServer(RequestServer):
         self._idle_since: float | None = None
         self.wakeups = self.polled_hits = self.sleeps = self.poll_preempted = 0
         self.poll_seconds = 0.0
+        self._found = False  # this round took a record
+        self.depth = RING_SLOTS
 
     def fds(self) -> list[int]:
         return [self.wake_fd]
@@ -191,36 +222,41 @@ class RingServer(RequestServer):
     def _pending(self) -> bool:
         return any(len(ring) for ring in self.requests)
 
-    def serve(self, ready_fds: set[int], handle: Handler) -> bool:
-        found = more = False
-        for index in self._rotation(self._indices):
-            ring = self.requests[index]
-            taken = 0
-            while taken < PER_VCPU_BATCH and (record := ring.pop()) is not None:
-                taken += 1
-                self._answer(index, record, handle)
-            if taken:
-                found = True
-                more = more or (taken == PER_VCPU_BATCH and len(ring) > 0)
-                ring.wake_producer()  # it may wait for the room we just made
-        if found and self._idle_since is not None:
-            self.window.record(self._clock() - self._idle_since)  # how long the wait for this work was
-            self._idle_since = None
-        if not more and self._idle_since is None:
-            self._idle_since = self._clock()
-        return more
+    def pop(self, index: int) -> bytes | None:
+        return self.requests[index].pop()
 
-    def _answer(self, index: int, record: bytes, handle: Handler) -> None:
-        self.received[index] += 1
-        reply = handle(index, record)
-        if reply is None:
-            return
+    def reply(self, index: int, record: bytes) -> None:
         replies = self.replies[index]
-        if replies.push(reply):
+        if replies.push(record):
             self.replies_sent += 1
             replies.wake_consumer()
         else:
             self.replies_dropped += 1  # a vCPU that does not read its replies
+
+    def ready_now(self) -> list[int]:
+        return [index for index, ring in enumerate(self.requests) if len(ring)]
+
+    def _ready(self, ready_fds: set[int]) -> list[int]:
+        return self._indices  # one eventfd for all: look at every ring
+
+    def serve(self, ready_fds: set[int], device: Device) -> bool:
+        self._found = False
+        return super().serve(ready_fds, device)
+
+    def _take(self, index: int, device: Device, kept: Kept, batch: int) -> tuple[int, bool]:
+        taken, filled = super()._take(index, device, kept, batch)
+        if taken:
+            self._found = True
+            self.requests[index].wake_producer()  # it may wait for the room we just made
+        return taken, filled
+
+    def _served(self, more: list[int]) -> bool:
+        if self._found and self._idle_since is not None:
+            self.window.record(self._clock() - self._idle_since)  # how long the wait for this work was
+            self._idle_since = None
+        if not more and self._idle_since is None:
+            self._idle_since = self._clock()
+        return bool(more)
 
     def poll(self) -> bool:
         """Look at the rings for the current window (zero: do not poll at all).

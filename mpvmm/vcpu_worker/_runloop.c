@@ -128,6 +128,12 @@ static int stop_requested(const struct worker *w)
     return __atomic_load_n(&w->stats->request, __ATOMIC_ACQUIRE) == REQUEST_STOP;
 }
 
+/* A stop or a pause: either ends a guest's sleep early. */
+static int anything_requested(const struct worker *w)
+{
+    return __atomic_load_n(&w->stats->request, __ATOMIC_ACQUIRE) != REQUEST_RUN;
+}
+
 static uint64_t monotonic_ns(void)
 {
     struct timespec now;
@@ -357,12 +363,13 @@ static int posted_write(struct worker *w, uint64_t space, uint64_t address, uint
     return send_request(w, msg, len);
 }
 
-/* Sleeps in slices so that a stop is seen within KICK_POLL_NS. */
+/* Sleeps in slices so that a stop or a pause is seen within KICK_POLL_NS
+ * (a pause cuts the guest's rest short rather than wait for it). */
 static void guest_sleep(struct worker *w, uint64_t microseconds)
 {
     uint64_t start = monotonic_ns();
     uint64_t end = start + (microseconds < MAX_SLEEP_US ? microseconds : MAX_SLEEP_US) * 1000;
-    for (uint64_t now = start; now < end && !stop_requested(w); now = monotonic_ns()) {
+    for (uint64_t now = start; now < end && !anything_requested(w); now = monotonic_ns()) {
         uint64_t left = end - now < (uint64_t)KICK_POLL_NS ? end - now : (uint64_t)KICK_POLL_NS;
         struct timespec slice = {.tv_sec = 0, .tv_nsec = (long)left};
         nanosleep(&slice, NULL);
@@ -466,13 +473,24 @@ static void wait_while_paused(struct worker *w)
 static enum outcome run_loop(struct worker *w, uint64_t *value)
 {
     struct vcpu_stats *stats = w->stats;
+    /* The last KVM_RUN returned an exit whose instruction KVM finishes only
+     * on the next KVM_RUN: an IN's value goes into RAX and RIP moves past
+     * an OUT then (api.rst, KVM_RUN). */
+    int exit_pending = 0;
     for (;;) {
         uint32_t request = __atomic_load_n(&stats->request, __ATOMIC_ACQUIRE);
         if (request == REQUEST_STOP)
             return OUTCOME_STOPPED;
         if (request == REQUEST_PAUSE) {
-            wait_while_paused(w);
-            continue;
+            if (!exit_pending) {
+                wait_while_paused(w);
+                continue;
+            }
+            /* Pause only with the vCPU's state whole, so that a snapshot
+             * reads it as the guest left it: KVM_RUN with immediate_exit
+             * completes the pending exit and returns EINTR without running
+             * the guest (or, mid string I/O, one more exit to handle). */
+            __atomic_store_n(&w->run->immediate_exit, 1, __ATOMIC_RELAXED);
         }
         if (ioctl(w->vcpu_fd, KVM_RUN, 0) < 0) {
             if (errno == EINTR) {
@@ -480,6 +498,7 @@ static enum outcome run_loop(struct worker *w, uint64_t *value)
                  * `request` again at the top. */
                 __atomic_store_n(&w->run->immediate_exit, 0, __ATOMIC_RELAXED);
                 BUMP(stats->interrupted);
+                exit_pending = 0;
                 continue;
             }
             if (errno == EAGAIN)
@@ -487,6 +506,7 @@ static enum outcome run_loop(struct worker *w, uint64_t *value)
             *value = (uint64_t)errno;
             return OUTCOME_ERROR;
         }
+        exit_pending = 1;
         BUMP(stats->runs);
         uint32_t reason = w->run->exit_reason;
         BUMP(stats->exits[reason < STATS_EXIT_REASONS ? reason : STATS_EXIT_REASONS - 1]);
@@ -700,6 +720,9 @@ static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
         FIELD(d, mpvmm_guest_params, pio_doorbell_port) ||
         FIELD(d, mpvmm_guest_params, mmio_doorbell_addr) ||
         FIELD(d, mpvmm_guest_params, doorbell_value) ||
+        FIELD(d, mpvmm_guest_params, dirty_rate_mib) ||
+        FIELD(d, mpvmm_guest_params, dirty_round_us) ||
+        FIELD(d, mpvmm_guest_params, dirty_base) || FIELD(d, mpvmm_guest_params, dirty_size) ||
         add_int(d, "mpvmm_guest_report.sizeof", sizeof(struct mpvmm_guest_report)) ||
         FIELD(d, mpvmm_guest_report, magic) || FIELD(d, mpvmm_guest_report, state) ||
         FIELD(d, mpvmm_guest_report, status) || FIELD(d, mpvmm_guest_report, pio_write_sum) ||

@@ -27,6 +27,7 @@ import signal
 import time
 
 from mpvmm.kvm.system import Kvm
+from mpvmm.stop_signals import ignore_stop_signals
 from mpvmm.supervisor.vm import VirtualMachine
 from mpvmm.vcpu_worker.outcome import VcpuOutcome, WorkerFailed, from_loop
 from mpvmm.vcpu_worker.python_loop import run_python
@@ -67,11 +68,10 @@ class ProcessRunner(VcpuRunner):
     # --- In the child. ---
 
     def _child(self) -> int:
-        # Die with the supervisor; leave Ctrl-C to it (it stops us through the stats page).
+        # Die with the supervisor; leave Ctrl-C, and a SIGTERM or SIGHUP to the
+        # whole process group, to it (it stops us through the stats page).
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        for signum in (signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ignore_stop_signals()
         keep = {0, 1, 2, *self.channel.fds(), *(fd for fd, _route in self.doorbells)}
         for fd in map(int, os.listdir("/proc/self/fd")):
             if fd not in keep:

@@ -79,7 +79,7 @@ class PythonLoop:
         start = time.monotonic_ns()
         end = start + min(microseconds, MAX_SLEEP_US) * 1000
         now = start
-        while now < end and not self.stop_requested():
+        while now < end and self.stats.request == LoopRequest.RUN:  # a pause cuts the rest short too
             time.sleep(min(end - now, KICK_POLL_SECONDS * 1e9) / 1e9)
             now = time.monotonic_ns()
         self.stats.sleep_ns += time.monotonic_ns() - start
@@ -135,23 +135,29 @@ class PythonLoop:
 
     def loop(self) -> tuple[int, int]:
         stats, run, vcpu = self.stats, self.run, self.vcpu
+        # As in _runloop.c: KVM finishes the last exit's instruction on the next KVM_RUN.
+        exit_pending = False
         while True:
             request = stats.request
             if request == LoopRequest.STOP:
                 return LoopCode.STOPPED, 0
             if request == LoopRequest.PAUSE:
-                self.wait_while_paused()
-                continue
+                if not exit_pending:
+                    self.wait_while_paused()
+                    continue
+                run.immediate_exit = 1  # complete the exit, run nothing, then pause
             try:
                 reason = vcpu.run()
             except InterruptedError:  # a kick: clear the flag, then look at the request again
                 run.immediate_exit = 0
                 stats.interrupted += 1
+                exit_pending = False
                 continue
             except KvmIoctlError as err:
                 if err.errno == errno.EAGAIN:
                     continue
                 return LoopCode.ERROR, err.errno
+            exit_pending = True
             stats.runs += 1
             stats.exits[min(reason, stats_page.STATS_EXIT_REASONS - 1)] += 1
             try:

@@ -96,7 +96,7 @@ def paravirt_routes() -> RouteTable:
 def machine_routes(kernel_routes: Iterable) -> RouteTable:
     """The table of a VM: the paravirtual ports, then the in-kernel ranges its devices declared.
 
-    ``kernel_routes`` are devicemodel.boards.KernelRoute values (space, base,
+    ``kernel_routes`` are devicemodel.kernel_routes.KernelRoute values (space, base,
     length, doorbell, datamatch); the rest goes to the device model.
     """
     return RouteTable(paravirt_routes().routes + [

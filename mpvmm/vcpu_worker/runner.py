@@ -30,7 +30,7 @@ _runloop.install_kick_handler(KICK_SIGNAL)
 # (a process) or reported stuck (a thread).
 FORCE_STOP_SECONDS = 5.0
 _JOIN_SLICE_SECONDS = 0.1
-_PAUSE_POLL_SECONDS = 0.01
+_PAUSE_POLL_SECONDS = 0.001  # part of a migration's downtime: poll finely
 
 
 class VcpuRunner(ABC):
@@ -153,8 +153,16 @@ class VcpuSet:
     def __getitem__(self, index: int) -> VcpuRunner:
         return self.runners[index]
 
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Start every runner; ``paused``, each loop waits before its first KVM_RUN until ``resume``.
+
+        Started paused, the threads or processes are up while the vCPUs'
+        state can still be written (a restore), so that resuming is all
+        that is left to do.
+        """
         for runner in self.runners:
+            if paused:
+                runner.stats.request = LoopRequest.PAUSE
             runner.start()
 
     def pause(self) -> None:

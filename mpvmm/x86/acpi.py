@@ -1,21 +1,36 @@
-"""Minimal ACPI tables: RSDP, XSDT, FADT, MADT and a DSDT with \\_S5.
+"""ACPI tables: RSDP, XSDT, a hardware-reduced FADT, the MADT, and a DSDT of the PC devices.
 
-Like Firecracker's (revision 6 FADT, hardware-reduced) and Cloud
-Hypervisor's power-off: the FADT sets HW_REDUCED_ACPI and names a sleep
-control register in I/O space; the DSDT's \\_S5 package gives SLP_TYP 5, so
-Linux's ``poweroff`` writes ``(5 << 2) | SLP_EN`` there, which the device
-model turns into a power-off event. The FADT's reset register (port
-write of 1) gives ``reboot`` the same clean path. Reduced hardware also
-means no SCI, no PM timer and no FACS. The MADT lists every vCPU's local
-APIC (Debian's cloud kernel has no MP-table parser) and the IOAPIC with no
-interrupt source override: KVM routes GSI n to pin n, the PIT on pin 0.
+The FADT is hardware-reduced (HW_REDUCED_ACPI), like Firecracker's and
+Cloud Hypervisor's: no SCI, no PM1 event/control blocks, no PM timer, no
+FACS. Power-off uses the sleep control register (the DSDT's \\_S5 package
+gives SLP_TYP 5, so Linux writes ``(5 << 2) | SLP_EN`` there) and reboot the
+reset register, both in the device model's ACPI PM block
+(devicemodel/acpi_pm.py).
+
+On reduced hardware Linux has no legacy PIC (``acpi_generic_reduced_hw_init``
+installs the null PIC), so it pre-maps no ISA IRQ ("preallocated irqs: 0"):
+a device's IRQ reaches the IOAPIC only if the DSDT describes the device and
+names it in _CRS. So the DSDT lists every device the device model emulates
+under ``\\_SB_``: COM1 (PNP0501), the i8042 keyboard controller (PNP0303; no
+AUX port, which the device model does not emulate, so no PNP0F13), the CMOS
+RTC (PNP0B00) and the PM registers (PNP0C02, a motherboard resource that
+reserves their ports). Linux's PNP layer binds 8250_pnp, i8042 and rtc_cmos
+to them and maps each IRQ as an edge-triggered, active-high IOAPIC pin,
+which is what the device model's irqfd pulses give. ``build_acpi`` takes more
+devices (``aml.simple_device(...)`` terms) for the DSDT.
+
+The MADT lists every vCPU's local APIC (Debian's cloud kernel has no
+MP-table parser) and the IOAPIC with no interrupt source override: KVM routes
+GSI n to pin n, the PIT on pin 0.
 """
 
 from __future__ import annotations
 
 import struct
 
-from mpvmm.x86 import layout
+from typing import Iterable
+
+from mpvmm.x86 import aml, layout
 from mpvmm.x86.mptable import checksum_byte, ioapic_id
 
 OEM_ID = b"MPVMM "
@@ -33,6 +48,7 @@ FADT_MINOR_REVISION = 5
 FADT_SIZE = 276
 FADT_DSDT_OFFSET = 40
 FADT_SCI_INT_OFFSET = 46
+FADT_CENTURY_OFFSET = 108
 FADT_IAPC_BOOT_ARCH_OFFSET = 109
 FADT_FLAGS_OFFSET = 112
 FADT_RESET_REG_OFFSET = 116
@@ -42,22 +58,32 @@ FADT_X_DSDT_OFFSET = 140
 FADT_SLEEP_CONTROL_OFFSET = 244
 FADT_SLEEP_STATUS_OFFSET = 256
 FADT_HYPERVISOR_ID_OFFSET = 268
-IAPC_8042 = 1 << 1  # an i8042 exists: Linux probes it by its ports
+IAPC_LEGACY_DEVICES = 1 << 0  # ISA devices (our COM1, i8042, RTC) are there
+IAPC_8042 = 1 << 1  # an i8042 exists (clear: Linux treats it as absent)
 IAPC_VGA_NOT_PRESENT = 1 << 2
 IAPC_MSI_NOT_SUPPORTED = 1 << 3
+IAPC_BOOT_ARCH = IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED
 FLAG_RESET_REG_SUP = 1 << 10
 FLAG_HW_REDUCED_ACPI = 1 << 20
-SCI_IRQ = 9  # ignored on reduced hardware; the value PCs use
+SCI_IRQ = 0  # reduced hardware has no SCI
+RTC_CENTURY_REGISTER = 0x32  # the CMOS byte holding the century (devicemodel/rtc.py)
 GAS_SYSTEM_IO = 1
 ACCESS_BYTE = 1
-RESET_VALUE = 1
 
-# I/O ports of the device model's ACPI power-management device.
-SLEEP_CONTROL_PORT = layout.ACPI_PM_PORT
-SLEEP_STATUS_PORT = layout.ACPI_PM_PORT + 1
-RESET_PORT = layout.ACPI_PM_PORT + 2
-SLEEP_TYPE_S5 = 5  # \_S5's SLP_TYP; sleep control gets (5 << 2) | SLP_EN
+# The device model's ACPI PM block at layout.ACPI_PM_PORT: one byte each.
+SLEEP_CONTROL_OFFSET = 0
+SLEEP_STATUS_OFFSET = 1
+RESET_OFFSET = 2
+SLEEP_CONTROL_PORT = layout.ACPI_PM_PORT + SLEEP_CONTROL_OFFSET
+SLEEP_STATUS_PORT = layout.ACPI_PM_PORT + SLEEP_STATUS_OFFSET
+RESET_PORT = layout.ACPI_PM_PORT + RESET_OFFSET
+RESET_VALUE = 1
+# Sleep control: SLP_TYP in bits 4:2, SLP_EN bit 5 (ACPI 6.5, 4.8.3.7).
+SLP_TYP_SHIFT, SLP_TYP_MASK = 2, 0x7
 SLP_EN = 0x20
+SLEEP_TYPE_S5 = 5  # \_S5's SLP_TYP; sleep control gets (5 << 2) | SLP_EN
+# Sleep status: WAK_STS bit 7, write 1 to clear (ACPI 6.5, 4.8.3.8).
+WAK_STS = 0x80
 
 # --- MADT. ---
 MADT_REVISION = 5
@@ -66,9 +92,14 @@ MADT_LOCAL_APIC, MADT_IO_APIC, MADT_LOCAL_APIC_NMI = 0, 1, 4
 LAPIC_ENABLED = 1
 ALL_PROCESSORS = 0xFF
 
-# --- DSDT: Name (\_S5, Package (4) { 5, 0, 0, 0 }) in AML. ---
+# --- DSDT. ---
 DSDT_REVISION = 2
-AML_S5 = bytes([0x08, *b"_S5_", 0x12, 0x07, 0x04, 0x0A, SLEEP_TYPE_S5, 0x00, 0x00, 0x00])
+# PNP ids Linux's PNP drivers bind: 8250_pnp, i8042, rtc_cmos, pnp/system.c.
+HID_COM = "PNP0501"  # 16550A-compatible UART
+HID_KEYBOARD = "PNP0303"  # IBM enhanced keyboard (i8042)
+HID_RTC = "PNP0B00"  # AT real-time clock
+HID_MOTHERBOARD = "PNP0C02"  # motherboard resources: ports reserved, no driver
+I8042_PORT_LENGTH = 1
 
 RSDP_SIGNATURE = b"RSD PTR "
 
@@ -88,8 +119,25 @@ def _gas(port: int) -> bytes:
     return struct.pack("<BBBBQ", GAS_SYSTEM_IO, 8, 0, ACCESS_BYTE, port)
 
 
-def build_dsdt() -> bytes:
-    return _table(b"DSDT", DSDT_REVISION, AML_S5)
+def pc_devices() -> list[bytes]:
+    """The DSDT's devices: what the device model's "pc" machine emulates."""
+    return [
+        aml.simple_device("COM1", HID_COM, 1, [aml.io(layout.COM1_PORT, layout.COM1_PORT_COUNT),
+                                                aml.irq(layout.COM1_IRQ)]),
+        aml.simple_device("KBD", HID_KEYBOARD, 0, [aml.io(layout.I8042_DATA_PORT, I8042_PORT_LENGTH),
+                                                   aml.io(layout.I8042_COMMAND_PORT, I8042_PORT_LENGTH),
+                                                   aml.irq(layout.I8042_IRQ)]),
+        aml.simple_device("RTC", HID_RTC, 0, [aml.io(layout.RTC_PORT, layout.RTC_PORT_COUNT),
+                                              aml.irq(layout.RTC_IRQ)]),
+        aml.simple_device("PMRG", HID_MOTHERBOARD, 0, [aml.io(layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_COUNT)]),
+    ]
+
+
+def build_dsdt(devices: Iterable[bytes] = ()) -> bytes:
+    """\\_SB_ with the PC devices and ``devices``, and \\_S5 for power-off."""
+    system_bus = aml.scope("\\_SB_", [*pc_devices(), *devices])
+    s5 = aml.name("\\_S5_", aml.package([SLEEP_TYPE_S5, 0, 0, 0]))
+    return _table(b"DSDT", DSDT_REVISION, system_bus + s5)
 
 
 def build_fadt(dsdt_address: int) -> bytes:
@@ -99,7 +147,8 @@ def build_fadt(dsdt_address: int) -> bytes:
         body[offset - HEADER_SIZE : offset - HEADER_SIZE + len(data)] = data
 
     put(FADT_SCI_INT_OFFSET, struct.pack("<H", SCI_IRQ))
-    put(FADT_IAPC_BOOT_ARCH_OFFSET, struct.pack("<H", IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED))
+    put(FADT_CENTURY_OFFSET, bytes([RTC_CENTURY_REGISTER]))
+    put(FADT_IAPC_BOOT_ARCH_OFFSET, struct.pack("<H", IAPC_BOOT_ARCH))
     put(FADT_FLAGS_OFFSET, struct.pack("<I", FLAG_HW_REDUCED_ACPI | FLAG_RESET_REG_SUP))
     put(FADT_RESET_REG_OFFSET, _gas(RESET_PORT))
     put(FADT_RESET_VALUE_OFFSET, bytes([RESET_VALUE]))
@@ -138,8 +187,11 @@ def _align(value: int, alignment: int = 16) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-def build_acpi(base: int, cpus: int) -> tuple[int, bytes]:
-    """Every table laid out from ``base``: ``(rsdp_address, blob)``; the RSDP is first."""
+def build_acpi(base: int, cpus: int, devices: Iterable[bytes] = ()) -> tuple[int, bytes]:
+    """Every table laid out from ``base``: ``(rsdp_address, blob)``; the RSDP is first.
+
+    ``devices`` are extra DSDT devices (``aml.simple_device`` terms) beside the PC ones.
+    """
     if not 1 <= cpus <= 255:
         raise ValueError(f"the MADT's xAPIC entries describe 1 to 255 CPUs, not {cpus}")
     blob = bytearray()
@@ -152,7 +204,7 @@ def build_acpi(base: int, cpus: int) -> tuple[int, bytes]:
         return address
 
     rsdp_address = place(bytes(RSDP_SIZE))  # filled in last, when the XSDT's place is known
-    dsdt = place(build_dsdt())
+    dsdt = place(build_dsdt(devices))
     fadt = place(build_fadt(dsdt))
     madt = place(build_madt(cpus))
     xsdt = place(build_xsdt([fadt, madt]))

@@ -99,3 +99,4 @@ ACPI_PM_PORT_COUNT = 4
 # (KVM's default GSI routing, and what the MP table and MADT describe).
 COM1_IRQ = 4
 I8042_IRQ = 1  # the keyboard controller
+RTC_IRQ = 8  # update and alarm interrupts

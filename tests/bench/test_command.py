@@ -4,6 +4,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,6 +31,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
     ["--cpus", "two"],
     ["--seconds", "-1"],
     ["--seconds", "0"],
+    ["--seconds", "nan"],
+    ["--seconds", "inf"],
+    ["--seconds", "-inf"],
+    ["--seconds", "1e300"],
     ["--repeat", "0"],
     ["--json", "/nonexistent-dir/bench.json"],
 ])
@@ -48,6 +53,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, capsys):
 def bench_run(tmp_path_factory, kvm_available):
     folder = tmp_path_factory.mktemp("bench")
     before = ipc_objects(), device_model_processes()
+    started = time.monotonic()
     completed = subprocess.run(
         [sys.executable, "-m", "mpvmm", "bench", "--cpus", ",".join(map(str, CPUS)),
          "--workload", ",".join(WORKLOADS), "--runner", ",".join(RUNNERS), "--transport", ",".join(TRANSPORTS),
@@ -55,20 +61,21 @@ def bench_run(tmp_path_factory, kvm_available):
          "--json", str(folder / "bench.json"), "--plot", str(folder / "bench.png")],
         capture_output=True, text=True, timeout=120,
     )
+    wall_seconds = time.monotonic() - started
     assert completed.returncode == 0, completed.stderr
     assert (ipc_objects(), device_model_processes()) == before, "the bench left VM resources behind"
-    return completed, json.loads((folder / "bench.json").read_text()), (folder / "bench.png").read_bytes()
+    return completed, json.loads((folder / "bench.json").read_text()), (folder / "bench.png").read_bytes(), wall_seconds
 
 
 def test_json_has_one_record_per_combination(bench_run):
-    _, records, _ = bench_run
+    _, records, _, wall_seconds = bench_run
     assert sorted((r["workload"], r["runner"], r["transport"] or "-", r["cpus"]) for r in records) == sorted(
         (w, r, t, c) for w in WORKLOADS for r in RUNNERS for c in CPUS
         for t in (("-",) if r == "raw" else TRANSPORTS))
     for record in records:
         assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
         assert HOST_KEYS <= set(record["host"])
-        assert WINDOW_SECONDS <= record["seconds"] < WINDOW_SECONDS + 0.4
+        assert record["seconds"] >= WINDOW_SECONDS
         per_vcpu = record["exits_per_second_per_vcpu"]
         assert len(per_vcpu) == record["cpus"] and all(rate > 0 for rate in per_vcpu)
         assert record["exits_per_second"] == pytest.approx(sum(per_vcpu), rel=1e-6)
@@ -83,10 +90,13 @@ def test_json_has_one_record_per_combination(bench_run):
             assert record["device_accesses_per_second"] > 0
         else:
             assert record["device_accesses_per_second"] == 0
+    # The windows are disjoint parts of the bench's runs (no timing bound:
+    # a loaded host stretches them, never past the whole command).
+    assert sum(record["seconds"] for record in records) < wall_seconds
 
 
 def test_json_reference_points_and_sync_latency(bench_run):
-    _, records, _ = bench_run
+    _, records, _, _ = bench_run
     for record in records:
         if record["runner"] == "raw":
             assert record["ratio_to_raw"] == 1.0
@@ -100,7 +110,7 @@ def test_json_reference_points_and_sync_latency(bench_run):
 
 
 def test_table_and_progress_without_guest_console(bench_run):
-    completed, _, _ = bench_run
+    completed, _, _, _ = bench_run
     assert "pio-null: exits per second" in completed.stdout
     assert "pio-device: accesses per second" in completed.stdout
     assert "ratio to raw" in completed.stdout and "scaling eff." in completed.stdout
@@ -110,7 +120,7 @@ def test_table_and_progress_without_guest_console(bench_run):
 
 
 def test_plot_is_a_png(bench_run):
-    _, _, png = bench_run
+    _, _, png, _ = bench_run
     assert png.startswith(PNG_SIGNATURE)
     # IHDR, the first chunk, holds the size: a real figure, not an empty canvas.
     width, height = struct.unpack(">II", png[16:24])

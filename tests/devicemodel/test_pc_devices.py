@@ -68,6 +68,7 @@ def _kbc():
 def test_i8042_probe_sequence():
     kbc, reset, trigger = _kbc()
     assert kbc.read(4, 1) & 0x02 == 0  # input buffer never full: Linux may write
+    assert kbc.read(4, 1) & i8042.STATUS_NOT_INHIBITED  # no "Keylock active" warning
     kbc.write(4, 1, i8042.CMD_SELF_TEST)
     assert kbc.read(4, 1) & i8042.STATUS_OUTPUT_FULL
     assert kbc.read(0, 1) == 0x55

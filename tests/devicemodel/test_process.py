@@ -15,10 +15,10 @@ import msgpack
 import posix_ipc
 import pytest
 
+from mpvmm.devicemodel import rtc
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
-from mpvmm.transport.server import serve_round
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
@@ -33,7 +33,7 @@ from mpvmm.errors import DeviceModelError
 from mpvmm.transport.channel import RingChannel
 from mpvmm.transport.ring import RING_SLOTS, RingArea
 from mpvmm.x86.layout import (COM1_PORT, MMIO_TESTDEV_ADDR, MMIO_TESTDEV_DOORBELL_ADDR, PIO_TESTDEV_DOORBELL_PORT,
-                              PIO_TESTDEV_PORT)
+                              PIO_TESTDEV_PORT, RTC_PORT)
 from tests.devicemodel.test_coalesced import Kvm as CoalescedProducer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -92,13 +92,13 @@ class Harness:
         """Replies a vCPU's reply channel holds."""
         return queue_depth() if self.transport == "mq" else RING_SLOTS
 
-    def start(self, stdout=subprocess.DEVNULL, extra_fds=()):
+    def start(self, stdout=subprocess.DEVNULL, module="mpvmm.devicemodel", args=(), pass_fds=(), prefix=()):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-            pass_fds=(child.fileno(), *self.inherited, *extra_fds),
+            [*prefix, sys.executable, "-m", module, str(child.fileno()), *args],
+            pass_fds=(child.fileno(), *self.inherited, *pass_fds),
             stdout=stdout,
             env=env,
         )
@@ -267,6 +267,63 @@ def test_full_session(harness, tmp_path):
     assert console.read_bytes() == b"hello\n"
 
 
+def test_the_rtc_update_interrupt_arrives_with_no_guest_access(harness):
+    """The process wakes for the RTC's update cycle on its own and signals the RTC's irqfd."""
+    irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        harness.start(pass_fds=(irqfd,))
+        assert harness.configure(machine="pc", irqfds={"rtc": irqfd})["op"] == "ready"
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, rtc.REG_STATUS_B, 0)
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT + 1, 1, rtc.STATUS_B_24H | rtc.STATUS_B_UIE, 0)
+        ready, _, _ = select.select([irqfd], [], [], 3.0)  # the next whole second, and a margin
+        assert ready == [irqfd] and os.eventfd_read(irqfd) == 1
+        assert harness.stats()["stats"]["devices"]["rtc"]["interrupts"] == 1
+    finally:
+        os.close(irqfd)
+
+
+def rtc_write(harness, register, value):
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, register, 0)
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT + 1, 1, value, 0)
+
+
+def test_a_pending_and_an_armed_rtc_alarm_move_to_another_device_model(harness):
+    """Saved with its alarm flagged and armed (every second), the RTC goes on in a new process.
+
+    The new device model keeps the pending flags for the guest's handler to
+    read, and raises the next alarm on its own irqfd with no guest access.
+    """
+    first, second = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
+    other = Harness()
+    try:
+        harness.start(pass_fds=(first,))
+        assert harness.configure(machine="pc", irqfds={"rtc": first})["op"] == "ready"
+        for register in (rtc.REG_SECONDS_ALARM, rtc.REG_MINUTES_ALARM, rtc.REG_HOURS_ALARM):
+            rtc_write(harness, register, rtc.ALARM_ANY)
+        rtc_write(harness, rtc.REG_STATUS_B, rtc.STATUS_B_24H | rtc.STATUS_B_AIE)
+        assert select.select([first], [], [], 3.0)[0] == [first], "no alarm before the save"
+        harness.send({"op": "save_state"})
+        saved = harness.recv()["devices"]
+        pending = rtc.STATUS_C_IRQF | rtc.STATUS_C_AF
+        assert saved["rtc"]["flags"] & pending == pending
+
+        other.start(pass_fds=(second,))
+        assert other.configure(machine="pc", irqfds={"rtc": second})["op"] == "ready"
+        other.send({"op": "restore_state", "devices": saved})
+        assert other.recv() == {"op": "restored"}
+        other.request(0, KIND_WRITE, 0, SPACE_PIO, RTC_PORT, 1, rtc.REG_STATUS_C, 0)
+        other.request(0, KIND_READ, 0, SPACE_PIO, RTC_PORT + 1, 1, 0, 7)
+        seq, flags = other.reply(0)
+        assert seq == 7 and flags & pending == pending  # the alarm flagged before the save
+        assert select.select([second], [], [], 3.0)[0] == [second], "the armed alarm did not fire after the restore"
+        assert other.stats()["stats"]["devices"]["rtc"]["interrupts"] > saved["rtc"]["interrupts"]
+    finally:
+        other.close()
+        os.close(first)
+        os.close(second)
+    assert other.leftovers() == []
+
+
 def test_shutdown_drains_posted_writes_first(harness, tmp_path):
     console = tmp_path / "console.log"
     console.write_bytes(b"before\n")  # appended to, not truncated
@@ -371,7 +428,7 @@ def test_coalesced_writes_are_drained_in_order_before_requests(harness):
     fd, page = _ring_page()
     kvm = CoalescedProducer(page)
     try:
-        harness.start(extra_fds=(fd,))
+        harness.start(pass_fds=(fd,))
         assert harness.configure(coalesced_ring=[fd, 2])["op"] == "ready"
         harness.proc.send_signal(signal.SIGSTOP)  # nothing drains while we fill
         for sequence in (1, 2, 3):  # vCPU 0's first writes, through KVM's ring
@@ -395,7 +452,7 @@ def test_coalesced_writes_are_drained_in_order_before_requests(harness):
 def test_doorbells_are_counted_by_device(harness):
     pio_bell, mmio_bell = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
     try:
-        harness.start(extra_fds=(pio_bell, mmio_bell))
+        harness.start(pass_fds=(pio_bell, mmio_bell))
         assert harness.configure(doorbells=[[pio_bell, SPACE_PIO, PIO_TESTDEV_DOORBELL_PORT],
                                             [mmio_bell, SPACE_MMIO, MMIO_TESTDEV_DOORBELL_ADDR]])["op"] == "ready"
         os.eventfd_write(pio_bell, 3)  # what KVM does for three rings
@@ -428,7 +485,7 @@ def test_a_bad_ring_area_or_poll_limit_is_refused(bad):
     fake = os.memfd_create("not-rings")
     os.ftruncate(fake, harness.area.size)
     try:
-        harness.start(extra_fds=(fake,))
+        harness.start(pass_fds=(fake,))
         if bad == "area":
             answer = harness.configure(ring_fd=fake)
             assert answer["op"] == "error" and "not a version 1 ring area" in answer["message"]
@@ -451,24 +508,21 @@ def test_usage_error_exit_2():
 # --- The pieces, without a child process. ---
 
 
-class FakeQueue:
-    def __init__(self, messages):
-        self.messages = list(messages)
+def test_a_read_sees_every_write_queued_before_it_by_another_vcpu(harness):
+    """vCPU 0 posts nine scratch-register writes, vCPU 1 then reads it: it must see the ninth.
 
-    def receive(self):
-        if not self.messages:
-            raise posix_ipc.BusyError("empty")
-        return self.messages.pop(0), 0
-
-
-def test_serve_round_is_fair():
-    busy = FakeQueue([b"b"] * 100)
-    quiet = FakeQueue([b"q"] * 3)
-    seen = []
-    more = serve_round([busy, quiet], [0, 1], lambda i, m: seen.append(i), batch=8)
-    assert seen == [0] * 8 + [1] * 3  # the quiet vCPU is served in the same round
-    assert more == [0]
-    assert serve_round([busy, quiet], [1], lambda i, m: None, batch=8) == []
+    Everything is queued before the device model starts, so its first round
+    takes a batch of eight from queue 0 and then the read from queue 1.
+    """
+    if queue_depth() < 10:
+        pytest.skip("needs queues of depth 10 (fs.mqueue.msg_max)")
+    scratch = COM1_PORT + 7
+    for value in range(1, 10):
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, scratch, 1, value, 0)
+    harness.request(1, KIND_READ, 1, SPACE_PIO, scratch, 1, 0, 1)
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    assert harness.reply(1) == (1, 9)
 
 
 def test_console_buffers_until_flush(tmp_path):
@@ -482,7 +536,7 @@ def test_console_buffers_until_flush(tmp_path):
     console.write(b"x" * 5000)  # a large backlog flushes by itself
     assert path.stat().st_size == 5002
     console.close()
-    assert console.stats() == {"written_bytes": 5002, "lost_bytes": 0}
+    assert console.stats() == {"written_bytes": 5002, "lost_bytes": 0, "write_errors": 0, "error": None}
 
 
 def test_console_on_a_tty_flushes_each_line():
@@ -507,8 +561,19 @@ def test_console_write_errors_are_counted():
     console = HostConsole(write_end, owns_fd=True)
     console.write(b"lost")
     console.flush()  # EPIPE (SIGPIPE is ignored by Python)
-    assert console.stats()["lost_bytes"] == 4
+    console.write(b"gone")
+    console.flush()
+    assert console.stats() == {"written_bytes": 0, "lost_bytes": 8, "write_errors": 2, "error": "Broken pipe"}
     console.close()
+
+
+def test_console_on_a_full_device_counts_every_lost_byte():
+    console = HostConsole(os.open("/dev/full", os.O_WRONLY), owns_fd=True)
+    console.write(b"x" * 5000)  # each past the flush threshold: one write each
+    console.write(b"y" * 5000)
+    console.close()
+    assert console.stats() == {"written_bytes": 0, "lost_bytes": 10000, "write_errors": 2,
+                               "error": "No space left on device"}
 
 
 GOOD_CONFIG = {
@@ -548,3 +613,34 @@ def test_config_refuses_bad_messages(change):
         Config.from_message({**GOOD_CONFIG, **change})
     with pytest.raises(DeviceModelError):
         Config.from_message("configure")
+
+
+def test_save_state_sees_queued_writes_and_restore_state_rebuilds_the_devices(harness):
+    harness.start()
+    assert harness.configure()["op"] == "ready"
+    for value in (3, 4):  # posted: still queued, maybe, when save_state arrives
+        harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, value, 0)
+    harness.send({"op": "save_state"})
+    saved = harness.recv()
+    assert saved["op"] == "state"
+    assert saved["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 7, "reads": 0, "doorbells": 0,
+                                               "doorbell_misses": 0, "order_errors": 0, "sequences": [[4, 0, 4]]}
+    assert set(saved["devices"]) == set(harness.stats()["stats"]["devices"])
+
+    devices = dict(saved["devices"], **{"testdev-pio": dict(saved["devices"]["testdev-pio"], writes=40,
+                                                            write_sum=100, reads=1)})
+    harness.send({"op": "restore_state", "devices": devices})
+    assert harness.recv() == {"op": "restored"}
+    harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 5, 0)
+    harness.request(0, KIND_READ, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 0, 1)
+    assert harness.reply(0) == (1, testdev_pattern(0, 4))
+    counts = harness.stats()["stats"]["devices"]["testdev-pio"]
+    # The counts go on from the restored ones, and so does vCPU 0's sequence (4, then 5: in order).
+    assert (counts["writes"], counts["write_sum"], counts["reads"], counts["order_errors"]) == (41, 105, 2, 0)
+
+    # A bad record is refused and the machine stays as it was.
+    harness.send({"op": "restore_state", "devices": dict(devices, **{"testdev-pio": {"writes": -1}})})
+    refused = harness.recv()
+    assert refused["op"] == "error" and "test device" in refused["message"]
+    assert harness.stats()["stats"]["devices"]["testdev-pio"]["writes"] == 41
+    assert harness.proc.poll() is None

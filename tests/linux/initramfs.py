@@ -1,8 +1,16 @@
 """A tiny initramfs from Debian's busybox-static, written as a newc cpio in Python.
 
-Its /init mounts /proc, prints the CPU count the kernel brought up and
-powers the machine off, so a test can read the count from the console and
-see the run end with "guest powered off".
+Its /init mounts /proc, /sys and /dev, reports what the kernel found (``mpvmm-init:``
+lines: the CPU count, the PNP devices and their resources, the interrupt
+counts of the serial port, the i8042 and the RTC after an RTC alarm, the
+RTC's time, the keyboard port, and from dmesg the kernel's lines about the
+CPUs and the MP table, so that a boot with ``quiet`` can be checked too) and then ends as the test asks: ``poweroff``, ``reboot``,
+``panic`` (a sysrq crash; with ``panic=-1`` the kernel reboots at once) or
+``shell`` (a busybox shell reads the console, without the tty's own echo,
+so a typed command shows only through what it prints, and a line typed to
+``cat`` comes back exactly once, from a guest process). Every line
+is userspace output on the console, so it reaches the test only if the
+UART's interrupt works.
 """
 
 from __future__ import annotations
@@ -13,14 +21,46 @@ import stat
 
 CPIO_MAGIC = b"070701"  # newc
 TRAILER = "TRAILER!!!"
+MARKER = "mpvmm-init:"
+SHELL_PROMPT = f"{MARKER} type a line"
 
-INIT_SCRIPT = """#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev
-/bin/busybox mount -t proc proc /proc
-echo "mpvmm-init: cpus=$(/bin/busybox grep -c ^processor /proc/cpuinfo)"
-echo "mpvmm-init: online=$(/bin/busybox cat /sys/devices/system/cpu/online 2>/dev/null)"
-/bin/busybox poweroff -f
+KERNEL_LINES = "smp: Brought up|MPTABLE: OEM ID|MultiProcessor Specification"
+REPORT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "{MARKER} cpus=$(grep -c ^processor /proc/cpuinfo)"
+echo "{MARKER} online=$(cat /sys/devices/system/cpu/online)"
+for device in /sys/bus/pnp/devices/*; do
+    [ -e "$device/id" ] && echo "{MARKER} pnp $(cat "$device/id") $(grep -v state "$device/resources" | tr '\\n' ' ')"
+done
+# An RTC alarm two seconds ahead (one may pass while the slow CMOS reads set it): its
+# interrupt shows in /proc/interrupts. ACPI boots only: without ACPI rtc_cmos cannot wake.
+echo +2 > /sys/class/rtc/rtc0/wakealarm 2>/dev/null && sleep 4
+grep -E 'ttyS0|i8042|rtc0' /proc/interrupts | while read -r line; do echo "{MARKER} irq $line"; done
+echo "{MARKER} rtc $(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null)"
+echo "{MARKER} serio $(cat /sys/bus/serio/devices/serio0/description 2>/dev/null)"
+# The kernel lines the tests check, also when "quiet" kept them off the console.
+dmesg | grep -E "{KERNEL_LINES}" | while read -r line; do echo "{MARKER} dmesg $line"; done
 """
+# echo returns once its bytes are in the tty buffer, and the kernel's last messages
+# would interleave with them, or a power-off cut them: wait until the UART's
+# transmit count has stood still for half a second.
+DRAIN = """sent=; now=$(cat /proc/tty/driver/serial)
+while [ "$sent" != "$now" ]; do sleep 0.5; sent=$now; now=$(cat /proc/tty/driver/serial); done
+"""
+ENDINGS = {
+    "poweroff": DRAIN + "poweroff -f\n",
+    "reboot": DRAIN + "reboot -f\n",
+    "panic": f"echo \"{MARKER} panicking\"\n{DRAIN}echo c > /proc/sysrq-trigger\n",
+    "shell": f"stty -echo\necho \"{SHELL_PROMPT}\"\nexec sh\n",
+}
+INIT_SCRIPT = REPORT + ENDINGS["poweroff"]
+
+
+def init_script(ending: str) -> str:
+    return REPORT + ENDINGS[ending]
 
 
 def _entry(name: str, mode: int, data: bytes = b"", ino: int = 1) -> bytes:
@@ -59,8 +99,8 @@ def busybox_initramfs(busybox_path: str, init: str = INIT_SCRIPT) -> bytes:
     return gzip.compress(build_cpio(files), compresslevel=6, mtime=0)
 
 
-def write_initramfs(busybox_path: str, output: str) -> str:
-    data = busybox_initramfs(busybox_path)
+def write_initramfs(busybox_path: str, output: str, init: str = INIT_SCRIPT) -> str:
+    data = busybox_initramfs(busybox_path, init)
     tmp = output + f".{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)

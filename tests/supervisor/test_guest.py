@@ -35,7 +35,8 @@ def test_choose_picks_linux_with_its_pc_machine(kernel):
     assert isinstance(source, LinuxBoot) and host is NativeThreads
     assert source.workload == "linux"
     assert source.machine.name == "pc" and source.machine.host_input
-    assert source.machine.irq_lines == {"com1": layout.COM1_IRQ, "i8042": layout.I8042_IRQ}
+    assert source.machine.irq_lines == {"com1": layout.COM1_IRQ, "i8042": layout.I8042_IRQ,
+                                       "rtc": layout.RTC_IRQ}
 
 
 def test_a_runner_without_a_shared_irqchip_cannot_boot_linux(kernel):

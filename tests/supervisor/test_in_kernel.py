@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from mpvmm.devicemodel.boards import kernel_routes
+from mpvmm.devicemodel.kernel_routes import kernel_routes
 from mpvmm.errors import KvmIoctlError, MpvmmError
 from mpvmm.kvm.system import Kvm
 from mpvmm.supervisor.builtin_guest import BuiltinGuestSource

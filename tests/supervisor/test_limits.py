@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from mpvmm.arguments import format_size
 from mpvmm.errors import HostLimitError, UsageError
 from mpvmm.supervisor import limits
 
@@ -62,7 +63,7 @@ def test_more_memory_than_available():
         limits.check_memory(size)
     message = str(info.value)
     assert "available memory" in message
-    assert f"{size >> 20} MiB" in message
+    assert f"guest memory of {format_size(size)} exceeds" in message
     assert "--memory" in message
     assert "\n" not in message
 

@@ -27,6 +27,7 @@ MAIN_OP = {
     "mmio": "mmio_writes",
     "uart": "uart_bytes",
     "atomics": "atomic_increments",
+    "dirty": "dirty_pages",
     "doorbell": "pio_doorbells",
     "writes": "mmio_writes",
 }

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from mpvmm.devicemodel.boards import kernel_routes
+from mpvmm.devicemodel.kernel_routes import kernel_routes
 from mpvmm.devicemodel.devices import TESTDEV_DOORBELL_VALUE
 from mpvmm.vcpu_worker.route_table import (
     ACTION_COALESCED, ACTION_DEBUG_EXIT, ACTION_DEVICE, ACTION_IOEVENTFD, ACTION_NULL, ACTION_SLEEP, SPACE_MMIO,

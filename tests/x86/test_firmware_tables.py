@@ -4,7 +4,8 @@ import struct
 
 import pytest
 
-from mpvmm.x86 import acpi, bzimage, e820, layout, mptable, zeropage
+from mpvmm.x86 import acpi, aml, bzimage, e820, layout, mptable, zeropage
+from tests.x86 import iasl
 from tests.x86.bzimage_fixtures import compress, make_bzimage, tiny_elf
 
 GIB = 1 << 30
@@ -107,9 +108,9 @@ def test_acpi_tables_parse_back(cpus):
     assert struct.unpack_from("<I", fadt, 40)[0] == dsdt_address
     dsdt_length = struct.unpack_from("<I", at(dsdt_address, 8), 4)[0]
     dsdt = at(dsdt_address, dsdt_length)
-    assert _header(dsdt)[0] == b"DSDT"
-    # Name(_S5, Package(){5, 0, 0, 0}): SLP_TYP 5 is what the device model expects.
-    assert dsdt[36:] == bytes([0x08]) + b"_S5_" + bytes([0x12, 0x07, 0x04, 0x0A, 0x05, 0, 0, 0])
+    assert _header(dsdt) == (b"DSDT", acpi.DSDT_REVISION)
+    # Name(\_S5, Package(){5, 0, 0, 0}) ends it: SLP_TYP 5 is what the device model expects.
+    assert dsdt.endswith(bytes([0x08]) + b"\\_S5_" + bytes([0x12, 0x07, 0x04, 0x0A, 0x05, 0, 0, 0]))
 
     madt = tables[b"APIC"]
     assert struct.unpack_from("<II", madt, 36) == (layout.LAPIC_ADDR, 1)
@@ -137,6 +138,111 @@ def test_acpi_tables_parse_back(cpus):
 def test_acpi_refuses_more_cpus_than_xapic_ids():
     with pytest.raises(ValueError):
         acpi.build_acpi(layout.LINUX_ACPI_ADDR, 256)
+
+
+# --- ACPI, read by the reference toolchain (ACPICA's iasl). ---
+
+def _table_at(blob, address, base=layout.LINUX_ACPI_ADDR):
+    length = struct.unpack_from("<I", blob, address - base + 4)[0]
+    return blob[address - base : address - base + length]
+
+
+def _tables_by_signature(cpus, devices=()):
+    rsdp_address, blob = acpi.build_acpi(layout.LINUX_ACPI_ADDR, cpus, devices)
+    xsdt = _table_at(blob, struct.unpack_from("<Q", blob, rsdp_address - layout.LINUX_ACPI_ADDR + 24)[0])
+    tables = {b"XSDT": xsdt}
+    for pointer in struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36):
+        table = _table_at(blob, pointer)
+        tables[table[:4]] = table
+    fadt = tables[b"FACP"]
+    tables[b"DSDT"] = _table_at(blob, struct.unpack_from("<Q", fadt, acpi.FADT_X_DSDT_OFFSET)[0])
+    return tables
+
+
+def _device_block(dsl, name):
+    """The text of ``Device (name) { ... }`` in a disassembled DSDT."""
+    start = dsl.index(f"Device ({name})")
+    end = dsl.find("Device (", start + 1)
+    return dsl[start : end if end != -1 else len(dsl)]
+
+
+def _io(base, length):
+    return (f"IO (Decode16,\n                    0x{base:04X},             // Range Minimum\n"
+            f"                    0x{base:04X},             // Range Maximum\n"
+            f"                    0x01,               // Alignment\n"
+            f"                    0x{length:02X},               // Length")
+
+
+def test_iasl_reads_every_pc_device_in_the_dsdt(tmp_path):
+    dsl = iasl.disassemble(_tables_by_signature(2)[b"DSDT"], str(tmp_path), "dsdt")
+    com1 = _device_block(dsl, "COM1")
+    assert 'EisaId ("PNP0501")' in com1 and "Name (_UID, One)" in com1
+    assert _io(layout.COM1_PORT, layout.COM1_PORT_COUNT) in com1
+    assert f"IRQNoFlags ()\n                    {{{layout.COM1_IRQ}}}" in com1
+    keyboard = _device_block(dsl, "KBD")
+    assert 'EisaId ("PNP0303")' in keyboard
+    assert _io(layout.I8042_DATA_PORT, 1) in keyboard and _io(layout.I8042_COMMAND_PORT, 1) in keyboard
+    assert f"IRQNoFlags ()\n                    {{{layout.I8042_IRQ}}}" in keyboard
+    assert "PNP0F13" not in dsl  # no AUX (mouse) port: the device model has none
+    rtc = _device_block(dsl, "RTC")
+    assert 'EisaId ("PNP0B00")' in rtc and _io(layout.RTC_PORT, layout.RTC_PORT_COUNT) in rtc
+    assert f"IRQNoFlags ()\n                    {{{layout.RTC_IRQ}}}" in rtc
+    pm = _device_block(dsl, "PMRG")
+    assert 'EisaId ("PNP0C02")' in pm and _io(layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_COUNT) in pm
+    assert "Scope (\\_SB)" in dsl
+    assert "Name (\\_S5, Package (0x04)" in dsl and "0x05," in dsl.split("Name (\\_S5")[1]
+
+
+def test_iasl_compiles_our_dsdt_back_to_the_same_aml(tmp_path):
+    dsdt = _tables_by_signature(2)[b"DSDT"]
+    recompiled = iasl.compile_asl(iasl.disassemble(dsdt, str(tmp_path), "dsdt"), str(tmp_path), "dsdt")
+    assert recompiled[iasl.HEADER_SIZE :] == dsdt[iasl.HEADER_SIZE :]
+
+
+def test_iasl_reads_a_device_added_to_the_dsdt(tmp_path):
+    """How the virtio-mmio devices will join: one aml.simple_device term each."""
+    virtio = aml.simple_device("VR00", "LNRO0005", 0, [aml.memory32_fixed(0xD0000000, 0x200), aml.interrupt(16)])
+    dsl = iasl.disassemble(_tables_by_signature(1, [virtio])[b"DSDT"], str(tmp_path), "dsdt")
+    block = _device_block(dsl, "VR00")
+    assert 'Name (_HID, "LNRO0005")' in block and "0xD0000000," in block and "0x00000010," in block
+    assert dsl.index("Device (VR00)") < dsl.index("Name (\\_S5")  # inside \_SB with the others
+
+
+def test_iasl_reads_the_fadt_as_hardware_reduced_with_our_registers(tmp_path):
+    tables = _tables_by_signature(2)
+    dsl = iasl.disassemble(tables[b"FACP"], str(tmp_path), "facp")
+    assert iasl.field(dsl, "Revision") == "06" and iasl.field(dsl, "FADT Minor Revision") == "05"
+    assert iasl.flag(dsl, "Hardware Reduced (V5)") == 1
+    assert iasl.flag(dsl, "Reset Register Supported (V2)") == 1
+    assert iasl.flag(dsl, "8042 Present on ports 60/64 (V2)") == 1
+    assert iasl.flag(dsl, "Legacy Devices Supported (V2)") == 1
+    assert iasl.flag(dsl, "CMOS RTC Not Present (V5)") == 0
+    assert iasl.field(dsl, "RTC Century Index") == f"{acpi.RTC_CENTURY_REGISTER:02X}"
+    assert iasl.field(dsl, "SCI Interrupt") == "0000"  # reduced hardware: no SCI
+    assert iasl.field(dsl, "PM1A Event Block Address") == "00000000"
+    assert iasl.field(dsl, "PM Timer Block Address") == "00000000"
+    assert iasl.field(dsl, "Value to cause reset") == f"{acpi.RESET_VALUE:02X}"
+    dsdt_address = struct.unpack_from("<Q", tables[b"FACP"], acpi.FADT_X_DSDT_OFFSET)[0]
+    assert iasl.fields(dsl, "DSDT Address") == [f"{dsdt_address:08X}", f"{dsdt_address:016X}"]
+    # The generic address structures in table order: the reset register first, sleep control and status last.
+    addresses = [int(value, 16) for value in iasl.fields(dsl, "Address") if len(value) == 16]
+    assert addresses[0] == acpi.RESET_PORT
+    assert addresses[-2:] == [acpi.SLEEP_CONTROL_PORT, acpi.SLEEP_STATUS_PORT]
+    assert iasl.fields(dsl, "Space ID").count("01 [SystemIO]") == 3
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_iasl_reads_the_madt_and_xsdt(tmp_path, cpus):
+    tables = _tables_by_signature(cpus)
+    dsl = iasl.disassemble(tables[b"APIC"], str(tmp_path), "apic")
+    assert iasl.field(dsl, "Local Apic Address") == f"{layout.LAPIC_ADDR:08X}"
+    assert iasl.flag(dsl, "PC-AT Compatibility") == 1
+    assert dsl.count("Subtable Type : 00 [Processor Local APIC]") == cpus
+    assert iasl.field(dsl, "I/O Apic ID") == f"{cpus:02X}"
+    assert "Subtable Type : 02" not in dsl  # no interrupt source override
+    assert dsl.count("Subtable Type : 04 [Local APIC NMI]") == 1
+    xsdt = iasl.disassemble(tables[b"XSDT"], str(tmp_path), "xsdt")
+    assert xsdt.count("ACPI Table Address") == 2
 
 
 # --- e820 and the zero page. ---

@@ -1,9 +1,7 @@
-"""The machines the device model can build, and the accesses KVM handles for their devices.
+"""The accesses KVM handles for a machine's devices, at their bus addresses.
 
-``build_machine(name, ...)`` is the device set of ``"builtin"`` (the
-built-in guest's: the UART, the test devices, sinks) or ``"pc"`` (that plus
-what a Linux guest needs, pc.py). ``kernel_routes(name)`` lists what the
-devices of that machine declare KVM may take without an exit (bus.py,
+``kernel_routes(name)`` lists what the devices of machine ``name``
+(machines.py) declare KVM may take without an exit (bus.py,
 ``KernelAccess``): the ranges whose writes KVM coalesces and the doorbells
 it turns into eventfd signals, at the addresses the buses put them. The
 supervisor registers them with KVM (it alone may issue VM ioctls) and puts
@@ -12,14 +10,11 @@ them in the route table; the device model drains and counts them.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-from mpvmm.devicemodel.bus import Bus, Device
-from mpvmm.devicemodel.machine import build_buses
-from mpvmm.devicemodel.pc import build_pc_buses
+from mpvmm.devicemodel.bus import Bus
+from mpvmm.devicemodel.machines import build_machine
 from mpvmm.devicemodel.protocol import SPACE_MMIO, SPACE_PIO
-
-MACHINES = ("builtin", "pc")
 
 
 class KernelRoute(NamedTuple):
@@ -31,17 +26,6 @@ class KernelRoute(NamedTuple):
     device: str
     doorbell: bool  # False: a coalesced range
     datamatch: int | None = None  # a doorbell rung only by this value
-
-
-def build_machine(name: str, console_out: Callable[[bytes], None] | None = None,
-                  triggers: dict[str, Callable[[], None]] | None = None,
-                  on_event: Callable[[str], None] | None = None) -> tuple[Bus, Bus, dict[str, Device]]:
-    """The buses and devices of machine ``name``; a trigger per interrupt line and power events for "pc"."""
-    if name == "pc":
-        return build_pc_buses(console_out, triggers or {}, on_event or (lambda event: None))
-    if name == "builtin":
-        return build_buses(console_out)
-    raise ValueError(f"unknown machine {name!r}")
 
 
 def bus_kernel_routes(space: int, bus: Bus) -> list[KernelRoute]:
@@ -59,5 +43,5 @@ def bus_kernel_routes(space: int, bus: Bus) -> list[KernelRoute]:
 
 def kernel_routes(name: str) -> list[KernelRoute]:
     """What KVM may handle for machine ``name``'s devices (built inert, only to be asked)."""
-    pio, mmio, _ = build_machine(name)
+    pio, mmio, _ = build_machine(name, None, {}, lambda event: None)
     return bus_kernel_routes(SPACE_PIO, pio) + bus_kernel_routes(SPACE_MMIO, mmio)

@@ -1,0 +1,183 @@
+"""Runs one mpvmm VM (the L2) inside L1, bounded, and reports what happened as JSON.
+
+    python -m tests.nested.l2_run REQUEST.json
+
+It is started by ``NestedLinux.boot`` through L1's agent. The request names
+the mpvmm argv, the bound, where the guest console goes (``--console FILE``,
+or mpvmm's stdout, or a pseudo-terminal for the interactive tests), marker
+texts whose first appearance it times (the boot phases), a metrics port to
+scrape during the boot, and, for a terminal, steps of "wait for this text,
+then type that". The result: exit status, stderr (stdout is in the
+``console_copy`` file: the console itself, or what mpvmm printed beside a
+console file), the seconds at which each phase appeared, the last scrape, the terminal's mode before and after, and
+``timed_out`` when mpvmm outlived the bound: then its process group is
+killed, and the host reports the layer "L2".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.request
+
+POLL_SECONDS = 0.2
+SCRAPE_TIMEOUT = 10.0
+
+
+class _Output:
+    """The guest console as it grows, from a file mpvmm writes or from a pipe or pty we drain."""
+
+    def __init__(self, path: str, fd: int | None = None):
+        self.path = path
+        self._fd = fd
+        self._chunks: list[bytes] = []
+        self._lock = threading.Lock()
+        if fd is not None:
+            self._thread = threading.Thread(target=self._drain, daemon=True)
+            self._thread.start()
+
+    def _drain(self) -> None:
+        with open(self.path, "ab") as copy:
+            while True:
+                try:
+                    data = os.read(self._fd, 65536)
+                except OSError:  # EIO: the pty's other side is closed
+                    return
+                if not data:
+                    return
+                copy.write(data)
+                copy.flush()
+                with self._lock:
+                    self._chunks.append(data)
+
+    def text(self) -> str:
+        if self._fd is None:
+            try:
+                with open(self.path, "rb") as f:
+                    return f.read().decode(errors="replace")
+            except FileNotFoundError:
+                return ""
+        with self._lock:
+            return b"".join(self._chunks).decode(errors="replace")
+
+    def join(self) -> None:
+        if self._fd is not None:
+            self._thread.join(timeout=5)
+
+
+def _controlling_terminal() -> None:
+    """In the child, after setsid: the pty on fd 0 becomes its terminal, its group the foreground."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT) as response:
+        return response.read().decode()
+
+
+def _every_vcpu_exited(text: str, cpus: int) -> bool:
+    for vcpu in range(cpus):
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("mpvmm_vcpu_exits_total{") and f'vcpu="{vcpu}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        if total <= 0:
+            return False
+    return True
+
+
+def _seen_phases(request: dict, text: str, phases: dict[str, float], now: float) -> None:
+    """Time each phase whose marker starts a console line (after the kernel's timestamp, if any),
+    so that init echoing a kernel line from dmesg is not taken for the kernel printing it."""
+    for phase, marker in request.get("phases", {}).items():
+        if phase not in phases and re.search(rf"^(\[ *[0-9.]+\] )?{re.escape(marker)}", text, re.MULTILINE):
+            phases[phase] = now
+
+
+def run(request: dict) -> dict:
+    console_path = request["console_copy"]
+    pty = request.get("pty")
+    leader = follower = None
+    popen = {"stdin": subprocess.DEVNULL, "stderr": subprocess.PIPE, "start_new_session": True}
+    if pty is not None:
+        leader, follower = os.openpty()
+        popen.update(stdin=follower, stdout=follower, preexec_fn=_controlling_terminal)
+        mode_before = termios.tcgetattr(follower)
+    else:
+        popen["stdout"] = subprocess.PIPE
+    started = time.monotonic()
+    process = subprocess.Popen(request["argv"], **popen)
+    stdout = None  # mpvmm's stdout, kept apart when the console goes to a file
+    if pty is not None:
+        output = _Output(console_path, leader)
+    elif request.get("console") is None:
+        output = _Output(console_path, process.stdout.fileno())
+    else:
+        output = _Output(request["console"])
+        stdout = _Output(console_path, process.stdout.fileno())
+    stderr_chunks: list[bytes] = []
+    stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read()), daemon=True)
+    stderr_reader.start()
+
+    phases: dict[str, float] = {}
+    steps = list(pty["steps"]) if pty is not None else []
+    metrics = request.get("metrics")
+    scraped, scrape_error = None, None
+    timed_out = False
+    while process.poll() is None:
+        elapsed = time.monotonic() - started
+        if elapsed > request["bound"]:
+            timed_out = True
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        text = output.text()
+        _seen_phases(request, text, phases, elapsed)
+        if steps and steps[0]["wait"] in text:
+            os.write(leader, steps.pop(0)["send"].encode())
+        if metrics is not None and metrics["after"] in text and (
+                scraped is None or not _every_vcpu_exited(scraped, metrics["cpus"])):
+            try:
+                scraped = _scrape(metrics["port"])
+            except OSError as err:
+                scrape_error = str(err)
+        time.sleep(POLL_SECONDS)
+    status = process.wait()
+    seconds = time.monotonic() - started
+    stderr_reader.join(timeout=10)
+    result = {"status": status, "seconds": seconds, "timed_out": timed_out, "phases": phases,
+              "stderr": b"".join(stderr_chunks).decode(errors="replace"), "metrics": scraped,
+              "scrape_error": scrape_error, "steps_left": [step["wait"] for step in steps]}
+    if pty is not None:
+        result["terminal_restored"] = termios.tcgetattr(follower) == mode_before
+        os.close(follower)
+        output.join()
+        os.close(leader)
+    else:
+        output.join()
+    if stdout is not None:
+        stdout.join()
+    _seen_phases(request, output.text(), phases, seconds)  # the last lines, read after the exit
+    return result
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[0]) as f:
+        request = json.load(f)
+    result = run(request)
+    tmp = request["result"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, request["result"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
