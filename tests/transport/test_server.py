@@ -7,6 +7,7 @@ import pytest
 from mpvmm.transport.channel import RingChannel
 from mpvmm.transport.ring import RING_SLOTS, RingArea
 from mpvmm.transport.server import PER_VCPU_BATCH, RingServer
+from tests.devicemodel.test_rounds import Device
 
 
 class Counts:
@@ -39,33 +40,13 @@ def ends(kvm_available):
     os.close(wake_fd)
 
 
-class Record:
-    def __init__(self, data):
-        self.data = data
-        self.is_read = data.startswith(b"read")
-
-
-class Echo:
-    """A device model (rounds.Device) that keeps what it performs; a read answers b"re:" and the record."""
-
-    def __init__(self):
-        self.performed = []
-
-    def decode(self, record):
-        return None if record == b"malformed" else Record(record)
-
-    def perform(self, request):
-        self.performed.append(request.data)
-        return b"re:" + request.data if request.is_read else None
-
-
 def test_a_round_is_fair_and_keeps_each_vcpus_order(ends):
     server, channels, _ = ends
     for i in range(20):
         assert channels[0].send(b"w%d" % i, Counts(), lambda: False)
     for i in range(3):
         channels[1].send(b"v%d" % i, Counts(), lambda: False)
-    device = Echo()
+    device = Device()
     assert server.serve(set(), device)  # vCPU 0 has more
     assert device.performed == [b"w%d" % i for i in range(PER_VCPU_BATCH)] + [b"v%d" % i for i in range(3)]
     while server.serve(set(), device):
@@ -82,19 +63,19 @@ def test_a_read_is_answered_after_the_writes_another_vcpu_queued_before_it(ends)
         channels[0].send(b"w%d" % i, Counts(), lambda: False)
     channels[1].send(b"read", Counts(), lambda: False)
     channels[1].send(b"never: its vCPU waits for the read", Counts(), lambda: False)  # not a real vCPU's order
-    device = Echo()
+    device = Device()
     server.serve(set(), device)
     assert device.performed == [b"w%d" % i for i in range(20)] + [b"read"]
-    assert channels[1].receive(Counts()) == b"re:read"
+    assert channels[1].receive(Counts()) == b"ok read"
     assert len(channels[1].requests) == 1  # nothing behind a read is taken before it is answered
 
 
 def test_replies_go_back_on_the_ring_the_request_came_from(ends):
     server, channels, _ = ends
     channels[1].send(b"read claiming to be vcpu 0", Counts(), lambda: False)
-    server.serve(set(), Echo())
+    server.serve(set(), Device())
     assert server.replies_sent == 1
-    assert channels[1].receive(Counts()) == b"re:read claiming to be vcpu 0"
+    assert channels[1].receive(Counts()) == b"ok read claiming to be vcpu 0"
     assert channels[0].replies.pop() is None
 
 
@@ -102,7 +83,7 @@ def test_a_reply_with_no_room_is_dropped_and_counted(ends):
     server, channels, _ = ends
     for i in range(RING_SLOTS + 1):
         channels[0].send(b"read %d" % i, Counts(), lambda: False)
-        server.serve(set(), Echo())
+        server.serve(set(), Device())
     assert (server.replies_sent, server.replies_dropped) == (RING_SLOTS, 1)
 
 
@@ -113,7 +94,7 @@ def test_a_vcpu_wakes_the_server_only_when_it_said_it_sleeps(ends):
     assert counts.server_wakeups == 0
     assert not server.prepare_sleep()  # a record is waiting: do not sleep
     assert server.area.header.server_sleeping == 0
-    server.serve(set(), Echo())
+    server.serve(set(), Device())
     assert server.prepare_sleep() and server.area.header.server_sleeping == 1
     channels[1].send(b"w", counts, lambda: False)
     assert counts.server_wakeups == 1 and server.area.header.server_sleeping == 0
@@ -125,14 +106,14 @@ def test_a_vcpu_wakes_the_server_only_when_it_said_it_sleeps(ends):
 
 def test_polling_finds_what_arrives_and_the_window_adapts(ends):
     server, channels, clock = ends
-    assert not server.serve(set(), Echo())  # idle from now
+    assert not server.serve(set(), Device())  # idle from now
     assert not server.poll()  # nothing came in the window
     assert server.polled_hits == 0 and server.poll_seconds > 0
     channels[0].send(b"w", Counts(), lambda: False)
     assert server.poll() and server.polled_hits == 1
     start = server.window.window
     clock.now += 100e-6  # this wait was longer than the window, shorter than the limit
-    server.serve(set(), Echo())
+    server.serve(set(), Device())
     assert server.window.window == 2 * start
 
 
@@ -164,7 +145,7 @@ def test_a_full_request_ring_stalls_the_vcpu_until_a_stop(ends):
 def test_stats_say_what_the_transport_did(ends):
     server, channels, _ = ends
     channels[0].send(b"read", Counts(), lambda: False)
-    server.serve(set(), Echo())
+    server.serve(set(), Device())
     stats = server.stats()
     assert stats["transport"] == "ring" and stats["received"] == [1, 0] and stats["replies_sent"] == 1
     assert stats["poll_limit_seconds"] == 200e-6
