@@ -1,9 +1,11 @@
 """``mpvmm bench``: its options, the interleaved schedule of runs, the output.
 
 Runs are interleaved (raw, native, python, raw, ...; every repeat goes once
-through every workload and vCPU count) so that drift of a shared or
-throttling host hits every runner alike, and each record is the median of
-its repeats. Nothing is created before every option has been checked.
+through every workload, vCPU count and transport) so that drift of a shared
+or throttling host hits every runner alike, and each record is the median of
+its repeats. The raw loop has no device model, so it runs once per
+combination whatever ``--transport`` lists. Nothing is created before every
+option has been checked.
 """
 
 import argparse
@@ -16,10 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mpvmm.arguments import check_writable, parse_number
+from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 
 # Workloads with exact, steady exit streams; hostile and faulting ones are no benchmark.
 # virtio-blk: 4 KiB random reads, each vCPU its own disk (files the bench makes).
-BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "compute", "atomics", "demo", "virtio-blk")
+BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "doorbell", "compute", "atomics", "demo", "virtio-blk")
 BENCH_RUNNERS = ("raw", "native", "python", "process")
 VIRTIO_WORKLOADS = ("virtio-blk",)
 # The runners that can serve virtio devices: one VM, a supervisor to register their doorbells.
@@ -91,6 +94,9 @@ def add_bench_command(commands) -> None:
                        metavar="NAME,...", help=f"runners: {', '.join(BENCH_RUNNERS)} (default raw,native,python)")
     bench.add_argument("--queue-depth", type=_depth_list, default=[1], metavar="N,...",
                        help="requests in flight per vCPU for virtio-blk (default 1)")
+    bench.add_argument("--transport", type=_list_of("transport", TRANSPORTS), default=[DEFAULT_TRANSPORT],
+                       metavar="NAME,...", help=f"transports to the device model: {', '.join(TRANSPORTS)} "
+                                                f"(default {DEFAULT_TRANSPORT})")
     bench.add_argument("--seconds", type=parse_number(0, WINDOW_SECONDS_MAX, low_allowed=False), default=2.0,
                        help="length of each measured window, at most an hour (default 2)")
     bench.add_argument("--repeat", type=_positive_int, default=3,
@@ -143,7 +149,7 @@ def cmd_bench(args) -> int:
         samples, exit_code = _run_schedule(schedule, args, disks)
     host["load_average_after"] = list(os.getloadavg())
     records = report.build_records(samples, host)
-    report.render_tables(records, Console(width=max(Console().width, 120)))
+    report.render_tables(records, Console(width=max(Console().width, 160)))
     if args.json:
         report.write_json(records, args.json)
     if args.plot and records:
@@ -156,10 +162,11 @@ def cmd_bench(args) -> int:
 
 
 def _schedule(args) -> list[tuple]:
-    """(repeat, workload, queue depth, cpus, runner) of every run, interleaved.
+    """(repeat, workload, queue depth, cpus, runner, transport) of every run, interleaved.
 
     virtio-blk runs at each queue depth, with the runners that serve virtio
-    devices only; other workloads have no queue depth (None).
+    devices only; other workloads have no queue depth (None). The raw loop
+    has no transport (None).
     """
     schedule = []
     for repeat in range(args.repeat):
@@ -167,8 +174,9 @@ def _schedule(args) -> list[tuple]:
             virtio = workload in VIRTIO_WORKLOADS
             for depth in args.queue_depth if virtio else [None]:
                 for cpus in args.cpus:
-                    schedule += [(repeat, workload, depth, cpus, runner) for runner in args.runner
-                                 if not virtio or runner in VIRTIO_RUNNERS]
+                    schedule += [(repeat, workload, depth, cpus, runner, transport) for runner in args.runner
+                                 if not virtio or runner in VIRTIO_RUNNERS
+                                 for transport in ([None] if runner == "raw" else args.transport)]
     return schedule
 
 
@@ -195,12 +203,13 @@ def _run_schedule(schedule: list[tuple], args, disks: list[str]) -> tuple[list, 
             progress.refresh()
 
     with progress:
-        for done, (repeat, workload, depth, cpus, runner) in enumerate(schedule):
-            what = f"{workload}{'' if depth is None else f' QD{depth}'} {runner} {cpus} vCPU{'s' if cpus > 1 else ''}"
+        for done, (repeat, workload, depth, cpus, runner, transport) in enumerate(schedule):
+            what = (f"{workload}{'' if depth is None else f' QD{depth}'} {runner}{f'/{transport}' if transport else ''} "
+                    f"{cpus} vCPU{'s' if cpus > 1 else ''}")
             progress.update(task, description=f"{what} (repeat {repeat + 1}/{args.repeat})", completed=done)
             progress.refresh()
             try:
-                sample = measure(workload, runner, cpus, args.seconds, pin=args.pin,
+                sample = measure(workload, runner, cpus, args.seconds, transport=transport, pin=args.pin,
                                  on_progress=lambda fraction, done=done: on_progress(done, fraction),
                                  disks=tuple(disks[:cpus]) if depth is not None else (), queue_depth=depth)
             except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from mpvmm.guest import abi
 from mpvmm.kvm import bindings as kb
 from mpvmm.stop_signals import STOP_SIGNALS
 from mpvmm.supervisor.run import RunConfig, RunningVm, Supervisor
+from mpvmm.transport import DEFAULT_TRANSPORT
 
 RAW_RUNNER = "raw"  # the reference loop; every other runner is a --runner of mpvmm start
 WARMUP_SECONDS = 0.25  # after every vCPU is online: past start-up, into the steady loop
@@ -58,6 +59,7 @@ class RunSample:
 
     workload: str
     runner: str
+    transport: str | None  # None for the raw loop, which has no device model
     cpus: int
     seconds: float
     exits: list[int]  # per vCPU
@@ -158,11 +160,11 @@ def _noticing_stop_signals(event: threading.Event):
 class _Window:
     """Measures one window of a running VM, on the thread that started it."""
 
-    def __init__(self, probe, workload: str, runner: str, seconds: float, pin: bool, on_progress,
-                 queue_depth: int | None = None):
+    def __init__(self, probe, workload: str, runner: str, transport: str | None, seconds: float, pin: bool,
+                 on_progress, queue_depth: int | None = None):
         self.probe = probe
         self.queue_depth = queue_depth
-        self.workload, self.runner = workload, runner
+        self.workload, self.runner, self.transport = workload, runner, transport
         self.seconds = seconds
         self.pin = pin
         self.on_progress = on_progress
@@ -210,7 +212,7 @@ class _Window:
                 self.on_progress(min(1.0, (time.monotonic() - first.time) / self.seconds))
         last = self.probe.snapshot()
         self.sample = RunSample(
-            workload=self.workload, runner=self.runner, cpus=self.probe.cpus,
+            workload=self.workload, runner=self.runner, transport=self.transport, cpus=self.probe.cpus,
             seconds=last.time - first.time,
             exits=[b - a for a, b in zip(first.exits, last.exits)],
             sync_buckets=[b - a for a, b in zip(first.sync_buckets, last.sync_buckets)],
@@ -220,27 +222,29 @@ class _Window:
         )
 
 
-def measure(workload: str, runner: str, cpus: int, seconds: float, *, pin: bool = False,
-            on_progress=None, disks: tuple[str, ...] = (), queue_depth: int | None = None) -> RunSample:
-    """Runs ``workload`` on ``cpus`` vCPUs with ``runner`` and measures ``seconds`` of it.
+def measure(workload: str, runner: str, cpus: int, seconds: float, *, transport: str | None = None,
+            pin: bool = False, on_progress=None, disks: tuple[str, ...] = (),
+            queue_depth: int | None = None) -> RunSample:
+    """Runs ``workload`` on ``cpus`` vCPUs with ``runner`` (and ``transport``) and measures ``seconds`` of it.
 
     ``on_progress(fraction)`` is called a few times a second during the window.
     ``disks`` and ``queue_depth``: the virtio-blk workload's (a disk per vCPU).
     """
     window: _Window | None = None
+    transport = None if runner == RAW_RUNNER else transport or DEFAULT_TRANSPORT
 
     def started(probe) -> None:
         nonlocal window
-        window = _Window(probe, workload, runner, seconds, pin, on_progress, queue_depth)
+        window = _Window(probe, workload, runner, transport, seconds, pin, on_progress, queue_depth)
         window.measure()
 
-    what = f"{runner} runner, {workload}, {cpus} vCPUs"
+    what = f"{runner} runner{f' over {transport}' if transport else ''}, {workload}, {cpus} vCPUs"
     if runner == RAW_RUNNER:
         _run_raw(what, workload, cpus, started)
     else:
         limit = WARMUP_SECONDS + ONLINE_TIMEOUT_SECONDS + seconds + SAFETY_SECONDS
-        _run_supervised(what, RunConfig(cpus=cpus, workload=workload, runner=runner, console=os.devnull,
-                                        seconds=limit, metrics_port=0, disks=tuple(disks),
+        _run_supervised(what, RunConfig(cpus=cpus, workload=workload, runner=runner, transport=transport,
+                                        console=os.devnull, seconds=limit, metrics_port=0, disks=tuple(disks),
                                         queue_depth=queue_depth), started)
     if window is None or window.sample is None:
         raise BenchRunError(f"{what}: the run ended before its window did")

@@ -2,7 +2,10 @@
 
 It reads only the VM's ``/metrics`` endpoint, so it runs as any user, on a
 VM started by someone else, and sees exactly what Prometheus sees. Rates are
-differences between two scrapes divided by the time between them.
+differences between two scrapes divided by the time between them. Below the
+vCPUs, a table per device says how its accesses arrived (requests through
+an exit, writes KVM coalesced, doorbells KVM signalled), with the coalesced
+ring's and the transport's figures under it.
 """
 
 import http.client
@@ -217,6 +220,53 @@ def rate_table(before: Scrape, after: Scrape) -> Table:
     return table
 
 
+def _labelled_rates(before: Scrape, after: Scrape, name: str, key: str) -> dict[str, float]:
+    """{value of label ``key``: rate} of a counter over the interval, summed over its other labels."""
+    elapsed = after.seconds - before.seconds
+    totals: dict[str, list[float]] = {}
+    for scrape, index in ((before, 0), (after, 1)):
+        for labels, value in scrape.series(name).items():
+            totals.setdefault(dict(labels).get(key, ""), [0.0, 0.0])[index] += value
+    return {label: max(new - old, 0.0) / elapsed for label, (old, new) in totals.items()}
+
+
+def _rate(before: Scrape, after: Scrape, name: str) -> float:
+    return sum(_labelled_rates(before, after, name, "").values())
+
+
+def _gauge(scrape: Scrape, name: str) -> float | None:
+    values = list(scrape.series(name).values())
+    return values[0] if values else None
+
+
+def device_table(before: Scrape, after: Scrape) -> Table:
+    """Per device: requests, coalesced writes and doorbells per second; the ring and transport below."""
+    requests = _labelled_rates(before, after, "mpvmm_device_requests_total", "device")
+    coalesced = _labelled_rates(before, after, "mpvmm_device_coalesced_writes_total", "device")
+    doorbells = _labelled_rates(before, after, "mpvmm_device_doorbells_total", "device")
+    notes = []
+    if _gauge(after, "mpvmm_coalesced_ring_capacity_entries") is not None:
+        fallbacks = _labelled_rates(before, after, "mpvmm_vcpu_exit_route_total", "route").get("fallback", 0.0)
+        notes.append(f"coalesced ring: {_rate(before, after, 'mpvmm_coalesced_ring_drains_total'):.0f} drains/s, "
+                     f"{fallbacks:.0f} full-ring fallbacks/s, "
+                     f"{_gauge(after, 'mpvmm_coalesced_ring_occupancy_entries'):.0f} waiting "
+                     f"(peak {_gauge(after, 'mpvmm_coalesced_ring_peak_entries'):.0f} of "
+                     f"{_gauge(after, 'mpvmm_coalesced_ring_capacity_entries'):.0f})")
+    window = _gauge(after, "mpvmm_transport_poll_window_seconds")
+    if window is not None:
+        notes.append(f"ring transport: {_rate(before, after, 'mpvmm_transport_server_wakeups_total'):.0f} wake-ups/s, "
+                     f"{_rate(before, after, 'mpvmm_transport_polled_hits_total'):.0f} polled hits/s, "
+                     f"{_rate(before, after, 'mpvmm_vcpu_reply_sleeps_total'):.0f} vCPU reply sleeps/s, "
+                     f"poll window {window * 1e6:.0f} us")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption="; ".join(notes) or None,
+                  title="device accesses per second: requests (exits) and in KVM")
+    for column in ("device", "requests", "coalesced", "doorbells"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for device in sorted(set(requests) | set(coalesced) | set(doorbells)):
+        table.add_row(device, *(_rate_text(rates.get(device, 0.0)) for rates in (requests, coalesced, doorbells)))
+    return table
+
+
 def _device_rates(before: Scrape, after: Scrape, name: str, key: str) -> dict[tuple[str, str], float]:
     """{(device, value of label ``key``): per-second rate} for a virtio series, summed over other labels."""
     elapsed = after.seconds - before.seconds
@@ -252,8 +302,8 @@ def virtio_table(before: Scrape, after: Scrape) -> Table | None:
 
 
 def top_view(before: Scrape, after: Scrape) -> Group:
-    """What ``mpvmm top`` shows: the vCPUs' table, then the virtio devices' if the VM has any."""
-    tables = [rate_table(before, after), virtio_table(before, after)]
+    """What ``mpvmm top`` shows: the vCPUs', the device model's, then the virtio devices' if the VM has any."""
+    tables = [rate_table(before, after), device_table(before, after), virtio_table(before, after)]
     return Group(*(table for table in tables if table is not None))
 
 

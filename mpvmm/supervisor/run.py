@@ -9,6 +9,10 @@ has one, and the vCPUs start. Everything is undone in reverse by one
 ExitStack, whatever fails. What varies comes from the two objects
 ``choose`` picks once: the guest (guest.py: one that boots, a snapshot, or
 a VM arriving from another VMM) and where the vCPUs run (vcpu_host.py).
+The in-kernel routes its machine's devices declare are registered on the
+VM(s) (in_kernel.py) before the device model starts, a restored or
+arriving VM's as much as a new one's, and ``--transport`` decides how the
+rest reaches it (its channels are always new: nothing of them is saved).
 The run ends when the guest ends it, when every vCPU has exited, when
 ``--seconds`` runs out, a stop signal arrives or the API says stop (the
 guest is asked to finish, then forced after a grace period), when the VM
@@ -18,13 +22,13 @@ migrated away, or when a vCPU fails or the device model dies (ending.py).
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpvmm.api.server import ControlApi, NoApi
 from mpvmm.arguments import RUN_SECONDS_MAX, check_number, check_writable
+from mpvmm.devicemodel.kernel_routes import kernel_routes
 from mpvmm.errors import DeviceModelError, UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
@@ -42,12 +46,14 @@ from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, M
                                      status_line)
 from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource
 from mpvmm.supervisor.guest_memory import GuestMemory
+from mpvmm.supervisor.in_kernel import InKernelRoutes
 from mpvmm.supervisor.linux_guest import LinuxBoot
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vcpu_host import RUNNERS, VcpuHost
 from mpvmm.supervisor.virtio_devices import VirtioDevices
+from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 from mpvmm.vcpu_worker.outcome import VcpuOutcome
-from mpvmm.vcpu_worker.route_table import paravirt_routes
+from mpvmm.vcpu_worker.route_table import machine_routes
 from mpvmm.vcpu_worker.runner import VcpuRunner, VcpuSet
 from mpvmm.vcpu_worker.stats_page import PATHS, StatsArea
 
@@ -61,6 +67,7 @@ class RunConfig:
     workload: str = "demo"
     seconds: float | None = None
     runner: str = "native"
+    transport: str = DEFAULT_TRANSPORT  # how requests reach the device model: "ring" or "mq"
     console: str | None = None
     # A Linux kernel instead of the built-in guest (linux_guest.py).
     kernel: str | None = None
@@ -96,6 +103,8 @@ class VcpuResult:
     sync_latency_sum_seconds: float
     sleep_seconds: float
     posted_stalls: int
+    server_wakeups: int  # ring transport: times this vCPU woke the sleeping device model
+    reply_sleeps: int  # ring transport: replies it slept for rather than spun
     guest: GuestCounts | None  # None: the guest keeps no counts for us (a kernel)
     pid: int  # the process that ran the vCPU: the supervisor, or its own worker process
     cpu_seconds: float | None  # that worker process's CPU time (process runner only)
@@ -143,6 +152,8 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"--cpus {config.cpus} is more than KVM allows on this host ({max_vcpus})")
     if config.runner not in RUNNERS:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
+    if config.transport not in TRANSPORTS:
+        raise UsageError(f"unknown transport {config.transport!r} (choose from {', '.join(TRANSPORTS)})")
     if config.seconds is not None:
         check_number(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
     if config.console is not None:
@@ -151,7 +162,7 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
     if specs and not RUNNERS[config.runner].shares_interrupt_controller:
         raise UsageError(f"--runner {config.runner} has a VM per vCPU: virtio devices need one VM "
                          "(use --runner native or python)")
-    limits.check_host(config.cpus, config.memory)
+    limits.check_host(config.cpus, config.memory, message_queues=config.transport == "mq")
 
 
 def choose(config: RunConfig, cancelled: Callable[[], int | None] = lambda: None) -> tuple[GuestSource, type[VcpuHost]]:
@@ -243,24 +254,27 @@ class Supervisor:
         if config.metrics_port is not None:
             metrics = stack.enter_context(MetricsExporter(config.metrics_addr, config.metrics_port, {
                 "cpus": str(config.cpus), "memory_bytes": str(config.memory),
-                "runner": config.runner, "workload": source.workload}))
+                "runner": config.runner, "transport": config.transport, "workload": source.workload}))
         memory = stack.enter_context(source.create_memory(config.memory))
         guest = source.load(memory)
         host = stack.enter_context(host_class(kvm, memory, guest, config.cpus))
         specs = virtio_devices.device_specs(config.disks, config.console_device, config.rng)
         irq_fds = host.connect_irq_lines({**source.machine.irq_lines, **virtio_devices.irq_lines(specs)})
+        in_kernel = stack.enter_context(InKernelRoutes(host, machine_routes(kernel_routes(source.machine.name))))
+        device_doorbells = in_kernel.doorbell_fds()  # the device model's; the virtio devices add their own
         stats = stack.enter_context(StatsArea(config.cpus))
         virtio_console = config.console_device == "virtio"
         takes_input = source.machine.host_input or virtio_console
         terminal = stack.enter_context(RawTerminal(self.stdin_fd if takes_input else None))
         virtio = stack.enter_context(VirtioDevices(
-            specs, memory, irq_fds, _doorbells(stack, host), block_queues=_block_queues(config),
+            specs, memory, irq_fds, in_kernel.add_doorbell, block_queues=_block_queues(config),
             console_path=config.console, input_fd=terminal.input_fd if virtio_console else None))
         device_model = stack.enter_context(DeviceModelClient(
-            memory, config.cpus, config.console, machine=source.machine.name,
+            memory, config.cpus, config.console, transport=config.transport, machine=source.machine.name,
             irq_fds={name: fd for name, fd in irq_fds.items() if name in source.machine.irq_lines},
-            stdin_fd=None if virtio_console else terminal.input_fd, virtio_links=virtio.register_links()))
-        vcpus = VcpuSet(host.create_runners(stats, paravirt_routes(), device_model.channels))
+            stdin_fd=None if virtio_console else terminal.input_fd, doorbells=device_doorbells,
+            coalesced_ring=in_kernel.coalesced_ring(), virtio_links=virtio.register_links()))
+        vcpus = VcpuSet(host.create_runners(stats, in_kernel.routes, device_model.channels))
         stack.callback(vcpus.stop_and_join)
         vm = RunningVm(config, memory, guest, host, vcpus, device_model, metrics, virtio)
         if metrics:
@@ -366,23 +380,6 @@ class Supervisor:
                          virtio=virtio)
 
 
-def _doorbells(stack: contextlib.ExitStack, host: VcpuHost) -> Callable[[int, int], int]:
-    """``add(address, value)``: an eventfd KVM signals on 4-byte MMIO writes of ``value`` at ``address``.
-
-    The eventfds are closed with the run (KVM keeps its own reference while the VM lives).
-    """
-    fds: list[int] = []
-    stack.callback(lambda: [os.close(fd) for fd in fds])
-
-    def add(address: int, value: int) -> int:
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        fds.append(fd)
-        host.vm.vm.ioeventfd(fd, address, 4, datamatch=value)
-        return fd
-
-    return add
-
-
 def _block_queues(config: RunConfig) -> int:
     """Queues per disk: one, or for the built-in guest enough for every vCPU to have its own."""
     if config.block_queues is not None:
@@ -405,6 +402,8 @@ def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> Vcpu
         sync_latency_sum_seconds=stats.sync_latency_sum_ns / 1e9,
         sleep_seconds=stats.sleep_ns / 1e9,
         posted_stalls=stats.posted_stalls,
+        server_wakeups=stats.server_wakeups,
+        reply_sleeps=stats.reply_sleeps,
         guest=guest.counts(runner.index),
         pid=runner.pid,
         cpu_seconds=runner.cpu_seconds,

@@ -6,7 +6,8 @@ Each device (``--disk``, ``--console-device virtio``, ``--rng``) gets slot
 supervisor, which alone may call VM ioctls (docs/design.md, "The
 address-space rule"), registers
 
-- an ioeventfd per queue on the window's QueueNotify register, matching the
+- a doorbell per queue (supervisor/in_kernel.py, `add_doorbell`: an ioeventfd
+  route) on the window's QueueNotify register, matching the
   queue's index: a kick never leaves the kernel, the device process wakes;
 - the irqfd of the device's GSI (``irq_lines``, connected with the machine's
   own lines);
@@ -31,6 +32,7 @@ from mpvmm.virtio import mmio_registers
 from mpvmm.virtio.block import MAX_QUEUES
 from mpvmm.virtio.console import Console
 from mpvmm.virtio.entropy import Entropy
+from mpvmm.vcpu_worker.route_table import ACTION_IOEVENTFD, SPACE_MMIO, Route
 from mpvmm.virtio_device.config import MAX_DISK_ID, SCHEMA_VERSION
 from mpvmm.x86 import layout
 
@@ -153,7 +155,7 @@ class VirtioDevices:
     """Every virtio device of a VM, each in its process; closed (killed) together."""
 
     def __init__(self, specs: Sequence[VirtioSpec], memory, irq_fds: dict[str, int],
-                 add_doorbell: Callable[[int, int], int], *, block_queues: int = 1,
+                 add_doorbell: Callable[[Route], int], *, block_queues: int = 1,
                  console_path: str | None = None, input_fd: int | None = None):
         if not 1 <= block_queues <= MAX_QUEUES:
             raise UsageError(f"a disk has 1 to {MAX_QUEUES} queues, not {block_queues}")
@@ -162,7 +164,8 @@ class VirtioDevices:
         try:
             for index, spec in enumerate(specs):
                 base, _gsi = layout.virtio_slot(index)
-                notify = [add_doorbell(base + mmio_registers.QUEUE_NOTIFY, queue)
+                notify = [add_doorbell(Route(SPACE_MMIO, base + mmio_registers.QUEUE_NOTIFY, 4, ACTION_IOEVENTFD,
+                                             datamatch=queue))
                           for queue in range(spec.queue_count(block_queues))]
                 self.devices.append(VirtioDevice(spec, memory, irq_fds[spec.name], notify,
                                                  block_queues=block_queues, console_path=console_path,

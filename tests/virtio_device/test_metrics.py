@@ -84,7 +84,7 @@ def test_top_shows_no_virtio_table_without_devices():
     text = "# TYPE mpvmm_vm_info gauge\nmpvmm_vm_info{cpus=\"1\"} 1.0\n"
     before, after = parse(text, 1.0), parse(text, 2.0)
     assert virtio_table(before, after) is None
-    assert len(top_view(before, after).renderables) == 1
+    assert len(top_view(before, after).renderables) == 2  # the vCPUs' and the device model's
 
 
 def test_typed_input_reaches_the_virtio_console(tmp_path, spawn):
