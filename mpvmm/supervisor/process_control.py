@@ -1,7 +1,7 @@
 """A helper process the supervisor starts and talks to over a msgpack control socket.
 
 The virtio device processes (virtio_devices.py) are started as the device
-model is (device_model_client.py): ``python -m <module> <fd>`` with one end
+model is (child_process.py): ``python -m <module> <fd>`` with one end
 of a socketpair and the descriptors it needs, the stop signals blocked
 across the fork (they are the supervisor's to handle), ``configure`` sent
 and ``ready`` awaited. Requests and answers are msgpack maps, one at a time.
@@ -9,25 +9,28 @@ and ``ready`` awaited. Requests and answers are msgpack maps, one at a time.
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import msgpack
 
 from mpvmm.errors import DeviceModelError
-from mpvmm.stop_signals import STOP_SIGNALS
-from mpvmm.supervisor.device_model_client import REPLY_TIMEOUT_SECONDS, START_TIMEOUT_SECONDS, _stopped
+from mpvmm.supervisor.child_process import ChildProcess, receive_some, spawn
+from mpvmm.supervisor.device_model_client import REPLY_TIMEOUT_SECONDS
+
+# Its ready answer comes after Python's start-up and imports: a second or
+# two on a quiet host, more than 15 s measured in a nested-KVM guest whose
+# files come over 9p while the host was loaded. Not a hang detector: a
+# process that died is noticed at once.
+START_TIMEOUT_SECONDS = 60.0
 
 
-class ControlledProcess:
+class ControlledProcess(ChildProcess):
     """``python -m {module}``, named ``name`` in errors; ``start`` configures it."""
 
     module: str
-    process: subprocess.Popen | None = None
     _control: socket.socket | None = None
 
     def __init__(self, name: str, fds: list[int]):
@@ -41,12 +44,9 @@ class ControlledProcess:
         """Spawn the process, send ``configure``; its ``ready`` answer (DeviceModelError otherwise)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._control = parent
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", self.module, str(child.fileno()), self.name],
-                                            pass_fds=(child.fileno(), *self._fds), stdin=subprocess.DEVNULL)
+            self.process = spawn(self.module, [str(child.fileno()), self.name], (child.fileno(), *self._fds))
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child.close()
         reply = self.request(configure, START_TIMEOUT_SECONDS)
         if reply.get("op") != "ready":
@@ -73,16 +73,9 @@ class ControlledProcess:
             left = deadline - time.monotonic()
             if left <= 0 or self.stopped():
                 raise DeviceModelError(f"{self.name} did not answer ({self.describe_exit()})")
-            self._control.settimeout(min(left, 0.1))
-            try:
-                data = self._control.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError as err:
-                raise DeviceModelError(f"{self.name} is gone: {err.strerror}") from err
-            if not data:
-                raise DeviceModelError(f"{self.name} exited ({self.describe_exit()})")
-            self._unpacker.feed(data)
+            data = receive_some(self._control, min(left, 0.1), self.name, self.describe_exit)
+            if data is not None:
+                self._unpacker.feed(data)
 
     def shutdown(self) -> dict:
         """Ask it to finish and exit; its last answer."""
@@ -94,25 +87,9 @@ class ControlledProcess:
             self.process.wait()
         return reply
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stopped(self) -> bool:
-        return self.alive() and _stopped(self.process.pid)
-
-    def describe_exit(self) -> str:
-        if self.process is None:
-            return "never started"
-        code = self.process.poll()
-        if code is None:
-            return "stopped" if _stopped(self.process.pid) else "still running"
-        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
     def close(self) -> None:
         """Kill it if still running and close the control socket. Idempotent."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.kill()
         if self._control is not None:
             self._control.close()
             self._control = None

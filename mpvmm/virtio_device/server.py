@@ -40,7 +40,8 @@ import msgpack
 
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.pc import eventfd_trigger
-from mpvmm.devicemodel.process_setup import die_with_parent
+from mpvmm.devicemodel.process_setup import (ServerExit, close_all, control_socket, die_with_parent, read_control,
+                                              run_server)
 from mpvmm.devicemodel.sandbox import drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError, StateError
 from mpvmm.output import open_standard_fds
@@ -56,12 +57,6 @@ CONTROL_READ_SIZE = 65536
 INPUT_READ_SIZE = 4096
 # Register packets taken from the link before the other descriptors get a turn.
 LINK_BATCH = 64
-
-
-class _Exit(Exception):
-    def __init__(self, status: int):
-        super().__init__(status)
-        self.status = status
 
 
 def build_device(config: DeviceConfig, console: HostConsole | None):
@@ -99,25 +94,17 @@ class VirtioDeviceServer:
         try:
             self.control.sendall(msgpack.packb(message))
         except OSError as err:
-            raise _Exit(0) from err
+            raise ServerExit(0) from err
 
     def _read_control(self) -> None:
-        try:
-            data = self.control.recv(CONTROL_READ_SIZE)
-        except OSError as err:
-            raise _Exit(0) from err
-        if not data:
-            raise _Exit(0)
-        try:
-            self._unpacker.feed(data)
-        except msgpack.BufferFull as err:
-            raise _Exit(1) from err
+        if not read_control(self.control, self._unpacker, CONTROL_READ_SIZE):
+            raise ServerExit(1)
 
     def _control_messages(self) -> None:
         try:
             messages = list(self._unpacker)
         except Exception as err:  # a corrupt stream cannot resynchronise
-            raise _Exit(1) from err
+            raise ServerExit(1) from err
         for message in messages:
             op = message.get("op") if isinstance(message, dict) else None
             if op == "stats":
@@ -131,7 +118,7 @@ class VirtioDeviceServer:
                 if self.console is not None:
                     self.console.flush()
                 self._send({"op": "bye", **self.stats()})
-                raise _Exit(0)
+                raise ServerExit(0)
             else:
                 self._send({"op": "error", "message": f"unknown control op {op!r}"})
 
@@ -186,11 +173,11 @@ class VirtioDeviceServer:
             self._open(self.config)
             confinement = drop_privileges()  # the uid first: changing it clears the parent-death signal
             if not die_with_parent(self.parent):
-                raise _Exit(0)
+                raise ServerExit(0)
             confinement = restrict(confinement, allowed=ALLOWED_SYSCALLS)
         except (DeviceModelError, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"virtio device configure failed: {err}"})
-            raise _Exit(1) from err
+            raise ServerExit(1) from err
         self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION,
                     "sandbox": confinement.as_message()})
 
@@ -293,19 +280,10 @@ class VirtioDeviceServer:
         closers = [self.console.close] if self.console is not None else []
         closers += [c.close for c in (self.memory, self.ram, self._epoll) if c is not None]
         closers.append(self.control.close)
-        for close in closers:
-            with contextlib.suppress(OSError, ValueError, BufferError):
-                close()
+        close_all(closers, (OSError, ValueError, BufferError))
 
     def run(self) -> int:
-        try:
-            self.configure()
-            self.loop()
-        except _Exit as done:
-            return done.status
-        finally:
-            self.close()
-        return 0
+        return run_server(self.configure, self.loop, self.close)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -319,10 +297,5 @@ def main(argv: Sequence[str]) -> int:
     parent = os.getppid()
     open_standard_fds()
     ignore_stop_signals()  # started with them blocked: the supervisor's to handle
-    try:
-        control = socket.socket(fileno=int(argv[0]))
-    except OSError as err:
-        print(f"mpvmm virtio device: control fd {argv[0]} is not a socket: {err}", file=sys.stderr)
-        return 2
-    control.setblocking(True)
-    return VirtioDeviceServer(control, parent).run()
+    control = control_socket(argv[0], "mpvmm virtio device")
+    return 2 if control is None else VirtioDeviceServer(control, parent).run()
