@@ -353,12 +353,13 @@ class MmioTransport:
 
     # --- Queues and interrupts. ---
 
-    def notify(self, index: int) -> None:
-        """The driver kicked queue ``index`` (through an ioeventfd or QueueNotify): serve it."""
+    def notify(self, index: int, kicks: int = 1) -> None:
+        """The driver kicked queue ``index`` ``kicks`` times (an eventfd adds up those it has not
+        handed over yet; a QueueNotify write is one): serve it."""
         if not 0 <= index < len(self.queues):
             self.stats.ignored_notifications += 1
             return
-        self.queues[index].stats.notifications += 1
+        self.queues[index].stats.notifications += kicks
         if not self.running or not self.queues[index].attached:
             self.stats.ignored_notifications += 1
             return
