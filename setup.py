@@ -40,7 +40,8 @@ def build_guest(output: Path) -> None:
          "-Wl,-T," + str(GUEST_DIR / "guest.ld"),
          f"-Wl,--defsym=GUEST_CODE_ADDR={guest_code_address():#x}",
          "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
-         "-o", str(output), str(GUEST_DIR / "entry.S"), str(GUEST_DIR / "builtin.c")],
+         "-o", str(output), str(GUEST_DIR / "entry.S"), str(GUEST_DIR / "builtin.c"),
+         str(GUEST_DIR / "virtio_blk.c")],
         check=True,
     )
 

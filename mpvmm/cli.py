@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, metavar="PORT",
                        help=f"port to serve /metrics on (default {DEFAULT_METRICS_PORT}; 0: any free port)")
     start.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    start.add_argument("--disk", action="append", metavar="PATH[,readonly]",
+                       help="a virtio-blk disk backed by PATH, in a process of its own (repeatable)")
+    start.add_argument("--console-device", choices=("uart", "virtio"), default=None,
+                       help="the guest console: the 16550 UART (default) or virtio-console (Linux's hvc0)")
+    start.add_argument("--rng", action="store_true", default=None, help="a virtio-rng device fed by the host's urandom")
+    start.add_argument("--queue-depth", type=int, default=None, metavar="N",
+                       help="requests each vCPU keeps in flight in the virtio-blk workloads (default 1)")
     start.add_argument("--kernel", metavar="PATH",
                        help="boot this Linux kernel (bzImage or vmlinux) instead of the built-in guest")
     start.add_argument("--initrd", metavar="PATH", help="initial ramdisk for --kernel")
@@ -101,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Options that describe the machine: a restored or arriving VM brings its own.
-MACHINE_OPTIONS = ("cpus", "memory", "workload", "dirty_rate", "kernel", "initrd", "cmdline")
+MACHINE_OPTIONS = ("cpus", "memory", "workload", "dirty_rate", "kernel", "initrd", "cmdline", "disk",
+                   "console_device", "rng", "queue_depth")
 
 
 def check_machine_options(args) -> None:
@@ -129,7 +137,9 @@ def cmd_start(args, stop_signals: StopSignals | None = None) -> int:
                        metrics_addr=args.metrics_addr,
                        metrics_port=None if args.no_metrics else args.metrics_port,
                        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-                       restore=args.restore, incoming=args.incoming, api_socket=args.api_socket)
+                       restore=args.restore, incoming=args.incoming, api_socket=args.api_socket,
+                       disks=tuple(args.disk or ()), console_device=args.console_device or "uart",
+                       rng=bool(args.rng), queue_depth=args.queue_depth)
     # One StopSignals to the end: a Ctrl-C stops the VM cleanly, one more
     # cannot cut the summary or the report short, and none can land between
     # creating the report check's probe file and removing it.

@@ -16,6 +16,8 @@ bash scripts/install.sh
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v iasl >/dev/null || need_apt+=(acpica-tools)
+# mke2fs, debugfs and e2fsck: the nested virtio test's ext4 images.
+PATH=$PATH:/sbin:/usr/sbin command -v debugfs >/dev/null || need_apt+=(e2fsprogs)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "test.sh: installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -61,7 +61,7 @@ def _parent(pid: str) -> int:
 
 
 def device_model_processes() -> set[int]:
-    """Device models that are ours (our children) or nobody's (orphans, ppid 1) started by our Python.
+    """Device models and virtio device processes that are ours (our children) or nobody's (orphans, ppid 1) started by our Python.
 
     Device models of other test runs on the same host belong to neither: not
     our children, and an orphan of theirs (one that outlives its killed
@@ -74,7 +74,7 @@ def device_model_processes() -> set[int]:
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
-                if b"mpvmm.devicemodel" in argv and (_parent(pid) == os.getpid() or (
+                if (b"mpvmm.devicemodel" in argv or b"mpvmm.virtio_device" in argv) and (_parent(pid) == os.getpid() or (
                         _parent(pid) == 1 and argv[0] == os.fsencode(sys.executable))):
                     pids.add(int(pid))
             except (OSError, ValueError, IndexError):

@@ -9,6 +9,7 @@ option has been checked.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -20,8 +21,12 @@ from mpvmm.arguments import check_writable, parse_number
 from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 
 # Workloads with exact, steady exit streams; hostile and faulting ones are no benchmark.
-BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "doorbell", "compute", "atomics", "demo")
+# virtio-blk: 4 KiB random reads, each vCPU its own disk (files the bench makes).
+BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "doorbell", "compute", "atomics", "demo", "virtio-blk")
 BENCH_RUNNERS = ("raw", "native", "python", "process")
+VIRTIO_WORKLOADS = ("virtio-blk",)
+# The runners that can serve virtio devices: one VM, a supervisor to register their doorbells.
+VIRTIO_RUNNERS = ("native", "python")
 # A 1-minute load average from this up means something else runs beside the bench.
 BUSY_LOAD_AVERAGE = 0.5
 PROGRESS_REFRESH_SECONDS = 1.0  # rarely: a refresh takes the GIL the python runner is measured on
@@ -53,6 +58,18 @@ def _cpu_list(text: str) -> list[int]:
     return counts
 
 
+def _depth_list(text: str) -> list[int]:
+    from mpvmm.guest.abi import VIRTIO_MAX_DEPTH
+
+    try:
+        depths = sorted({int(item) for item in text.split(",") if item.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid queue depths {text!r} (example: 1,32)") from None
+    if not depths or depths[0] < 1 or depths[-1] > VIRTIO_MAX_DEPTH:
+        raise argparse.ArgumentTypeError(f"queue depths are 1 to {VIRTIO_MAX_DEPTH}, not {text!r}")
+    return depths
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -75,6 +92,8 @@ def add_bench_command(commands) -> None:
                        metavar="NAME,...", help=f"workloads: {', '.join(BENCH_WORKLOADS)} (default pio-null)")
     bench.add_argument("--runner", type=_list_of("runner", BENCH_RUNNERS), default=["raw", "native", "python"],
                        metavar="NAME,...", help=f"runners: {', '.join(BENCH_RUNNERS)} (default raw,native,python)")
+    bench.add_argument("--queue-depth", type=_depth_list, default=[1], metavar="N,...",
+                       help="requests in flight per vCPU for virtio-blk (default 1)")
     bench.add_argument("--transport", type=_list_of("transport", TRANSPORTS), default=[DEFAULT_TRANSPORT],
                        metavar="NAME,...", help=f"transports to the device model: {', '.join(TRANSPORTS)} "
                                                 f"(default {DEFAULT_TRANSPORT})")
@@ -111,17 +130,23 @@ def cmd_bench(args) -> int:
         from mpvmm.bench.plot import require_matplotlib
 
         require_matplotlib()
+    schedule = _schedule(args)
+    if not schedule:
+        print(f"mpvmm: error: virtio-blk runs only with --runner {' or '.join(VIRTIO_RUNNERS)}", file=sys.stderr)
+        return 2
     _check_host(args)
 
     host = report.host_info()
     if host["load_average"][0] >= BUSY_LOAD_AVERAGE:
         print(f"mpvmm: warning: host load average is {host['load_average'][0]:.1f}: "
               f"other work on this host will skew the figures", file=sys.stderr)
-    schedule = [(repeat, workload, cpus, runner, transport)
-                for repeat in range(args.repeat) for workload in args.workload
-                for cpus in args.cpus for runner in args.runner
-                for transport in ([None] if runner == "raw" else args.transport)]
-    samples, exit_code = _run_schedule(schedule, args)
+    with contextlib.ExitStack() as stack:
+        disks = []
+        if set(args.workload) & set(VIRTIO_WORKLOADS):
+            from mpvmm.bench.disks import bench_disks
+
+            disks = stack.enter_context(bench_disks(max(args.cpus)))
+        samples, exit_code = _run_schedule(schedule, args, disks)
     host["load_average_after"] = list(os.getloadavg())
     records = report.build_records(samples, host)
     report.render_tables(records, Console(width=max(Console().width, 160)))
@@ -136,7 +161,26 @@ def cmd_bench(args) -> int:
     return exit_code
 
 
-def _run_schedule(schedule: list[tuple], args) -> tuple[list, int]:
+def _schedule(args) -> list[tuple]:
+    """(repeat, workload, queue depth, cpus, runner, transport) of every run, interleaved.
+
+    virtio-blk runs at each queue depth, with the runners that serve virtio
+    devices only; other workloads have no queue depth (None). The raw loop
+    has no transport (None).
+    """
+    schedule = []
+    for repeat in range(args.repeat):
+        for workload in args.workload:
+            virtio = workload in VIRTIO_WORKLOADS
+            for depth in args.queue_depth if virtio else [None]:
+                for cpus in args.cpus:
+                    schedule += [(repeat, workload, depth, cpus, runner, transport) for runner in args.runner
+                                 if not virtio or runner in VIRTIO_RUNNERS
+                                 for transport in ([None] if runner == "raw" else args.transport)]
+    return schedule
+
+
+def _run_schedule(schedule: list[tuple], args, disks: list[str]) -> tuple[list, int]:
     """Measures each run in turn with a progress display; (samples, exit code).
 
     A stop signal ends the schedule early with 128 + its number and the
@@ -159,13 +203,15 @@ def _run_schedule(schedule: list[tuple], args) -> tuple[list, int]:
             progress.refresh()
 
     with progress:
-        for done, (repeat, workload, cpus, runner, transport) in enumerate(schedule):
-            what = f"{workload} {runner}{f'/{transport}' if transport else ''} {cpus} vCPU{'s' if cpus > 1 else ''}"
+        for done, (repeat, workload, depth, cpus, runner, transport) in enumerate(schedule):
+            what = (f"{workload}{'' if depth is None else f' QD{depth}'} {runner}{f'/{transport}' if transport else ''} "
+                    f"{cpus} vCPU{'s' if cpus > 1 else ''}")
             progress.update(task, description=f"{what} (repeat {repeat + 1}/{args.repeat})", completed=done)
             progress.refresh()
             try:
                 sample = measure(workload, runner, cpus, args.seconds, transport=transport, pin=args.pin,
-                                 on_progress=lambda fraction, done=done: on_progress(done, fraction))
+                                 on_progress=lambda fraction, done=done: on_progress(done, fraction),
+                                 disks=tuple(disks[:cpus]) if depth is not None else (), queue_depth=depth)
             except KeyboardInterrupt:
                 exit_code = 130  # 128 + SIGINT, as `mpvmm start`
                 break

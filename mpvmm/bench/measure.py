@@ -67,6 +67,7 @@ class RunSample:
     sync_sum_seconds: float
     guest_ops: dict[str, int]
     pinned_cpus: list[int] | None  # host CPU of each vCPU thread, None when not pinned
+    queue_depth: int | None = None  # requests in flight per vCPU, for the virtio-blk workload
 
 
 class _SupervisorProbe:
@@ -160,8 +161,9 @@ class _Window:
     """Measures one window of a running VM, on the thread that started it."""
 
     def __init__(self, probe, workload: str, runner: str, transport: str | None, seconds: float, pin: bool,
-                 on_progress):
+                 on_progress, queue_depth: int | None = None):
         self.probe = probe
+        self.queue_depth = queue_depth
         self.workload, self.runner, self.transport = workload, runner, transport
         self.seconds = seconds
         self.pin = pin
@@ -216,30 +218,34 @@ class _Window:
             sync_buckets=[b - a for a, b in zip(first.sync_buckets, last.sync_buckets)],
             sync_sum_seconds=(last.sync_sum_ns - first.sync_sum_ns) / 1e9,
             guest_ops={op: last.guest_ops[op] - first.guest_ops[op] for op in abi.OPS},
-            pinned_cpus=pinned,
+            pinned_cpus=pinned, queue_depth=self.queue_depth,
         )
 
 
 def measure(workload: str, runner: str, cpus: int, seconds: float, *, transport: str | None = None,
-            pin: bool = False, on_progress=None) -> RunSample:
+            pin: bool = False, on_progress=None, disks: tuple[str, ...] = (),
+            queue_depth: int | None = None) -> RunSample:
     """Runs ``workload`` on ``cpus`` vCPUs with ``runner`` (and ``transport``) and measures ``seconds`` of it.
 
     ``on_progress(fraction)`` is called a few times a second during the window.
+    ``disks`` and ``queue_depth``: the virtio-blk workload's (a disk per vCPU).
     """
     window: _Window | None = None
     transport = None if runner == RAW_RUNNER else transport or DEFAULT_TRANSPORT
 
     def started(probe) -> None:
         nonlocal window
-        window = _Window(probe, workload, runner, transport, seconds, pin, on_progress)
+        window = _Window(probe, workload, runner, transport, seconds, pin, on_progress, queue_depth)
         window.measure()
 
     what = f"{runner} runner{f' over {transport}' if transport else ''}, {workload}, {cpus} vCPUs"
     if runner == RAW_RUNNER:
         _run_raw(what, workload, cpus, started)
     else:
-        _run_supervised(what, workload, runner, transport, cpus,
-                        WARMUP_SECONDS + ONLINE_TIMEOUT_SECONDS + seconds + SAFETY_SECONDS, started)
+        limit = WARMUP_SECONDS + ONLINE_TIMEOUT_SECONDS + seconds + SAFETY_SECONDS
+        _run_supervised(what, RunConfig(cpus=cpus, workload=workload, runner=runner, transport=transport,
+                                        console=os.devnull, seconds=limit, metrics_port=0, disks=tuple(disks),
+                                        queue_depth=queue_depth), started)
     if window is None or window.sample is None:
         raise BenchRunError(f"{what}: the run ended before its window did")
     return window.sample
@@ -254,14 +260,11 @@ def _run_raw(what: str, workload: str, cpus: int, started) -> None:
         raise BenchRunError(f"{what}: {result.status}")
 
 
-def _run_supervised(what: str, workload: str, runner: str, transport: str, cpus: int, limit: float,
-                    started) -> None:
+def _run_supervised(what: str, config: RunConfig, started) -> None:
     """A run of ``mpvmm start``'s code, /metrics served on any free port as by default.
 
-    ``limit`` is the run's own --seconds: a safety net, the window always ends it first.
+    The config's --seconds is a safety net: the window always ends the run first.
     """
-    config = RunConfig(cpus=cpus, workload=workload, runner=runner, transport=transport, console=os.devnull,
-                       seconds=limit, metrics_port=0)
     result = Supervisor(config, on_started=lambda vm: started(_SupervisorProbe(vm))).run()
     if result.exit_code != 0:
         raise BenchRunError(f"{what}: {result.status}", result.exit_code)

@@ -6,8 +6,11 @@ per second; for the device workloads the guest's own count of its device
 accesses per second (every access to a device of the device model, whether
 it exited or KVM took it in the kernel: with coalesced writes and doorbells
 an access is no longer an exit); for ``compute``, which makes no exits in
-its window, the guest's compute iterations per second. Every record has
-exits and device accesses per second beside it.
+its window, the guest's compute iterations per second; for ``virtio-blk``
+the 4 KiB reads the guest completed (and MB/s), beside the null-exit rate
+(``pio-null``) of the same runner, transport and vCPU count when the bench
+measured it too. Every record has exits and device accesses per second
+beside it; a virtio-blk record is also keyed by its queue depth.
 """
 
 import json
@@ -26,7 +29,8 @@ from mpvmm.supervisor.summary import latency_quantile
 
 RECORD_VERSION = 2
 # Workloads whose work is not exits: the guest op that measures them.
-GUEST_WORK_OPS = {"compute": "compute_iterations"}
+GUEST_WORK_OPS = {"compute": "compute_iterations", "virtio-blk": "blk_reads"}
+BLOCK_BYTES = 4096  # what one virtio-blk read moves (the workload's request size)
 # Workloads whose work is device accesses, each an exit only where KVM does not take it.
 DEVICE_WORKLOADS = ("pio-device", "mmio", "uart", "doorbell", "writes")
 DEVICE_ACCESSES = "device_accesses"
@@ -83,20 +87,21 @@ def device_accesses(sample) -> float:
 
 
 def build_records(samples, host: dict) -> list[dict]:
-    """One record per (workload, runner, transport, cpus), in the order first measured."""
+    """One record per (workload, queue depth, runner, transport, cpus), in the order first measured."""
     groups = defaultdict(list)
     for sample in samples:
-        groups[(sample.workload, sample.runner, sample.transport, sample.cpus)].append(sample)
+        groups[(sample.workload, sample.queue_depth, sample.runner, sample.transport, sample.cpus)].append(sample)
     records = {}
-    for (workload, runner, transport, cpus), runs in groups.items():
+    for (workload, depth, runner, transport, cpus), runs in groups.items():
         buckets = [sum(column) for column in zip(*(r.sync_buckets for r in runs))]
         syncs = sum(buckets)
         rates = [sum(r.exits) / r.seconds for r in runs]
-        records[(workload, runner, transport, cpus)] = {
+        records[(workload, depth, runner, transport, cpus)] = {
             "workload": workload,
             "runner": runner,
             "transport": transport,
             "cpus": cpus,
+            "queue_depth": depth,
             "seconds": statistics.median(r.seconds for r in runs),
             "repeats": len(runs),
             "exits_total": _median_int(sum(r.exits) for r in runs),
@@ -111,6 +116,7 @@ def build_records(samples, host: dict) -> list[dict]:
                                      for op in runs[0].guest_ops if any(r.guest_ops[op] for r in runs)},
             "ratio_to_raw": None,
             "scaling_efficiency": None,
+            "ratio_to_pio_null": None,
             # The bucket bounds are powers of two of 1 us: a quantile is its bucket's upper bound.
             "sync_latency_p50_seconds": latency_quantile(buckets, 0.5) if syncs else None,
             "sync_latency_p99_seconds": latency_quantile(buckets, 0.99) if syncs else None,
@@ -119,14 +125,19 @@ def build_records(samples, host: dict) -> list[dict]:
             "host": host,
             "record_version": RECORD_VERSION,
         }
-    for (workload, runner, transport, cpus), record in records.items():
+    for (workload, depth, runner, transport, cpus), record in records.items():
         value = record["throughput_per_second"]
-        raw = records.get((workload, "raw", None, cpus))
+        raw = records.get((workload, depth, "raw", None, cpus))
         if raw and raw["throughput_per_second"] > 0:
             record["ratio_to_raw"] = value / raw["throughput_per_second"]
-        one = records.get((workload, runner, transport, 1))
+        one = records.get((workload, depth, runner, transport, 1))
         if one and one["throughput_per_second"] > 0:
             record["scaling_efficiency"] = value / (cpus * one["throughput_per_second"])
+        null = records.get(("pio-null", None, runner, transport, cpus))
+        if workload == "virtio-blk":
+            record["megabytes_per_second"] = value * BLOCK_BYTES / 1e6
+            if null and null["throughput_per_second"] > 0:
+                record["ratio_to_pio_null"] = value / null["throughput_per_second"]
     return list(records.values())
 
 
@@ -149,19 +160,24 @@ def render_tables(records: list[dict], console: Console) -> None:
     """One table per workload: every runner at every vCPU count."""
     by_workload = defaultdict(list)
     for record in records:
-        by_workload[record["workload"]].append(record)
-    for workload, rows in by_workload.items():
+        by_workload[(record["workload"], record.get("queue_depth"))].append(record)
+    for (workload, depth), rows in by_workload.items():
         unit = short_unit(throughput_unit(workload))
-        table = Table(title=f"{workload}: {unit} per second (median of {rows[0]['repeats']}, "
+        virtio = workload == "virtio-blk"
+        depth_text = f" at queue depth {depth}, a disk per vCPU" if depth is not None else ""
+        table = Table(title=f"{workload}{depth_text}: {unit} per second (median of {rows[0]['repeats']}, "
                             f"{rows[0]['seconds']:.1f} s windows)")
-        for column in ("runner", "transport", "vCPUs", f"{unit}/s", "per vCPU", "ratio to raw", "scaling eff.",
-                       "exits/s", "device acc/s", "sync p50 us", "sync p99 us", "sync mean us"):
+        extra = ("MB/s", "x pio-null") if virtio else ()
+        for column in ("runner", "transport", "vCPUs", f"{unit}/s", "per vCPU", *extra, "ratio to raw",
+                       "scaling eff.", "exits/s", "device acc/s", "sync p50 us", "sync p99 us", "sync mean us"):
             table.add_column(column, justify="left" if column in ("runner", "transport") else "right")
         for record in sorted(rows, key=lambda r: (r["cpus"], _runner_order(r["runner"]), r["transport"] or "")):
             value = record["throughput_per_second"]
+            shown = (_number(record["megabytes_per_second"], 1), _number(record["ratio_to_pio_null"], 2)) \
+                if virtio else ()
             table.add_row(
                 record["runner"], record["transport"] or "-", str(record["cpus"]), _number(value),
-                _number(value / record["cpus"]),
+                _number(value / record["cpus"]), *shown,
                 _number(record["ratio_to_raw"], 2), _number(record["scaling_efficiency"], 2),
                 _number(record["exits_per_second"]), _number(record["device_accesses_per_second"]),
                 _microseconds(record["sync_latency_p50_seconds"]),

@@ -49,6 +49,9 @@ class Config:
     # Guest RAM is mapped read-only unless set: the devices so far never
     # write guest memory; a virtio device process will.
     ram_writable: bool = False
+    # The virtio devices' register links (virtio_device/register_link.py):
+    # (name, MMIO window base, inherited socket) each.
+    virtio_links: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def from_message(cls, message: object) -> "Config":
@@ -75,9 +78,15 @@ class Config:
         ram_writable = message.get("ram_writable", False)
         if type(ram_writable) is not bool:
             raise DeviceModelError("ram_writable must be true or false")
+        links = message.get("virtio_links", [])
+        if not isinstance(links, list) or not all(
+            isinstance(link, list) and len(link) == 3 and isinstance(link[0], str)
+            and all(type(v) is int and v >= 0 for v in link[1:]) for link in links
+        ):
+            raise DeviceModelError("virtio_links must be [name, window base, file descriptor] triples")
         return cls(ram_fd, ram_size, console, **_transport(message), machine=machine,
                    irqfds=tuple(sorted(irqfds.items())), stdin_fd=stdin_fd, **_in_kernel(message),
-                   ram_writable=ram_writable)
+                   ram_writable=ram_writable, virtio_links=tuple(tuple(link) for link in links))
 
 
 def _transport(message: dict) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mpvmm.devicemodel.bus import Bus, Device
+from mpvmm.devicemodel.bus import Bus, BusRange, Device
 from mpvmm.devicemodel.machine import DeviceModel, build_buses, check_all_restored
 from mpvmm.devicemodel.pc import build_pc_buses
 from mpvmm.errors import DeviceModelError
@@ -46,9 +46,23 @@ class MachineBuilder:
     """A device model's machine with its hooks to the host: built afresh, or again from saved states."""
 
     def __init__(self, name: str, console_out: Callable[[bytes], None],
-                 triggers: dict[str, Callable[[], None]], on_event: Callable[[str], None]):
+                 triggers: dict[str, Callable[[], None]], on_event: Callable[[str], None],
+                 virtio_links: tuple[tuple[str, int, int], ...] = ()):
         self.name, self.console_out, self.triggers, self.on_event = name, console_out, triggers, on_event
+        self.virtio_links = virtio_links
 
     def build(self, states: dict | None = None) -> DeviceModel:
-        """A DeviceModel over the machine; DeviceModelError if ``states`` do not rebuild it."""
-        return DeviceModel(machine=build_machine(self.name, self.console_out, self.triggers, self.on_event, states))
+        """A DeviceModel over the machine; DeviceModelError if ``states`` do not rebuild it.
+
+        Each virtio device's window forwards to its process (register_link.py);
+        its state is that process's, not a record here.
+        """
+        pio, mmio, devices = build_machine(self.name, self.console_out, self.triggers, self.on_event, states)
+        if self.virtio_links:
+            # Imported only here: the virtio package is no part of a device model without virtio devices,
+            # whose start-up time matters (a nested guest's device model starts under emulation).
+            from mpvmm.virtio.mmio_registers import WINDOW_SIZE
+            from mpvmm.virtio_device.register_link import RemoteRegisters
+        for name, base, fd in self.virtio_links:
+            mmio.insert(BusRange(base, WINDOW_SIZE), RemoteRegisters(fd), name)
+        return DeviceModel(machine=(pio, mmio, devices))

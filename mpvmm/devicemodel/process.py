@@ -35,7 +35,6 @@ end the loop.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import select
@@ -54,7 +53,8 @@ from mpvmm.devicemodel.host_input import HostInput
 from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.machines import MachineBuilder
 from mpvmm.devicemodel.pc import eventfd_trigger
-from mpvmm.devicemodel.process_setup import batch_scheduling, die_with_parent, raise_fd_limit
+from mpvmm.devicemodel.process_setup import (ServerExit, batch_scheduling, close_all, control_socket, die_with_parent,
+                                              raise_fd_limit, read_control, run_server)
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
 from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
@@ -67,14 +67,6 @@ from mpvmm.transport.server import QueueServer, RequestServer, RingServer
 CONTROL_BUFFER_MAX = 1 << 20
 CONTROL_READ_SIZE = 65536
 STDOUT_FD = 1  # the console without --console: whatever the supervisor's stdout is
-
-
-class _Exit(Exception):
-    """Leave the main loop with this exit status."""
-
-    def __init__(self, status: int):
-        super().__init__(status)
-        self.status = status
 
 
 class DeviceModelServer:
@@ -101,7 +93,7 @@ class DeviceModelServer:
         try:
             self.control.sendall(msgpack.packb(message))
         except OSError as err:  # the supervisor is gone: nobody to tell
-            raise _Exit(0) from err
+            raise ServerExit(0) from err
 
     def _next_control_message(self) -> object:
         """Block until one whole control message arrives (configure phase)."""
@@ -112,24 +104,16 @@ class DeviceModelServer:
                 self._read_control()
 
     def _read_control(self) -> None:
-        try:
-            data = self.control.recv(CONTROL_READ_SIZE)
-        except OSError as err:
-            raise _Exit(0) from err
-        if not data:
-            raise _Exit(0)  # EOF: the supervisor is gone, quietly leave
-        try:
-            self._unpacker.feed(data)
-        except msgpack.BufferFull as err:
+        if not read_control(self.control, self._unpacker, CONTROL_READ_SIZE):
             self._send({"op": "error", "message": "control message too large"})
-            raise _Exit(1) from err
+            raise ServerExit(1)
 
     def _process_control_messages(self) -> None:
         try:
             messages = list(self._unpacker)
         except Exception as err:  # the stream is corrupt; it cannot resynchronise
             self._send({"op": "error", "message": f"bad control stream: {err}"})
-            raise _Exit(1) from err
+            raise ServerExit(1) from err
         for message in messages:
             self._control_op(message)
 
@@ -141,7 +125,7 @@ class DeviceModelServer:
             self._drain_all()
             self.console.flush()
             self._send({"op": "bye", **self._stats()})
-            raise _Exit(0)
+            raise ServerExit(0)
         elif op == "save_state":  # the vCPUs are paused: the queues hold only what came before
             self._drain_all()
             self._send({"op": "state", "devices": self.model.states()})
@@ -182,11 +166,11 @@ class DeviceModelServer:
             # (sandbox.py). The uid first: changing it clears the parent-death signal.
             confinement = drop_privileges()
             if not die_with_parent(self.parent):  # only now: every name is unlinked
-                raise _Exit(0)  # the supervisor is gone already
+                raise ServerExit(0)  # the supervisor is gone already
             self.confinement = restrict(confinement)
         except (DeviceModelError, posix_ipc.Error, OSError, ValueError) as err:
             self._send({"op": "error", "message": f"device model configure failed: {err}"})
-            raise _Exit(1) from err
+            raise ServerExit(1) from err
         self._send({"op": "ready", "pid": os.getpid(), "version": SCHEMA_VERSION,
                     "sandbox": self.confinement.as_message()})
 
@@ -209,7 +193,8 @@ class DeviceModelServer:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.console = HostConsole(os.open(config.console, flags, 0o600), owns_fd=True)
         triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
-        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event)
+        self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event,
+                                       config.virtio_links)
         self.model = self._machine.build()
         if config.coalesced_ring is not None:
             self.coalesced = CoalescedRing.map(*config.coalesced_ring)
@@ -313,21 +298,11 @@ class DeviceModelServer:
                    if c is not None]
         closers += [lambda fd=fd: os.close(fd) for fd in self.doorbells]
         closers.append(self.control.close)
-        for close in closers:
-            # One failed close must not leave the rest open or change the exit status.
-            with contextlib.suppress(OSError, posix_ipc.Error, ValueError, BufferError):
-                close()
+        close_all(closers, (OSError, posix_ipc.Error, ValueError, BufferError))
 
     def run(self) -> int:
         """Configure, serve until shutdown or EOF, close; returns the exit status."""
-        try:
-            self.configure()
-            self.loop()
-        except _Exit as done:
-            return done.status
-        finally:
-            self.close()
-        return 0
+        return run_server(self.configure, self.loop, self.close)
 
 
 def _open_transport(config: Config) -> RequestServer:
@@ -354,10 +329,5 @@ def main(argv: Sequence[str]) -> int:
     batch_scheduling()
     # Started with the stop signals blocked (device_model_client.py): the supervisor's to handle.
     ignore_stop_signals()
-    try:
-        control = socket.socket(fileno=int(argv[0]))
-    except OSError as err:
-        print(f"mpvmm device model: control fd {argv[0]} is not a socket: {err}", file=sys.stderr)
-        return 2
-    control.setblocking(True)
-    return DeviceModelServer(control, parent).run()
+    control = control_socket(argv[0], "mpvmm device model")
+    return 2 if control is None else DeviceModelServer(control, parent).run()

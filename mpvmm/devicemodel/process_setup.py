@@ -6,10 +6,16 @@ model still works without it, so a refusal is not an error.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
 import signal
+import socket
+import sys
+from collections.abc import Callable, Iterable
+
+import msgpack
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -51,3 +57,62 @@ def batch_scheduling() -> None:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError):
         pass  # not Linux, or refused: ordinary scheduling still works
+
+
+# --- The shape both device processes share (the device model's and each virtio device's). ---
+
+
+class ServerExit(Exception):
+    """Leave a device process's main loop with this exit status."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def run_server(configure: Callable[[], None], loop: Callable[[], None], close: Callable[[], None]) -> int:
+    """Configure, serve until a ServerExit, close whatever happened; the exit status."""
+    try:
+        configure()
+        loop()
+    except ServerExit as done:
+        return done.status
+    finally:
+        close()
+    return 0
+
+
+def close_all(closers: Iterable[Callable[[], None]], errors: tuple[type[BaseException], ...]) -> None:
+    """Call every closer: one that fails with ``errors`` must not leave the rest open or change the exit status."""
+    for close in closers:
+        with contextlib.suppress(*errors):
+            close()
+
+
+def control_socket(fd_text: str, who: str) -> socket.socket | None:
+    """The supervisor's control socket at fd ``fd_text``, blocking; None, said on stderr, if it is not one."""
+    try:
+        control = socket.socket(fileno=int(fd_text))
+    except OSError as err:
+        print(f"{who}: control fd {fd_text} is not a socket: {err}", file=sys.stderr)
+        return None
+    control.setblocking(True)
+    return control
+
+
+def read_control(control: socket.socket, unpacker: msgpack.Unpacker, size: int) -> bool:
+    """Feed what the supervisor sent into ``unpacker``; False if it overflows the buffer.
+
+    ServerExit(0) when the supervisor is gone (end of file or an error): leave quietly.
+    """
+    try:
+        data = control.recv(size)
+    except OSError as err:
+        raise ServerExit(0) from err
+    if not data:
+        raise ServerExit(0)
+    try:
+        unpacker.feed(data)
+    except msgpack.BufferFull:
+        return False
+    return True

@@ -153,11 +153,12 @@ def drop_privileges() -> Confinement:
 
 
 def restrict(confinement: Confinement | None = None, *, landlock_layer: bool = True,
-             seccomp_layer: bool = True) -> Confinement:
+             seccomp_layer: bool = True, allowed: dict[str, str] | None = None) -> Confinement:
     """NO_NEW_PRIVS, Landlock (where the kernel has it), then the seccomp allow-list; for good.
 
     The layers can be left out one at a time only for the tests that show
-    what each stops on its own.
+    what each stops on its own. ``allowed`` is another process's allow-list
+    (a virtio device's, virtio_device/syscalls.py) instead of the device model's.
     """
     confinement = confinement or Confinement(os.getuid(), os.getgid())
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
@@ -169,6 +170,7 @@ def restrict(confinement: Confinement | None = None, *, landlock_layer: bool = T
             confinement.notes.append(f"Landlock ABI {confinement.landlock_abi} has no signal scoping: "
                                      f"seccomp alone keeps signals in the process")
     if seccomp_layer:
-        syscall_filter.install()
-        confinement.allowed_syscalls = len(syscall_filter.ALLOWED_SYSCALLS)
+        allowed = syscall_filter.ALLOWED_SYSCALLS if allowed is None else allowed
+        syscall_filter.install(allowed)
+        confinement.allowed_syscalls = len(allowed)
     return confinement

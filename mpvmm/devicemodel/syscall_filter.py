@@ -64,12 +64,12 @@ ARGUMENT_RULES = (
 )
 
 
-def build_filter() -> seccomp.SyscallFilter:
-    """The filter, not loaded: ALLOWED_SYSCALLS pass, anything else is EPERM."""
+def build_filter(allowed: dict[str, str] = ALLOWED_SYSCALLS) -> seccomp.SyscallFilter:
+    """The filter, not loaded: ``allowed`` (the device model's list by default) pass, anything else is EPERM."""
     rules = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
     rules.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
     checked = {name for name, *_ in ARGUMENT_RULES}
-    for name in ALLOWED_SYSCALLS:
+    for name in allowed:
         if name not in checked:
             rules.add_rule(seccomp.ALLOW, name)
     for name, index, mask, value in ARGUMENT_RULES:
@@ -77,6 +77,6 @@ def build_filter() -> seccomp.SyscallFilter:
     return rules
 
 
-def install() -> None:
+def install(allowed: dict[str, str] = ALLOWED_SYSCALLS) -> None:
     """Load the filter into this process, for good (needs PR_SET_NO_NEW_PRIVS first)."""
-    build_filter().load()
+    build_filter(allowed).load()

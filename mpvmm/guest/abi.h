@@ -34,6 +34,8 @@ enum mpvmm_workload {
     MPVMM_WORKLOAD_DIRTY = 9,        /* writes pages at dirty_rate_mib: a migration's load */
     MPVMM_WORKLOAD_DOORBELL = 10,    /* rings the test devices' doorbells (KVM_IOEVENTFD) */
     MPVMM_WORKLOAD_WRITES = 11,      /* test-device writes only, never a read: fills a coalesced ring */
+    MPVMM_WORKLOAD_VIRTIO_BLK = 12,  /* 4 KiB random reads from a virtio disk, polled (virtio_blk.c) */
+    MPVMM_WORKLOAD_VIRTIO_BLK_RW = 13, /* the same with writes and flushes in the disk's second half */
 };
 
 /* What a vCPU counts: every exit it causes falls in exactly one of the
@@ -64,6 +66,13 @@ enum mpvmm_guest_op {
     MPVMM_OP_PIO_DOORBELLS,        /* posted: the pio test device's doorbell (any value) */
     MPVMM_OP_MMIO_DOORBELLS,       /* posted: the mmio test device's doorbell, its datamatch value */
     MPVMM_OP_MMIO_DOORBELL_MISSES, /* posted: the mmio doorbell written with another value */
+    MPVMM_OP_VIRTIO_REG_READS,     /* sync: reads of a virtio-mmio register */
+    MPVMM_OP_VIRTIO_REG_WRITES,    /* posted: writes of a virtio-mmio register */
+    MPVMM_OP_VIRTIO_KICKS,         /* no exit: QueueNotify writes KVM turns into an ioeventfd signal */
+    MPVMM_OP_BLK_READS,            /* no exit: virtio-blk reads completed (4 KiB each) */
+    MPVMM_OP_BLK_WRITES,           /* no exit: virtio-blk writes completed (4 KiB each) */
+    MPVMM_OP_BLK_FLUSHES,          /* no exit: virtio-blk flushes completed */
+    MPVMM_OP_BLK_ERRORS,           /* no exit: requests completed with a status other than OK */
     MPVMM_OP_COUNT
 };
 
@@ -103,7 +112,21 @@ struct mpvmm_guest_params {
     uint64_t mmio_doorbell_addr;
     uint32_t doorbell_value;   /* rings the mmio doorbell (its datamatch); any other value misses */
     uint32_t reserved2;
+    /* The virtio-blk workloads: virtio_disks disks, disk d's window at
+     * virtio_mmio_base + d * 4096; vCPU i drives queue i / virtio_disks of
+     * disk i % virtio_disks, with its rings and buffers in the slot at
+     * virtio_area_addr + i * MPVMM_VIRTIO_SLOT_SIZE. */
+    uint64_t virtio_mmio_base;
+    uint64_t virtio_area_addr;
+    uint32_t virtio_disks;
+    uint32_t virtio_queue_depth;   /* requests in flight per vCPU, 1 to MPVMM_VIRTIO_MAX_DEPTH */
 };
+
+#define MPVMM_VIRTIO_SLOT_SIZE 0x80000ULL
+#define MPVMM_VIRTIO_MAX_DEPTH 64
+/* Disk contents the virtio-blk workloads check reads against: the 64-bit
+ * word at byte offset o of the disk holds o + MPVMM_DISK_PATTERN_SALT. */
+#define MPVMM_DISK_PATTERN_SALT 0x5EED000000000000ULL
 
 struct mpvmm_guest_report {
     uint64_t magic;

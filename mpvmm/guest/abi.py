@@ -15,7 +15,8 @@ ATOMIC_COUNTERS = 8
 
 # Workload names as the CLI takes them, in abi.h's enum order.
 WORKLOADS = ("demo", "compute", "pio-null", "pio-device", "mmio", "uart", "atomics",
-             "hostile", "triple-fault", "dirty", "doorbell", "writes")
+             "hostile", "triple-fault", "dirty", "doorbell", "writes", "virtio-blk", "virtio-blk-rw")
+VIRTIO_BLK_WORKLOADS = ("virtio-blk", "virtio-blk-rw")
 # Workloads that exist to misbehave: their exit counts are not exact by design.
 MISBEHAVING_WORKLOADS = ("hostile", "triple-fault")
 
@@ -41,6 +42,13 @@ OPS = (
     "pio_doorbells",
     "mmio_doorbells",
     "mmio_doorbell_misses",
+    "virtio_reg_reads",
+    "virtio_reg_writes",
+    "virtio_kicks",
+    "blk_reads",
+    "blk_writes",
+    "blk_flushes",
+    "blk_errors",
 )
 
 # Which exit path each exit-causing op takes (see the route table).
@@ -57,6 +65,8 @@ OP_PATHS = {
     "pio_device_reads": "sync",
     "mmio_reads": "sync",
     "uart_syncs": "sync",
+    "virtio_reg_writes": "posted",
+    "virtio_reg_reads": "sync",
 }
 # Ops KVM takes in the kernel where the VMM registered their ranges (the raw
 # bench loop registers none): the test devices' register writes (coalesced:
@@ -67,7 +77,8 @@ DOORBELL_OPS = ("pio_doorbells", "mmio_doorbells")
 # Every access the guest makes to a device of the device model, whatever path it takes.
 DEVICE_ACCESS_OPS = tuple(op for op, path in OP_PATHS.items() if path != "native")
 # Which KVM exit reason each exit-causing op produces.
-MMIO_OPS = ("mmio_writes", "mmio_reads", "mmio_doorbells", "mmio_doorbell_misses")
+MMIO_OPS = ("mmio_writes", "mmio_reads", "mmio_doorbells", "mmio_doorbell_misses", "virtio_reg_writes",
+            "virtio_reg_reads")
 
 REPORT_STATE_ONLINE = 1
 REPORT_STATE_DONE = 2
@@ -102,7 +113,23 @@ class GuestParams(ctypes.Structure):
         ("mmio_doorbell_addr", ctypes.c_uint64),
         ("doorbell_value", ctypes.c_uint32),
         ("reserved2", ctypes.c_uint32),
+        ("virtio_mmio_base", ctypes.c_uint64),
+        ("virtio_area_addr", ctypes.c_uint64),
+        ("virtio_disks", ctypes.c_uint32),
+        ("virtio_queue_depth", ctypes.c_uint32),
     ]
+
+
+VIRTIO_SLOT_SIZE = 0x80000
+VIRTIO_MAX_DEPTH = 64
+DISK_PATTERN_SALT = 0x5EED000000000000
+
+
+def disk_pattern(offset: int, size: int) -> bytes:
+    """What the virtio-blk workloads expect at ``[offset, offset + size)`` of a disk (8-byte aligned)."""
+    import array
+
+    return array.array("Q", range(offset + DISK_PATTERN_SALT, offset + size + DISK_PATTERN_SALT, 8)).tobytes()
 
 
 class GuestReport(ctypes.Structure):

@@ -10,6 +10,10 @@
  */
 #include "abi.h"
 
+/* virtio_blk.c: the virtio-blk workloads; returns the status to finish with. */
+int run_virtio_blk(uint64_t vcpu, volatile struct mpvmm_guest_params *p, volatile struct mpvmm_guest_report *r,
+                   int writes);
+
 #define COMPUTE_CHUNK 1000000u  /* iterations between checks of the stop flag */
 #define DEMO_LINE_EVERY 500u    /* demo rounds between console lines */
 #define UART_THR 0              /* transmit holding register offset */
@@ -456,6 +460,15 @@ void guest_main(uint64_t index, volatile struct mpvmm_guest_params *block)
     case MPVMM_WORKLOAD_DIRTY: consistent = run_dirty(v); break;
     case MPVMM_WORKLOAD_DOORBELL: run_doorbell(v); break;
     case MPVMM_WORKLOAD_WRITES: run_writes(v); break;
+    case MPVMM_WORKLOAD_VIRTIO_BLK:
+    case MPVMM_WORKLOAD_VIRTIO_BLK_RW: {
+        int status = run_virtio_blk(index, block, v->report, block->workload == MPVMM_WORKLOAD_VIRTIO_BLK_RW);
+        if (status != MPVMM_STATUS_OK) {
+            finish(v, status);
+            return;
+        }
+        break;
+    }
     default: finish(v, MPVMM_STATUS_BAD_PARAMS); return;
     }
     if (!consistent)

@@ -4,7 +4,7 @@ Nothing here runs on the exit path: the run loop keeps its counters in the
 per-vCPU stats pages whatever happens, and a scrape only reads them, KVM's
 stats fds (one ``pread`` each), the guest's reports in guest RAM, each vCPU
 thread's ``/proc`` stat and, once, the device model's counters over its
-control socket.
+control socket, and each virtio device process's over its own.
 
 The sources belong to the run and are torn down with it, some by unmapping
 memory: the collector reads them only between ``attach`` and ``detach``,
@@ -30,6 +30,7 @@ from mpvmm.errors import MpvmmError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.binary_stats import StatsReader
 from mpvmm.metrics.kvm_names import KvmHistogram, KvmMetric, in_base_units, kvm_histograms, kvm_metrics
+from mpvmm.metrics.virtio_metrics import virtio_families
 from mpvmm.vcpu_worker import stats_page
 
 # Exit reasons exported for every vCPU from the start, so that their rate()
@@ -55,6 +56,7 @@ class VmSources:
     kvm_vcpu_readers: list[StatsReader | None] = field(default_factory=list)
     kvm_vm_reader: StatsReader | None = None
     migration: Callable[[], dict | None] | None = None  # the VM's migration report, in or out
+    virtio_stats: Callable[[], dict[str, dict]] | None = None  # VirtioDevices.stats
 
     def close(self) -> None:
         for reader in [*self.kvm_vcpu_readers, self.kvm_vm_reader]:
@@ -128,6 +130,8 @@ class VmCollector(Collector):
                 families += self._kvm_families(self._sources)
                 families += self._guest_families(self._sources)
                 families += self._device_families(self._sources)
+                if self._sources.virtio_stats is not None:
+                    families += virtio_families(self._sources.virtio_stats())
                 if self._sources.migration is not None:
                     families += migration_families(self._sources.migration())
         return families

@@ -185,6 +185,7 @@ def panels() -> list[dict]:
                    [target("mpvmm_supervisor_process_resident_memory_bytes", "supervisor"),
                     target("mpvmm_device_model_process_resident_memory_bytes", "device model")],
                    "bytes"),
+        *virtio_panels(),
         row("Guest"),
         timeseries("Guest ops vs VMM-observed exits",
                    "The accesses each vCPU's guest says it made that exit unless KVM takes them (coalesced "
@@ -194,6 +195,41 @@ def panels() -> list[dict]:
                     target(f"sum by (vcpu) ({_rate(exits, io_and_mmio)})", "vcpu{{vcpu}} VMM")], "ops"),
         timeseries("Guest ops by op", "What the guest says it did, all selected vCPUs",
                    [target(f"sum by (op) ({_rate('mpvmm_guest_ops_total')})", "{{op}}")], "ops"),
+    ]
+
+
+def virtio_panels() -> list[dict]:
+    """The virtio devices' row: requests, bytes, notifications by path, interrupts, per-queue work, faults.
+
+    Their series carry a ``device`` label, never ``vcpu``: a device serves
+    whichever vCPUs use it. A VM without virtio devices shows these empty.
+    """
+    def by(labels: str, metric: str, selector: str = "") -> str:
+        return f"sum by ({labels}) (rate({metric}{{{selector}}}[{RATE}]))"
+
+    return [
+        row("virtio devices"),
+        timeseries("virtio requests", "Requests each virtio device completed, by operation",
+                   [target(by("device, op", "mpvmm_virtio_requests_total"), "{{device}} {{op}}")], "reqps",
+                   stacked=True),
+        timeseries("virtio throughput", "Bytes each device wrote into guest buffers (written) and read from "
+                   "them (read)", [target(by("device, direction", "mpvmm_virtio_queue_bytes_total"),
+                                          "{{device}} {{direction}}")], "Bps"),
+        timeseries("virtio notifications by path", "Kicks that stayed in the kernel (ioeventfd) beside "
+                   "QueueNotify writes that made a userspace exit",
+                   [target(by("device, path", "mpvmm_virtio_notifications_total"), "{{device}} {{path}}")],
+                   "ops", stacked=True),
+        timeseries("virtio interrupts", "Interrupts each device raised (irqfd), and used-buffer checks where "
+                   "the driver asked for none",
+                   [target(by("device", "mpvmm_virtio_interrupts_total"), "{{device}} sent"),
+                    target(by("device", "mpvmm_virtio_queue_interrupts_total", 'outcome="suppressed"'),
+                           "{{device}} suppressed")], "ops"),
+        timeseries("virtio chains per queue", "Descriptor chains each queue served",
+                   [target(by("device, queue", "mpvmm_virtio_queue_chains_total"), "{{device}} q{{queue}}")],
+                   "ops", stacked=True),
+        timeseries("virtio faults", "Requests answered with an error status, and DEVICE_NEEDS_RESET events",
+                   [target(by("device, status", "mpvmm_virtio_request_errors_total"), "{{device}} {{status}}"),
+                    target(by("device", "mpvmm_virtio_needs_reset_total"), "{{device}} needs reset")], "ops"),
     ]
 
 

@@ -135,7 +135,7 @@ class MetricsExporter:
         sources = VmSources(stats_pages=[runner.stats for runner in vm.vcpus],
                             worker_pids=_RunnerPids(vm.vcpus.runners),
                             guest_counts=vm.guest.counts, device_stats=vm.device_model.stats,
-                            migration=migration)
+                            virtio_stats=vm.virtio.stats if len(vm.virtio) else None, migration=migration)
         vm_stats_fd, vcpu_stats_fds = vm.host.kvm_stats_fds()
         try:
             # One fd per vCPU for the whole run: reopening per scrape would

@@ -267,6 +267,46 @@ def device_table(before: Scrape, after: Scrape) -> Table:
     return table
 
 
+def _device_rates(before: Scrape, after: Scrape, name: str, key: str) -> dict[tuple[str, str], float]:
+    """{(device, value of label ``key``): per-second rate} for a virtio series, summed over other labels."""
+    elapsed = after.seconds - before.seconds
+    rates: dict[tuple[str, str], float] = {}
+    old = before.series(name)
+    for labels, value in after.series(name).items():
+        label_map = dict(labels)
+        delta = value - old.get(labels, 0.0)
+        series = (label_map["device"], label_map.get(key, ""))
+        rates[series] = rates.get(series, 0.0) + (delta if delta >= 0 else value) / elapsed
+    return rates
+
+
+def virtio_table(before: Scrape, after: Scrape) -> Table | None:
+    """One row per virtio device: requests, MB/s each way, notifications by path, interrupts; None without any."""
+    devices = sorted(dict(labels)["device"] for labels in after.series("mpvmm_virtio_device_info"))
+    if not devices:
+        return None
+    chains = _device_rates(before, after, "mpvmm_virtio_queue_chains_total", "")
+    data = _device_rates(before, after, "mpvmm_virtio_queue_bytes_total", "direction")
+    kicks = _device_rates(before, after, "mpvmm_virtio_notifications_total", "path")
+    interrupts = _device_rates(before, after, "mpvmm_virtio_interrupts_total", "")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="virtio devices, per second")
+    for column in ("device", "requests", "MB/s in", "MB/s out", "kicks in kernel", "kicks userspace", "interrupts"):
+        table.add_column(column, justify="left" if column == "device" else "right",
+                         min_width=max(len(word) for word in column.split()))
+    for device in devices:
+        table.add_row(device, _rate_text(chains.get((device, ""), 0.0)),
+                      f"{data.get((device, 'written'), 0.0) / 1e6:.1f}", f"{data.get((device, 'read'), 0.0) / 1e6:.1f}",
+                      _rate_text(kicks.get((device, "in_kernel"), 0.0)), _rate_text(kicks.get((device, "userspace"), 0.0)),
+                      _rate_text(interrupts.get((device, ""), 0.0)))
+    return table
+
+
+def top_view(before: Scrape, after: Scrape) -> Group:
+    """What ``mpvmm top`` shows: the vCPUs', the device model's, then the virtio devices' if the VM has any."""
+    tables = [rate_table(before, after), device_table(before, after), virtio_table(before, after)]
+    return Group(*(table for table in tables if table is not None))
+
+
 def run_top(url: str, once: bool = False, interval: float = 1.0, console: Console | None = None) -> int:
     """Show rates until Ctrl-C, or (``once``) print one table from two scrapes and return."""
     check_number(interval, "--interval", 0, TOP_INTERVAL_MAX, low_allowed=False)
@@ -275,8 +315,7 @@ def run_top(url: str, once: bool = False, interval: float = 1.0, console: Consol
         # Every column whole even when stdout is a pipe or a file (80 columns).
         console = console or Console(width=max(Console().width, 132))
         time.sleep(interval)
-        after = scrape(url)
-        console.print(Group(rate_table(before, after), device_table(before, after)))
+        console.print(top_view(before, scrape(url)))
         return 0
     console = console or Console()
     try:
@@ -284,7 +323,7 @@ def run_top(url: str, once: bool = False, interval: float = 1.0, console: Consol
             while True:
                 time.sleep(max(0.0, before.seconds + interval - time.monotonic()))
                 after = scrape(url)
-                live.update(Group(rate_table(before, after), device_table(before, after)), refresh=True)
+                live.update(top_view(before, after), refresh=True)
                 before = after
     except KeyboardInterrupt:
         return 0

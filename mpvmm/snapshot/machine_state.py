@@ -2,24 +2,33 @@
 
 A ``MachineState`` is the machine's description (vCPUs, RAM size, the guest
 as its ``describe()`` says), each vCPU's and the VM's KVM state
-(kvm_state.py) and one record per device of the device model, keyed by the
-device's name. As records (records.py) it is what a snapshot's state file
-and the end of a migration stream hold, in the same order: machine, vCPUs,
-VM, devices.
+(kvm_state.py), one record per device of the device model, keyed by the
+device's name, and one per virtio device (its process's, keyed
+``virtio/NAME``; the machine record lists those devices and their backing,
+so a restore builds them again). As records (records.py) it is what a
+snapshot's state file and the end of a migration stream hold, in the same
+order: machine, vCPUs, VM, devices.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mpvmm.errors import DeviceModelError, StateError
 from mpvmm.snapshot import records
 from mpvmm.snapshot.kvm_state import VcpuState, VmState
+from mpvmm.supervisor.virtio_devices import check_described
+
+VIRTIO_PREFIX = "virtio/"  # a virtio device's record name: its process's, not the device model's
 
 
 def describe_machine(vm) -> dict:
     """The machine ``vm`` (supervisor.run.RunningVm) is: what a restore must build."""
-    return {"cpus": vm.config.cpus, "memory": vm.config.memory, "guest": vm.guest.describe()}
+    machine = {"cpus": vm.config.cpus, "memory": vm.config.memory, "guest": vm.guest.describe()}
+    virtio = vm.virtio.describe()
+    if virtio is not None:
+        machine["virtio"] = virtio
+    return machine
 
 
 @dataclass(frozen=True)
@@ -28,13 +37,15 @@ class MachineState:
     vcpus: tuple[VcpuState, ...]
     vm: VmState
     devices: dict[str, dict]  # device name -> its state() record
+    virtio: dict[str, dict] = field(default_factory=dict)  # virtio device name -> its process's record
 
     @classmethod
     def capture(cls, vm) -> "MachineState":
         """Read ``vm`` (a RunningVm whose vCPUs are paused) whole; the devices meanwhile."""
         with vm.device_model.saving_state() as devices:
             vcpus, vm_state = vm.host.machine.capture_state()
-        return cls(describe_machine(vm), tuple(vcpus), vm_state, devices)
+            virtio = vm.virtio.save_state()
+        return cls(describe_machine(vm), tuple(vcpus), vm_state, devices, virtio)
 
     def apply(self, vm) -> None:
         """Write this state into ``vm`` (built from the same description, not started); the devices meanwhile."""
@@ -43,6 +54,7 @@ class MachineState:
         try:
             with vm.device_model.restoring_state(self.devices):
                 vm.host.machine.restore_state(self.vcpus, self.vm)
+                vm.virtio.restore_state(self.virtio)
         except DeviceModelError as err:
             raise StateError(str(err)) from err
 
@@ -52,7 +64,9 @@ class MachineState:
         return ([(records.MACHINE, self.machine)]
                 + [(records.VCPU, vcpu.to_record()) for vcpu in self.vcpus]
                 + [(records.VM, self.vm.to_record())]
-                + [(records.DEVICE, {"name": name, "state": state}) for name, state in self.devices.items()])
+                + [(records.DEVICE, {"name": name, "state": state}) for name, state in self.devices.items()]
+                + [(records.DEVICE, {"name": VIRTIO_PREFIX + name, "state": state})
+                   for name, state in self.virtio.items()])
 
     @classmethod
     def from_records(cls, items: list[tuple[int, object]]) -> "MachineState":
@@ -61,6 +75,7 @@ class MachineState:
         vcpus: list[VcpuState] = []
         vm_state = None
         devices: dict[str, dict] = {}
+        virtio: dict[str, dict] = {}
         for kind, payload in items:
             if kind == records.MACHINE and machine is None:
                 machine = check_machine(payload)
@@ -70,9 +85,11 @@ class MachineState:
                 vm_state = VmState.from_record(payload)
             elif kind == records.DEVICE and vm_state is not None:
                 name, state = _device_record(payload)
-                if name in devices:
+                into = virtio if name.startswith(VIRTIO_PREFIX) else devices
+                name = name.removeprefix(VIRTIO_PREFIX)
+                if name in into:
                     raise StateError(f"two records for device {name}")
-                devices[name] = state
+                into[name] = state
             else:
                 raise StateError(f"a {records.name(kind)} record out of place")
         if machine is None or vm_state is None:
@@ -80,7 +97,11 @@ class MachineState:
         if [vcpu.index for vcpu in vcpus] != list(range(machine["cpus"])):
             raise StateError(f"the machine has {machine['cpus']} vCPUs but the records are for "
                              f"{[vcpu.index for vcpu in vcpus]}")
-        return cls(machine, tuple(vcpus), vm_state, devices)
+        described = machine.get("virtio", {"devices": []})["devices"]
+        if sorted(virtio) != sorted(device["name"] for device in described):
+            raise StateError(f"the virtio records ({', '.join(sorted(virtio)) or 'none'}) are not those of the "
+                             f"machine's virtio devices")
+        return cls(machine, tuple(vcpus), vm_state, devices, virtio)
 
 
 def check_machine(payload: object) -> dict:
@@ -92,6 +113,8 @@ def check_machine(payload: object) -> dict:
         raise StateError(f"the machine record's vCPU count {cpus!r:.20} is not 1 to 4096")
     if type(memory) is not int or memory <= 0 or memory % 4096:
         raise StateError(f"the machine record's RAM size {memory!r:.20} is not a positive number of pages")
+    if "virtio" in payload:
+        check_described(payload["virtio"])
     return payload
 
 

@@ -22,6 +22,7 @@ from mpvmm.snapshot.machine_state import MachineState
 from mpvmm.supervisor.builtin_guest import BuiltinGuest, BuiltinGuestSource
 from mpvmm.supervisor.ending import GuestEvent
 from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource, MachineSpec
+from mpvmm.supervisor import virtio_devices
 from mpvmm.supervisor.linux_guest import LinuxBoot, LinuxGuest
 from mpvmm.vcpu_worker.outcome import VcpuOutcome
 
@@ -119,9 +120,11 @@ class SavedMachineSource(GuestSource):
         self.workload = workload_label(machine)
         self.cpus = machine["cpus"]
         self.memory_size = machine["memory"]
+        self.virtio = machine.get("virtio")  # VirtioDevices.describe(), when the VM had virtio devices
 
     def machine_config(self, config):
-        return dataclasses.replace(config, cpus=self.cpus, memory=self.memory_size, workload=self.workload)
+        return dataclasses.replace(config, cpus=self.cpus, memory=self.memory_size, workload=self.workload,
+                                   **virtio_devices.config_of(self.virtio))
 
 
 class SnapshotSource(SavedMachineSource):

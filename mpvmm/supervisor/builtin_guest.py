@@ -23,6 +23,7 @@ from mpvmm.x86.usermode import enter_user_mode, write_boot_structures
 
 DEMO_SLEEP_US = 2000  # the demo workload rests 2 ms per round: a gentle, steady rate
 DEFAULT_DIRTY_RATE_MIB = 16  # the dirty workload's MiB/s when --dirty-rate is not given
+DEFAULT_QUEUE_DEPTH = 1  # the virtio-blk workloads' requests in flight per vCPU without --queue-depth
 DIRTY_ROUND_US = 2000  # the dirty workload's bursts: often enough to be a steady rate
 MAX_DIRTY_RATE_MIB = 1 << 20  # 1 TiB/s: beyond any host, and small enough for the guest's arithmetic
 # Report slots between the reports' address and the shared counters (layout.py).
@@ -45,6 +46,12 @@ def dirty_region(cpus: int, memory_size: int) -> tuple[int, int]:
     return base, max(0, end - base)
 
 
+def virtio_area(cpus: int) -> tuple[int, int]:
+    """(base, size) of the virtio-blk workloads' rings and buffers: a slot per vCPU above the stacks."""
+    base = -(-min_memory(cpus) // (2 * layout.MIB)) * (2 * layout.MIB)
+    return base, cpus * abi.VIRTIO_SLOT_SIZE
+
+
 def workload_id(name: str) -> int:
     try:
         return abi.WORKLOADS.index(name)
@@ -57,15 +64,23 @@ class BuiltinGuestSource(GuestSource):
 
     machine = MachineSpec("builtin", {}, host_input=False)
 
-    def __init__(self, cpus: int, workload: str, memory_size: int, dirty_rate_mib: int | None = None):
+    def __init__(self, cpus: int, workload: str, memory_size: int, dirty_rate_mib: int | None = None, *,
+                 disks: int = 0, queue_depth: int | None = None):
         workload_id(workload)
+        blk = workload in abi.VIRTIO_BLK_WORKLOADS
+        if blk and not disks:
+            raise UsageError(f"--workload {workload} needs a --disk")
+        if queue_depth is not None and not blk:
+            raise UsageError("--queue-depth is for --workload virtio-blk and virtio-blk-rw")
+        if queue_depth is not None and not 1 <= queue_depth <= abi.VIRTIO_MAX_DEPTH:
+            raise UsageError(f"--queue-depth must be between 1 and {abi.VIRTIO_MAX_DEPTH}, not {queue_depth}")
         if dirty_rate_mib is not None and workload != "dirty":
             raise UsageError("--dirty-rate is for --workload dirty")
         if dirty_rate_mib is not None and not 0 <= dirty_rate_mib <= MAX_DIRTY_RATE_MIB:
             raise UsageError(f"--dirty-rate must be between 0 and {MAX_DIRTY_RATE_MIB} MiB/s, not {dirty_rate_mib}")
         if cpus > MAX_CPUS:
             raise UsageError(f"the built-in guest supports at most {MAX_CPUS} vCPUs")
-        needed = min_memory(cpus)
+        needed = min_memory(cpus) if not blk else virtio_area(cpus)[0] + cpus * abi.VIRTIO_SLOT_SIZE
         if memory_size < needed:
             raise UsageError(
                 f"--memory {format_size(memory_size)} is too small for the guest with {cpus} vCPU{'s' if cpus > 1 else ''} "
@@ -74,9 +89,17 @@ class BuiltinGuestSource(GuestSource):
         self.cpus = cpus
         self.workload = workload
         self.dirty_rate_mib = DEFAULT_DIRTY_RATE_MIB if dirty_rate_mib is None else dirty_rate_mib
+        self.disks = disks
+        self.queue_depth = DEFAULT_QUEUE_DEPTH if queue_depth is None else queue_depth
 
     def load(self, memory) -> "BuiltinGuest":
-        return BuiltinGuest.load(memory, self.cpus, self.workload, self.dirty_rate_mib)
+        guest = BuiltinGuest.load(memory, self.cpus, self.workload, self.dirty_rate_mib)
+        params = guest.params
+        params.virtio_mmio_base = layout.VIRTIO_MMIO_BASE
+        params.virtio_area_addr = virtio_area(self.cpus)[0]
+        params.virtio_disks = self.disks
+        params.virtio_queue_depth = self.queue_depth
+        return guest
 
 
 class BuiltinGuest(Guest):

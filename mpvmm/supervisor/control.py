@@ -111,6 +111,10 @@ class VmControl:
 
     def _migrate(self, args: dict, abort) -> tuple[dict, RunEnding | None]:
         self._machine_state_check("migrate")
+        if len(self.vm.virtio):
+            # A disk is a file on this host: the destination would need the same file, in step.
+            raise Conflict(f"cannot migrate a VM with virtio devices "
+                           f"({', '.join(device.spec.name for device in self.vm.virtio.devices)}): not supported yet")
         self._expect(VmState.RUNNING, "migrate")
         self.state = VmState.MIGRATING
         self.migration = Migration(self.vm, args["address"], args["downtime_ms"], args["timeout_s"], abort,

@@ -17,10 +17,8 @@ no other process can open a queue once the VM runs.
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,8 +28,8 @@ import msgpack
 import posix_ipc
 
 from mpvmm.errors import DeviceModelError, HostLimitError
-from mpvmm.stop_signals import STOP_SIGNALS
 from mpvmm.supervisor import limits
+from mpvmm.supervisor.child_process import ChildProcess, receive_some, spawn
 from mpvmm.supervisor.guest_memory import unique_name
 from mpvmm.transport.channel import QueueChannel, RingChannel, VcpuChannel
 from mpvmm.transport.polling import poll_limit_seconds
@@ -43,7 +41,7 @@ REPLY_TIMEOUT_SECONDS = 5.0
 STOPPED_CHECK_SECONDS = 0.1
 
 
-class DeviceModelClient:
+class DeviceModelClient(ChildProcess):
     """The device model of one VM (devicemodel/process.py) and the channels the vCPUs talk to it over.
 
     ``transport`` is "ring" or "mq" (transport/). ``machine``, ``irq_fds``
@@ -53,7 +51,6 @@ class DeviceModelClient:
     (supervisor/in_kernel.py). Every fd is inherited by the process.
     """
 
-    process: subprocess.Popen | None = None
     _control: socket.socket | None = None
     _area: RingArea | None = None
     _wake_fd = -1
@@ -61,11 +58,13 @@ class DeviceModelClient:
     def __init__(self, memory, cpus: int, console: str | None, *, transport: str = "mq",
                  machine: str = "builtin", irq_fds: dict[str, int] | None = None, stdin_fd: int | None = None,
                  doorbells: list[tuple[int, int, int]] | None = None,
-                 coalesced_ring: tuple[int, int] | None = None):
+                 coalesced_ring: tuple[int, int] | None = None, virtio_links: list[tuple[str, int, int]] = ()):
+        # virtio_links: each virtio device's (name, window, register link).
         self.transport = transport
         self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd,
                        "doorbells": [list(d) for d in doorbells or []],
-                       "coalesced_ring": list(coalesced_ring) if coalesced_ring else None}
+                       "coalesced_ring": list(coalesced_ring) if coalesced_ring else None,
+                       "virtio_links": [list(link) for link in virtio_links]}
         self.system_events: list[str] = []
         # One conversation on the control socket at a time: a metrics scrape
         # (its own thread) and the wait loop's poll_events share it.
@@ -92,7 +91,8 @@ class DeviceModelClient:
         return queue
 
     def _start(self, memory, cpus: int, console: str | None) -> None:
-        inherited = [memory.fd, *self._extra["irqfds"].values(), *(d[0] for d in self._extra["doorbells"])]
+        inherited = [memory.fd, *self._extra["irqfds"].values(), *(d[0] for d in self._extra["doorbells"]),
+                     *(fd for _name, _base, fd in self._extra["virtio_links"])]
         if self._extra["coalesced_ring"]:
             inherited.append(self._extra["coalesced_ring"][0])
         if self.transport == "ring":
@@ -144,21 +144,10 @@ class DeviceModelClient:
         terminal = os.dup(self._extra["stdin_fd"]) if self._extra["stdin_fd"] is not None else None
         if terminal is not None:
             self._extra["stdin_fd"] = terminal
-        # The stop signals are the supervisor's (stop_signals.py). Blocked
-        # across the fork, they reach the device model blocked from its first
-        # instruction, so none sent to the process group can kill its
-        # interpreter while it starts; it ignores them, discarding any
-        # pending, before it unblocks them. The supervisor still gets each
-        # one: another thread takes it, or it arrives when unblocked below.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-                pass_fds=(child.fileno(), *inherited, *([terminal] if terminal is not None else [])),
-                stdin=subprocess.DEVNULL,
-            )
+            self.process = spawn("mpvmm.devicemodel", [str(child.fileno())],
+                                 (child.fileno(), *inherited, *([terminal] if terminal is not None else [])))
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child.close()
             if terminal is not None:
                 os.close(terminal)
@@ -187,16 +176,9 @@ class DeviceModelClient:
                 # It cannot answer until someone resumes it: waiting out the
                 # timeout would only delay the end of the run (or a scrape).
                 raise DeviceModelError("device model is stopped (SIGSTOP, or a debugger) and cannot answer")
-            self._control.settimeout(min(left, STOPPED_CHECK_SECONDS))
-            try:
-                data = self._control.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError as err:
-                raise DeviceModelError(f"device model is gone: {err.strerror}") from err
-            if not data:
-                raise DeviceModelError(f"device model exited ({self.describe_exit()})")
-            self._unpacker.feed(data)
+            data = receive_some(self._control, min(left, STOPPED_CHECK_SECONDS), "device model", self.describe_exit)
+            if data is not None:
+                self._unpacker.feed(data)
 
     def stats(self) -> dict:
         """The device model's counters (devices, requests, coalesced, doorbells, unmapped, rejected,
@@ -275,25 +257,6 @@ class DeviceModelClient:
                     if isinstance(message, dict) and message.get("op") == "system_event":
                         self.system_events.append(str(message.get("event")))
 
-    # --- Liveness. ---
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stopped(self) -> bool:
-        """Alive but stopped (SIGSTOP, SIGTSTP, a debugger): it answers nothing until resumed."""
-        return self.alive() and _stopped(self.process.pid)
-
-    def describe_exit(self) -> str:
-        if self.process is None:
-            return "never started"
-        code = self.process.poll()
-        if code is None:
-            return "stopped" if _stopped(self.process.pid) else "still running"
-        if code < 0:
-            return f"killed by signal {code * -1}"
-        return f"exit status {code}"
-
     # --- Teardown. ---
 
     def _unlink_queues(self) -> None:
@@ -305,9 +268,7 @@ class DeviceModelClient:
 
     def close(self) -> None:
         """Kill the process if still running, close every channel and unlink what is named. Idempotent."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.kill()
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -340,12 +301,3 @@ def _counters(reply: dict) -> dict:
     if process.get("terminal_input") is not None:
         counters["terminal_input"] = process["terminal_input"]
     return counters
-
-
-def _stopped(pid: int) -> bool:
-    """Whether ``pid`` is stopped (SIGSTOP, SIGTSTP) or held by a tracer: it cannot answer."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False

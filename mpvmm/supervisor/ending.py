@@ -61,6 +61,14 @@ class DeviceModelDied:
 
 
 @dataclass(frozen=True)
+class VirtioDeviceDied:
+    """A virtio device's process ended while the VM ran: the VM cannot go on without it."""
+
+    name: str  # "disk0", "console", "rng"
+    how: str
+
+
+@dataclass(frozen=True)
 class VcpuFailed:
     """A vCPU faulted, KVM_RUN failed, or its runner failed (its outcome says which)."""
 
@@ -93,7 +101,7 @@ class MigratedAway:
     report: dict
 
 
-RunEnding = (GuestEnded | UnknownGuestEvent | DeviceModelDied | VcpuFailed | GuestExited | StopSignal | TimeLimit
+RunEnding = (GuestEnded | UnknownGuestEvent | DeviceModelDied | VirtioDeviceDied | VcpuFailed | GuestExited | StopSignal | TimeLimit
              | ApiStop | MigratedAway)
 
 
@@ -113,6 +121,8 @@ def status_line(ending: RunEnding) -> str:
             return f"guest event {name}"
         case DeviceModelDied(how):
             return f"device model died ({how})"
+        case VirtioDeviceDied(name, how):
+            return f"virtio device {name} died ({how})"
         case VcpuFailed():
             return "vcpu fault"
         case GuestExited():
@@ -147,7 +157,7 @@ def exit_status(ending: RunEnding, outcomes: Sequence[VcpuOutcome]) -> ExitStatu
     match ending:
         case GuestEnded(event):
             return ExitStatus(event.exit_code, status, {})
-        case DeviceModelDied():
+        case DeviceModelDied() | VirtioDeviceDied():
             unless_a_vcpu_failed = ExitStatus(1, status, {})
         case StopSignal(signum):
             # The shell's convention for "ended by a signal".

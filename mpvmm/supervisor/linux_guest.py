@@ -65,10 +65,11 @@ class LinuxBoot(GuestSource):
     initrd: bytes | None
     cmdline: bytes
     cpus: int
+    virtio_windows: tuple[tuple[int, int], ...] = ()  # (MMIO window, GSI) of each virtio device
 
     @classmethod
     def from_files(cls, kernel_path: str, initrd_path: str | None, cmdline: str | None,
-                   cpus: int, memory_size: int) -> "LinuxBoot":
+                   cpus: int, memory_size: int, virtio_windows=()) -> "LinuxBoot":
         if memory_size < MIN_MEMORY:
             raise UsageError(f"--memory {format_size(memory_size)} is too small to boot Linux "
                              f"(needs at least {format_size(MIN_MEMORY)})")
@@ -95,7 +96,7 @@ class LinuxBoot(GuestSource):
         capacity = min(zeropage.cmdline_capacity(kernel.header), layout.LINUX_CMDLINE_MAX - 1)
         if len(encoded) > capacity:
             raise UsageError(f"--cmdline is {len(encoded)} bytes; this kernel accepts at most {capacity}")
-        return cls(kernel, initrd, encoded, cpus)
+        return cls(kernel, initrd, encoded, cpus, tuple(virtio_windows))
 
     # --- Into guest memory. ---
 
@@ -116,7 +117,7 @@ class LinuxBoot(GuestSource):
             initrd = (address, len(self.initrd))
         memory.write(layout.LINUX_CMDLINE_ADDR, self.cmdline + b"\0")
         memory.write(layout.LINUX_MPTABLE_ADDR, mptable.build_mptable(layout.LINUX_MPTABLE_ADDR, self.cpus))
-        rsdp, tables = acpi.build_acpi(layout.LINUX_ACPI_ADDR, self.cpus)
+        rsdp, tables = acpi.build_acpi(layout.LINUX_ACPI_ADDR, self.cpus, acpi.virtio_devices(self.virtio_windows))
         if len(tables) > layout.LINUX_ACPI_MAX:
             raise UsageError(f"ACPI tables for {self.cpus} vCPUs do not fit their slot")
         memory.write(layout.LINUX_ACPI_ADDR, tables)

@@ -40,14 +40,17 @@ from mpvmm.supervisor import limits
 from mpvmm.supervisor.builtin_guest import BuiltinGuestSource
 from mpvmm.supervisor.control import VmControl
 from mpvmm.supervisor.device_model_client import DeviceModelClient
+from mpvmm.supervisor import virtio_devices
 from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, MigratedAway, RunEnding, StopSignal,
-                                     TimeLimit, VcpuFailed, device_model_ending, exit_status, status_line)
+                                     TimeLimit, VcpuFailed, VirtioDeviceDied, device_model_ending, exit_status,
+                                     status_line)
 from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource
 from mpvmm.supervisor.guest_memory import GuestMemory
 from mpvmm.supervisor.in_kernel import InKernelRoutes
 from mpvmm.supervisor.linux_guest import LinuxBoot
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vcpu_host import RUNNERS, VcpuHost
+from mpvmm.supervisor.virtio_devices import VirtioDevices
 from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 from mpvmm.vcpu_worker.outcome import VcpuOutcome
 from mpvmm.vcpu_worker.route_table import machine_routes
@@ -78,6 +81,12 @@ class RunConfig:
     restore: str | None = None
     incoming: str | None = None
     api_socket: str | None = None  # the control API's Unix socket (api/server.py)
+    # virtio devices, each in a process of its own (virtio_devices.py).
+    disks: tuple[str, ...] = ()  # PATH or PATH,readonly each
+    console_device: str = "uart"  # "virtio": the guest's console is hvc0, and the terminal feeds it
+    rng: bool = False
+    queue_depth: int | None = None  # the virtio-blk workloads' requests in flight per vCPU
+    block_queues: int | None = None  # queues per disk; None: _block_queues chooses (a restore brings its own)
 
 
 @dataclass
@@ -115,6 +124,7 @@ class RunResult:
     # What could not be collected at the end, and why: "device_model" when
     # it had died or did not answer (stopped, stuck); its counts are missing.
     not_collected: dict[str, str] = field(default_factory=dict)
+    virtio: dict[str, dict] = field(default_factory=dict)  # each virtio device's counters, by name
     # Output that could not be written (summary.with_output_errors): the
     # console, the summary, the report. Any makes a clean run's exit code 1.
     output_errors: list[str] = field(default_factory=list)
@@ -131,6 +141,7 @@ class RunningVm:
     vcpus: VcpuSet
     device_model: DeviceModelClient
     metrics: MetricsExporter | None
+    virtio: VirtioDevices
 
 
 def validate(config: RunConfig, max_vcpus: int) -> None:
@@ -147,6 +158,10 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         check_number(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
     if config.console is not None:
         check_writable(config.console, "--console")
+    specs = virtio_devices.device_specs(config.disks, config.console_device, config.rng)
+    if specs and not RUNNERS[config.runner].shares_interrupt_controller:
+        raise UsageError(f"--runner {config.runner} has a VM per vCPU: virtio devices need one VM "
+                         "(use --runner native or python)")
     limits.check_host(config.cpus, config.memory, message_queues=config.transport == "mq")
 
 
@@ -167,10 +182,15 @@ def choose(config: RunConfig, cancelled: Callable[[], int | None] = lambda: None
     if config.kernel is None:
         if config.initrd is not None or config.cmdline is not None:
             raise UsageError("--initrd and --cmdline need --kernel")
-        return BuiltinGuestSource(config.cpus, config.workload, config.memory, config.dirty_rate), host
+        return BuiltinGuestSource(config.cpus, config.workload, config.memory, config.dirty_rate,
+                                  disks=len(config.disks), queue_depth=config.queue_depth), host
     if not host.shares_interrupt_controller:
         raise UsageError(f"--runner {config.runner} has no shared interrupt controller and cannot boot Linux")
-    return LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory), host
+    if config.queue_depth is not None:
+        raise UsageError("--queue-depth is for the built-in guest's virtio-blk workloads")
+    virtio_count = len(virtio_devices.device_specs(config.disks, config.console_device, config.rng))
+    return LinuxBoot.from_files(config.kernel, config.initrd, config.cmdline, config.cpus, config.memory,
+                                virtio_windows=virtio_devices.windows(virtio_count)), host
 
 
 class Supervisor:
@@ -238,17 +258,25 @@ class Supervisor:
         memory = stack.enter_context(source.create_memory(config.memory))
         guest = source.load(memory)
         host = stack.enter_context(host_class(kvm, memory, guest, config.cpus))
-        irq_fds = host.connect_irq_lines(source.machine.irq_lines)
+        specs = virtio_devices.device_specs(config.disks, config.console_device, config.rng)
+        irq_fds = host.connect_irq_lines({**source.machine.irq_lines, **virtio_devices.irq_lines(specs)})
         in_kernel = stack.enter_context(InKernelRoutes(host, machine_routes(kernel_routes(source.machine.name))))
+        device_doorbells = in_kernel.doorbell_fds()  # the device model's; the virtio devices add their own
         stats = stack.enter_context(StatsArea(config.cpus))
-        terminal = stack.enter_context(RawTerminal(self.stdin_fd if source.machine.host_input else None))
+        virtio_console = config.console_device == "virtio"
+        takes_input = source.machine.host_input or virtio_console
+        terminal = stack.enter_context(RawTerminal(self.stdin_fd if takes_input else None))
+        virtio = stack.enter_context(VirtioDevices(
+            specs, memory, irq_fds, in_kernel.add_doorbell, block_queues=_block_queues(config),
+            console_path=config.console, input_fd=terminal.input_fd if virtio_console else None))
         device_model = stack.enter_context(DeviceModelClient(
             memory, config.cpus, config.console, transport=config.transport, machine=source.machine.name,
-            irq_fds=irq_fds, stdin_fd=terminal.input_fd, doorbells=in_kernel.doorbell_fds(),
-            coalesced_ring=in_kernel.coalesced_ring()))
+            irq_fds={name: fd for name, fd in irq_fds.items() if name in source.machine.irq_lines},
+            stdin_fd=None if virtio_console else terminal.input_fd, doorbells=device_doorbells,
+            coalesced_ring=in_kernel.coalesced_ring(), virtio_links=virtio.register_links()))
         vcpus = VcpuSet(host.create_runners(stats, in_kernel.routes, device_model.channels))
         stack.callback(vcpus.stop_and_join)
-        vm = RunningVm(config, memory, guest, host, vcpus, device_model, metrics)
+        vm = RunningVm(config, memory, guest, host, vcpus, device_model, metrics, virtio)
         if metrics:
             # Before the vCPUs start: opening a vCPU's stats fd would wait on a running vCPU.
             metrics.attach(vm, control.migration_report)
@@ -305,6 +333,9 @@ class Supervisor:
                 return GuestEnded(event, runner.index)
         if not vm.device_model.alive():
             return DeviceModelDied(vm.device_model.describe_exit())
+        dead = vm.virtio.dead()
+        if dead is not None:
+            return VirtioDeviceDied(*dead)
         if vm.vcpus.failed():
             return VcpuFailed()
         return None
@@ -336,13 +367,26 @@ class Supervisor:
             # Dead, stopped or stuck: what it counted is lost, the rest of the
             # result is not. The ExitStack kills it (close) if it is still there.
             not_collected["device_model"] = str(err)
+        virtio = vm.virtio.shutdown()
+        not_collected.update({device.spec.name: f"{device.spec.name} gone ({device.describe_exit()})"
+                              for device in vm.virtio.devices if device.spec.name not in virtio})
         outcomes = [runner.outcome() for runner in vm.vcpus]
         code, status, fault_registers = exit_status(ending, outcomes)
         migration = ending.report if isinstance(ending, MigratedAway) else vm.guest.arrival
         return RunResult(vm.config, code, status, seconds,
                          vcpus=[_vcpu_result(runner, outcome, vm.guest) for runner, outcome in zip(vm.vcpus, outcomes)],
                          device_model=device_stats, atomic_total=vm.guest.atomic_total(),
-                         fault_registers=fault_registers, migration=migration, not_collected=not_collected)
+                         fault_registers=fault_registers, migration=migration, not_collected=not_collected,
+                         virtio=virtio)
+
+
+def _block_queues(config: RunConfig) -> int:
+    """Queues per disk: one, or for the built-in guest enough for every vCPU to have its own."""
+    if config.block_queues is not None:
+        return config.block_queues
+    if config.kernel is not None or not config.disks:
+        return 1
+    return -(-config.cpus // len(config.disks))
 
 
 def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> VcpuResult:

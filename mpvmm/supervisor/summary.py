@@ -82,10 +82,27 @@ def render_summary(result, console: Console) -> None:
     dropped_input = result.device_model.get("terminal_input", {}).get("dropped_bytes")
     if dropped_input:
         console.print(f"terminal input: {dropped_input} bytes typed ahead past what may wait for the guest, dropped")
+    for name, stats in result.virtio.items():
+        console.print(virtio_line(name, stats))
     for part, why in result.not_collected.items():
         console.print(f"not collected: {part.replace('_', ' ')}: {why}")
     if result.migration is not None:
         console.print(migration_line(result.migration))
+
+
+def virtio_line(name: str, stats: dict) -> str:
+    """One virtio device's work: requests, bytes each way, notifications by path, interrupts."""
+    queues, transport = stats["queues"], stats["transport"]
+    kicks = sum(queue["notifications"] for queue in queues)
+    userspace = transport["mmio_notifications"]
+    requests = ", ".join(f"{count} {op}" for op, count in stats["device"].items()
+                         if count and op in ("reads", "writes", "flushes", "discards", "requests"))
+    return (f"virtio {name} ({stats['kind']}): {sum(queue['chains'] for queue in queues)} chains"
+            f"{f' ({requests})' if requests else ''}, "
+            f"{sum(queue['bytes_written'] for queue in queues) / 1e6:.1f} MB to the guest, "
+            f"{sum(queue['bytes_read'] for queue in queues) / 1e6:.1f} MB from it; "
+            f"notifications {kicks - userspace} in-kernel, {userspace} userspace; "
+            f"{transport['interrupts']} interrupts")
 
 
 def migration_line(report: dict) -> str:
@@ -135,6 +152,7 @@ def report_dict(result) -> dict:
         "not_collected": result.not_collected,
         "output_errors": result.output_errors,
         "migration": result.migration,
+        "virtio": result.virtio,
     }
 
 

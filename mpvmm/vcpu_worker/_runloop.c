@@ -723,6 +723,8 @@ static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
         FIELD(d, mpvmm_guest_params, dirty_rate_mib) ||
         FIELD(d, mpvmm_guest_params, dirty_round_us) ||
         FIELD(d, mpvmm_guest_params, dirty_base) || FIELD(d, mpvmm_guest_params, dirty_size) ||
+        FIELD(d, mpvmm_guest_params, virtio_mmio_base) || FIELD(d, mpvmm_guest_params, virtio_area_addr) ||
+        FIELD(d, mpvmm_guest_params, virtio_disks) || FIELD(d, mpvmm_guest_params, virtio_queue_depth) ||
         add_int(d, "mpvmm_guest_report.sizeof", sizeof(struct mpvmm_guest_report)) ||
         FIELD(d, mpvmm_guest_report, magic) || FIELD(d, mpvmm_guest_report, state) ||
         FIELD(d, mpvmm_guest_report, status) || FIELD(d, mpvmm_guest_report, pio_write_sum) ||

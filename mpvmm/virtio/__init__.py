@@ -11,7 +11,7 @@ ioeventfd kicks. Design: ``docs/virtio.md``.
 from mpvmm.virtio.block import Block
 from mpvmm.virtio.console import Console
 from mpvmm.virtio.entropy import Entropy
-from mpvmm.virtio.errors import DiskError, GuestMemoryError, VirtioError, VirtqueueError
+from mpvmm.virtio.faults import DiskError, GuestMemoryError, VirtioError, VirtqueueError
 from mpvmm.virtio.memory import GuestRam, RamRegion
 from mpvmm.virtio.mmio import MmioTransport
 

@@ -27,11 +27,12 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+from mpvmm.errors import StateError
 from mpvmm.virtio import spec
 from mpvmm.virtio.descriptors import DescriptorChain
 from mpvmm.virtio.device import VirtioDevice
 from mpvmm.virtio.disk import SECTOR_SIZE, DiskFile
-from mpvmm.virtio.errors import VirtqueueError
+from mpvmm.virtio.faults import VirtqueueError
 
 # --- Feature bits. ---
 F_SEG_MAX = 2  # seg_max says how many data buffers a request may have
@@ -133,6 +134,18 @@ class Block(VirtioDevice):
         if len(self.queue_sizes) > 1:
             bits.append(F_MQ)
         return sum(spec.feature_bit(bit) for bit in bits)
+
+    def state(self) -> dict:
+        # Not the disk's contents: the file is the disk, and the restore is given it again.
+        return {"sectors": self.disk.sectors, "read_only": self.read_only}
+
+    def check_state(self, record: object) -> None:
+        if not isinstance(record, dict) or record.get("sectors") != self.disk.sectors:
+            sectors = record.get("sectors") if isinstance(record, dict) else None
+            raise StateError(f"the saved disk had {sectors!r:.20} sectors, this one has {self.disk.sectors}")
+        if record.get("read_only") is not self.read_only:
+            raise StateError(f"the saved disk was {'' if record.get('read_only') else 'not '}read-only, this one "
+                             f"is{'' if self.read_only else ' not'}")
 
     def config(self) -> bytes:
         return _CONFIG.pack(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from mpvmm.errors import StateError
 from mpvmm.virtio import spec
 from mpvmm.virtio.device import VirtioDevice
 
@@ -66,6 +67,17 @@ class Console(VirtioDevice):
         return bytes(CONFIG_SIZE)
 
     # --- The host's side. ---
+
+    def state(self) -> dict:
+        return {"input": bytes(self._input)}  # typed, not yet read by the guest
+
+    def check_state(self, record: object) -> None:
+        if not isinstance(record, dict) or not isinstance(record.get("input"), bytes) \
+                or len(record["input"]) > self._capacity:
+            raise StateError(f"the console's record is not its input of at most {self._capacity} bytes")
+
+    def restore_state(self, record: dict) -> None:
+        self._input = bytearray(record["input"])
 
     def enqueue_input(self, data: bytes) -> int:
         """Offer host input; returns how many bytes were accepted (the rest is refused)."""

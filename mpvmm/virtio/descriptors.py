@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from mpvmm.virtio import spec
-from mpvmm.virtio.errors import VirtqueueError
+from mpvmm.virtio.faults import VirtqueueError
 from mpvmm.virtio.memory import GuestRam
 
 # The largest indirect table accepted: QEMU's VIRTQUEUE_MAX_SIZE. Linux sizes

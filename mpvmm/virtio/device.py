@@ -9,6 +9,7 @@ interrupts; the device only handles chains.
 
 from __future__ import annotations
 
+from mpvmm.errors import StateError
 from mpvmm.virtio import spec
 from mpvmm.virtio.memory import GuestRam
 from mpvmm.virtio.queue import SplitQueue
@@ -59,3 +60,16 @@ class VirtioDevice:
         self.memory = None
         self.queues = []
         self.features = 0
+
+    # --- Saved state: what the device keeps beyond its transport (most keep nothing). ---
+
+    def state(self) -> dict:
+        return {}
+
+    def check_state(self, record: object) -> None:
+        """StateError unless ``record`` is one ``state()`` of this device could have made."""
+        if record != {}:
+            raise StateError("the device's own record is not empty")
+
+    def restore_state(self, record: dict) -> None:
+        """Take a record ``check_state`` accepted."""

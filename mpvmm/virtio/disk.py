@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 
-from mpvmm.virtio.errors import DiskError
+from mpvmm.virtio.faults import DiskError
 
 SECTOR_SIZE = 512  # virtio-blk counts in 512-byte sectors whatever the block size
 

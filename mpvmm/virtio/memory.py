@@ -19,7 +19,7 @@ import struct
 import threading
 from typing import NamedTuple, Sequence
 
-from mpvmm.virtio.errors import GuestMemoryError
+from mpvmm.virtio.faults import GuestMemoryError
 from mpvmm.x86.layout import GuestAddress
 
 _U16 = struct.Struct("<H")
@@ -55,6 +55,11 @@ class GuestRam:
         except ValueError:
             view.release()
             raise
+        # Ring indexes are stored through this one: a single 16-bit store.
+        # struct.pack_into zero-fills its field before writing it, so the
+        # driver could see a used index of 0 for a moment (it did: the
+        # built-in guest's polling driver read 0 and ran 65536 entries on).
+        self._words = view[: len(view) & ~1].cast("H")
         self._view = view
         self._regions = ordered
         # The hot path (every ring and descriptor access) looks regions up in these.
@@ -143,7 +148,11 @@ class GuestRam:
         return _U64.unpack_from(self._view, self._one_piece(address, 8, False))[0]
 
     def write_u16(self, address: int, value: int) -> None:
-        _U16.pack_into(self._view, self._one_piece(address, 2, True), value)
+        """One store of the whole field (a ring index the driver may be reading right now)."""
+        offset = self._one_piece(address, 2, True)
+        if offset % 2:
+            raise GuestMemoryError(f"guest field {address:#x}+2 is not 2-byte aligned")
+        self._words[offset >> 1] = value
 
     def write_u32(self, address: int, value: int) -> None:
         _U32.pack_into(self._view, self._one_piece(address, 4, True), value)
@@ -171,6 +180,7 @@ class GuestRam:
     def close(self) -> None:
         """Release the buffer (so an mmap under it can be closed). Safe to call twice."""
         if self._view is not None:
+            self._words.release()
             self._view.release()
             self._view = None
 

@@ -33,7 +33,7 @@ from typing import Callable
 from mpvmm.virtio import mmio_registers as registers
 from mpvmm.virtio import spec
 from mpvmm.virtio.device import VirtioDevice
-from mpvmm.virtio.errors import GuestMemoryError, VirtqueueError
+from mpvmm.virtio.faults import GuestMemoryError, VirtqueueError
 from mpvmm.virtio.memory import GuestRam
 from mpvmm.virtio.queue import SplitQueue
 
@@ -120,6 +120,7 @@ class MmioTransport:
         self.status = 0
         self.driver_features = 0
         self.interrupt_status = 0
+        self._raised_since_read = 0  # InterruptStatus bits raised after the driver last read it
         self.needs_reset_reason: str | None = None
         self._device_features_sel = 0
         self._driver_features_sel = 0
@@ -156,6 +157,7 @@ class MmioTransport:
             queue = self._selected_queue()
             return int(bool(queue and queue.ready))
         if offset == registers.INTERRUPT_STATUS:
+            self._raised_since_read = 0
             return self.interrupt_status
         if offset == registers.STATUS:
             return self.status
@@ -196,7 +198,10 @@ class MmioTransport:
             self.stats.mmio_notifications += 1
             (self._on_notify or self.notify)(value & 0xFFFF)
         elif offset == registers.INTERRUPT_ACK:
-            self.interrupt_status &= ~value
+            # The ACK may arrive after we raised the bit again: a write is posted (the vCPU
+            # went on before it reached us). Clearing that new event would make the handler
+            # its interrupt runs read 0 and skip the rings: a completion lost for good.
+            self.interrupt_status &= ~(value & ~self._raised_since_read)
         elif offset == registers.DEVICE_FEATURES_SEL:
             self._device_features_sel = value
         elif offset == registers.DRIVER_FEATURES_SEL:
@@ -325,14 +330,36 @@ class MmioTransport:
         if self.status & spec.STATUS_DRIVER_OK:
             self._interrupt(registers.INTERRUPT_CONFIG_CHANGE)
 
+    # --- Saved state (saved_state.py reads and checks the records). ---
+
+    def registers_state(self) -> dict:
+        return {"status": self.status, "driver_features": self.driver_features,
+                "interrupt_status": self.interrupt_status, "raised_since_read": self._raised_since_read,
+                "config_generation": self.config_generation,
+                "device_features_sel": self._device_features_sel, "driver_features_sel": self._driver_features_sel,
+                "queue_sel": self._queue_sel}
+
+    @property
+    def unofferable_features(self) -> bool:
+        return self._unofferable_features
+
+    def restore_registers(self, fields: dict, unofferable: bool, reason: str | None) -> None:
+        self._clear()
+        self.status, self.driver_features = fields["status"], fields["driver_features"]
+        self.interrupt_status, self.config_generation = fields["interrupt_status"], fields["config_generation"]
+        self._raised_since_read = fields["raised_since_read"]
+        self._device_features_sel, self._driver_features_sel = fields["device_features_sel"], fields["driver_features_sel"]
+        self._queue_sel, self._unofferable_features, self.needs_reset_reason = fields["queue_sel"], unofferable, reason
+
     # --- Queues and interrupts. ---
 
-    def notify(self, index: int) -> None:
-        """The driver kicked queue ``index`` (through an ioeventfd or QueueNotify): serve it."""
+    def notify(self, index: int, kicks: int = 1) -> None:
+        """The driver kicked queue ``index`` ``kicks`` times (an eventfd adds up those it has not
+        handed over yet; a QueueNotify write is one): serve it."""
         if not 0 <= index < len(self.queues):
             self.stats.ignored_notifications += 1
             return
-        self.queues[index].stats.notifications += 1
+        self.queues[index].stats.notifications += kicks
         if not self.running or not self.queues[index].attached:
             self.stats.ignored_notifications += 1
             return
@@ -373,6 +400,7 @@ class MmioTransport:
 
     def _interrupt(self, reason: int) -> None:
         self.interrupt_status |= reason
+        self._raised_since_read |= reason
         self.stats.interrupts += 1
         if reason == registers.INTERRUPT_CONFIG_CHANGE:
             self.stats.config_interrupts += 1

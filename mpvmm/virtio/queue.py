@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from mpvmm.virtio import spec
 from mpvmm.virtio.descriptors import DescriptorChain, walk_chain
-from mpvmm.virtio.errors import VirtqueueError
+from mpvmm.virtio.faults import VirtqueueError
 from mpvmm.virtio.memory import GuestRam
 
 _USED_ELEMENT = struct.Struct("<II")
@@ -118,6 +118,27 @@ class SplitQueue:
         self._memory = memory
         self.event_idx = bool(features & spec.feature_bit(spec.F_EVENT_IDX))
         self.indirect = bool(features & spec.feature_bit(spec.F_INDIRECT_DESC))
+
+    # --- Saved state (snapshots): the ring's configuration and both indexes. ---
+
+    def state(self) -> dict:
+        return {"size": self.size, "ready": self.ready, "desc_table": self.desc_table,
+                "avail_ring": self.avail_ring, "used_ring": self.used_ring, "attached": self.attached,
+                "next_avail": self.next_avail, "next_used": self.next_used,
+                "signalled_used": self._signalled_used, "unchecked_used": self._unchecked_used,
+                "kicks_suppressed": self._kicks_suppressed}
+
+    def restore(self, record: dict, memory: GuestRam, features: int) -> None:
+        """Take ``state()``'s record (already type-checked); VirtqueueError if its ring is not guest RAM."""
+        self.reset()
+        self.size, self.ready = record["size"], record["ready"]
+        self.desc_table, self.avail_ring, self.used_ring = record["desc_table"], record["avail_ring"], record["used_ring"]
+        if record["attached"]:
+            self.attach(memory, features)
+            self.next_avail, self.next_used = record["next_avail"] & 0xFFFF, record["next_used"] & 0xFFFF
+            self._signalled_used = record["signalled_used"] & 0xFFFF
+            self._unchecked_used = record["unchecked_used"] & 0xFFFF
+            self._kicks_suppressed = record["kicks_suppressed"]
 
     # --- The available ring. ---
 

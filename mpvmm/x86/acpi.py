@@ -17,7 +17,11 @@ RTC (PNP0B00) and the PM registers (PNP0C02, a motherboard resource that
 reserves their ports). Linux's PNP layer binds 8250_pnp, i8042 and rtc_cmos
 to them and maps each IRQ as an edge-triggered, active-high IOAPIC pin,
 which is what the device model's irqfd pulses give. ``build_acpi`` takes more
-devices (``aml.simple_device(...)`` terms) for the DSDT.
+devices (``aml.simple_device(...)`` terms) for the DSDT: ``virtio_devices``
+describes virtio-mmio windows as Linux's virtio_mmio driver finds them
+(``LNRO0005``, a Memory32Fixed window and an edge-triggered, active-high
+Interrupt on the device's GSI, as Firecracker and QEMU's microvm do): Debian's
+kernels take no virtio-mmio devices from the command line.
 
 The MADT lists every vCPU's local APIC (Debian's cloud kernel has no
 MP-table parser) and the IOAPIC with no interrupt source override: KVM routes
@@ -99,6 +103,7 @@ HID_COM = "PNP0501"  # 16550A-compatible UART
 HID_KEYBOARD = "PNP0303"  # IBM enhanced keyboard (i8042)
 HID_RTC = "PNP0B00"  # AT real-time clock
 HID_MOTHERBOARD = "PNP0C02"  # motherboard resources: ports reserved, no driver
+HID_VIRTIO_MMIO = "LNRO0005"  # a virtio-mmio window (Linux's virtio_mmio ACPI match)
 I8042_PORT_LENGTH = 1
 
 RSDP_SIGNATURE = b"RSD PTR "
@@ -131,6 +136,13 @@ def pc_devices() -> list[bytes]:
                                               aml.irq(layout.RTC_IRQ)]),
         aml.simple_device("PMRG", HID_MOTHERBOARD, 0, [aml.io(layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_COUNT)]),
     ]
+
+
+def virtio_devices(windows: Iterable[tuple[int, int]]) -> list[bytes]:
+    """A DSDT device per virtio-mmio window, given as (base, GSI)."""
+    return [aml.simple_device(f"VR{index:02X}", HID_VIRTIO_MMIO, index,
+                              [aml.memory32_fixed(base, layout.VIRTIO_MMIO_SIZE), aml.interrupt(gsi)])
+            for index, (base, gsi) in enumerate(windows)]
 
 
 def build_dsdt(devices: Iterable[bytes] = ()) -> bytes:

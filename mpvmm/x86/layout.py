@@ -51,6 +51,11 @@ MMIO_TESTDEV_ADDR = GuestAddress(0xD0000000)
 MMIO_TESTDEV_REGISTERS = PAGE_SIZE
 MMIO_TESTDEV_SIZE = 2 * PAGE_SIZE
 MMIO_TESTDEV_DOORBELL_ADDR = GuestAddress(MMIO_TESTDEV_ADDR + MMIO_TESTDEV_REGISTERS)
+# virtio-mmio windows, one page each (virtio/mmio_registers.py, WINDOW_SIZE),
+# device i at VIRTIO_MMIO_BASE + i pages; described to Linux in the DSDT.
+VIRTIO_MMIO_BASE = GuestAddress(0xD0800000)
+VIRTIO_MAX_DEVICES = 8
+VIRTIO_MMIO_SIZE = PAGE_SIZE  # virtio/mmio_registers.py's WINDOW_SIZE (a test checks they agree)
 
 # --- I/O ports. ---
 COM1_PORT = 0x3F8
@@ -100,3 +105,13 @@ ACPI_PM_PORT_COUNT = 4
 COM1_IRQ = 4
 I8042_IRQ = 1  # the keyboard controller
 RTC_IRQ = 8  # update and alarm interrupts
+# virtio device i interrupts on GSI VIRTIO_FIRST_GSI + i: the IOAPIC pins
+# above the ISA range (KVM's IOAPIC has 24), edge-triggered, one per device.
+VIRTIO_FIRST_GSI = 16
+
+
+def virtio_slot(index: int) -> tuple[GuestAddress, int]:
+    """(MMIO window base, GSI) of virtio device ``index``: the one place both are chosen."""
+    if not 0 <= index < VIRTIO_MAX_DEVICES:
+        raise ValueError(f"at most {VIRTIO_MAX_DEVICES} virtio devices, not device {index}")
+    return GuestAddress(VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE), VIRTIO_FIRST_GSI + index

@@ -1,9 +1,11 @@
 """``mpvmm bench`` end to end: bad input, and a short real run's JSON, table and plot."""
 
 import json
+import os
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -36,6 +38,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
     ["--seconds", "-inf"],
     ["--seconds", "1e300"],
     ["--repeat", "0"],
+    ["--queue-depth", "0"],
+    ["--queue-depth", "65"],
+    ["--queue-depth", "deep"],
+    ["--workload", "virtio-blk", "--runner", "raw,process"],
     ["--json", "/nonexistent-dir/bench.json"],
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, capsys):
@@ -125,3 +131,25 @@ def test_plot_is_a_png(bench_run):
     # IHDR, the first chunk, holds the size: a real figure, not an empty canvas.
     width, height = struct.unpack(">II", png[16:24])
     assert width >= 400 and height >= 300
+
+
+def test_virtio_blk_bench_reads_its_own_disks_beside_pio_null(tmp_path, no_leaks):
+    """Reads per second and MB/s at two queue depths, the ratio to pio-null; the disk files are gone after."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "mpvmm", "bench", "--cpus", "1", "--workload", "pio-null,virtio-blk",
+         "--runner", "native", "--queue-depth", "1,4", "--seconds", str(WINDOW_SECONDS), "--repeat", "1",
+         "--json", str(tmp_path / "bench.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = bench.communicate(timeout=120)
+    assert bench.returncode == 0, stderr
+    records = {(r["workload"], r["queue_depth"]): r for r in json.loads((tmp_path / "bench.json").read_text())}
+    assert set(records) == {("pio-null", None), ("virtio-blk", 1), ("virtio-blk", 4)}
+    null = records["pio-null", None]["throughput_per_second"]
+    for depth in (1, 4):
+        record = records["virtio-blk", depth]
+        reads = record["guest_ops_per_second"]["blk_reads"]
+        assert record["throughput_unit"] == "blk_reads" and record["throughput_per_second"] == reads > 0
+        assert "read_mismatches" not in record["guest_ops_per_second"]  # every read had the file's bytes
+        assert record["megabytes_per_second"] == pytest.approx(reads * 4096 / 1e6)
+        assert record["ratio_to_pio_null"] == pytest.approx(reads / null)
+    assert "virtio-blk at queue depth 4" in stdout and "MB/s" in stdout
+    assert not [name for name in os.listdir(tempfile.gettempdir()) if name.startswith(f"mpvmm-bench-{bench.pid}-")]

@@ -10,12 +10,13 @@ HOST = {"cpu_model": "test"}
 
 
 def sample(runner, cpus, per_vcpu_rate, workload="pio-null", seconds=2.0, sync_buckets=(), sync_sum=0.0,
-           iterations=0, transport="ring", **ops):
+           iterations=0, transport="ring", queue_depth=None, **ops):
     counts = dict.fromkeys(abi.OPS, 0) | ops
     counts["compute_iterations"] = iterations
     return RunSample(workload=workload, runner=runner, transport=None if runner == "raw" else transport,
                      cpus=cpus, seconds=seconds, exits=[int(per_vcpu_rate * seconds)] * cpus,
-                     sync_buckets=list(sync_buckets), sync_sum_seconds=sync_sum, guest_ops=counts, pinned_cpus=None)
+                     sync_buckets=list(sync_buckets), sync_sum_seconds=sync_sum, guest_ops=counts, pinned_cpus=None,
+                     queue_depth=queue_depth)
 
 
 def by_key(records):
@@ -95,3 +96,20 @@ def test_compute_is_measured_by_guest_iterations():
     assert native["throughput_unit"] == "compute_iterations"
     assert native["throughput_per_second"] == 1_000_000 and native["exits_per_second"] == 0
     assert native["ratio_to_raw"] == pytest.approx(0.5)
+
+
+def test_virtio_blk_is_measured_by_reads_per_queue_depth_beside_pio_null():
+    samples = [sample("native", 1, 1000), sample("native", 2, 900),
+               sample("native", 1, 3, workload="virtio-blk", blk_reads=1200, queue_depth=1),
+               sample("native", 1, 3, workload="virtio-blk", blk_reads=4000, queue_depth=32),
+               sample("native", 2, 3, workload="virtio-blk", blk_reads=6800, queue_depth=32)]
+    records = {(r["workload"], r["queue_depth"], r["cpus"]): r for r in build_records(samples, HOST)}
+    assert len(records) == 5
+    qd1, qd32, two = records["virtio-blk", 1, 1], records["virtio-blk", 32, 1], records["virtio-blk", 32, 2]
+    assert qd1["throughput_unit"] == "blk_reads" and qd1["throughput_per_second"] == 600
+    assert qd1["megabytes_per_second"] == pytest.approx(600 * 4096 / 1e6)
+    assert qd1["ratio_to_pio_null"] == pytest.approx(600 / 1000)  # beside the null-exit rate, 1 vCPU
+    assert qd32["ratio_to_pio_null"] == pytest.approx(2000 / 1000)
+    assert two["ratio_to_pio_null"] == pytest.approx(3400 / 1800)  # against pio-null at 2 vCPUs
+    assert two["scaling_efficiency"] == pytest.approx(3400 / (2 * 2000))  # two disks against one, same depth
+    assert records["pio-null", None, 1]["ratio_to_pio_null"] is None

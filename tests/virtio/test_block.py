@@ -8,7 +8,7 @@ import pytest
 
 from mpvmm.virtio import block, spec
 from mpvmm.virtio.block import Block
-from mpvmm.virtio.errors import DiskError
+from mpvmm.virtio.faults import DiskError
 from tests.virtio.blk_driver import BlockGuest
 from tests.virtio.driver import RecordingRam, make_ram
 

@@ -6,7 +6,7 @@ import pytest
 
 from mpvmm.virtio import descriptors, spec
 from mpvmm.virtio.descriptors import Segment, walk_chain
-from mpvmm.virtio.errors import VirtqueueError
+from mpvmm.virtio.faults import VirtqueueError
 from mpvmm.virtio.memory import GuestRam
 from mpvmm.x86 import layout
 from tests.virtio.driver import HIGH_RAM_ADDR, HIGH_RAM_SIZE, LOW_RAM_SIZE, make_ram, write_descriptor

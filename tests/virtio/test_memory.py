@@ -6,7 +6,7 @@ import os
 import pytest
 
 from mpvmm.supervisor.guest_memory import GuestMemory
-from mpvmm.virtio.errors import GuestMemoryError
+from mpvmm.virtio.faults import GuestMemoryError
 from mpvmm.virtio.memory import GuestRam
 from tests.virtio.driver import HIGH_RAM_ADDR, HIGH_RAM_SIZE, LOW_RAM_SIZE, make_ram
 

@@ -233,6 +233,29 @@ def test_interrupt_status_and_ack():
     assert driver.transport.stats.config_interrupts == 1
 
 
+def test_an_ack_that_arrives_after_a_new_completion_does_not_clear_it():
+    """Linux reads InterruptStatus, then ACKs it; the ACK is a posted write, so a completion can come first.
+
+    Had the late ACK cleared the bit, the interrupt of that completion would
+    find InterruptStatus 0, and Linux's handler then skips the rings: the
+    request never completes (a mounted ext4 hung this way under Linux).
+    """
+    driver = entropy_driver()
+    queue = driver.probe()[0]
+    queue.add(in_=[4])
+    queue.kick()
+    assert driver.read(registers.INTERRUPT_STATUS) == registers.INTERRUPT_USED_BUFFER  # handler 1 reads
+    assert len(queue.take_used()) == 1  # and takes the ring (its ACK, posted, is still on the way)
+    queue.set_used_event(queue.last_used)  # interrupts wanted again, as Linux's virtqueue_enable_cb
+    queue.add(in_=[4])
+    queue.kick()  # completes before handler 1's ACK reaches the device: a second interrupt
+    assert driver.interrupts == 2
+    driver.write(registers.INTERRUPT_ACK, registers.INTERRUPT_USED_BUFFER)  # handler 1's ACK, late
+    assert driver.read(registers.INTERRUPT_STATUS) == registers.INTERRUPT_USED_BUFFER  # handler 2 sees it
+    driver.write(registers.INTERRUPT_ACK, registers.INTERRUPT_USED_BUFFER)
+    assert driver.read(registers.INTERRUPT_STATUS) == 0
+
+
 def test_a_failing_trigger_is_counted_not_raised():
     def trigger():
         raise OSError("irqfd gone")

@@ -1,4 +1,4 @@
-"""The virtio core's errors, under mpvmm's one hierarchy.
+"""Errors of the virtio core: guest-memory faults, broken virtqueue rules, unusable disks.
 
 A guest's mistakes never leave the core as exceptions: the transport turns
 ``GuestMemoryError`` and ``VirtqueueError`` into the ``DEVICE_NEEDS_RESET``
