@@ -57,7 +57,7 @@ STOPPED_DEVICE_MODEL = "device model is stopped (SIGSTOP, or a debugger) and can
 KILLED = "killed by signal 9"
 
 
-def expected(kind: str, cpus: int) -> tuple[int, str, dict]:
+def expected(kind: str) -> tuple[int, str, dict]:
     """The exit code, status line and ``not_collected`` the docs promise for ``kind``."""
     if kind in ("SIGINT", "SIGTERM"):
         signum = signal.Signals[kind]
@@ -106,7 +106,7 @@ def check_cycle(cycle: dict, result, data: dict | None) -> float | None:
     fault = outcome["fault"]
     assert outcome["leftovers"] == {"ipc": [], "processes": []}, outcome["leftovers"]
     assert fault["vm_started"] is not None, "the VM never started"
-    code, status, not_collected = expected(cycle["kind"], cycle["cpus"])
+    code, status, not_collected = expected(cycle["kind"])
     assert result.status == code, result.describe()
     assert f"mpvmm: {status}; exit code {code}\n" in result.stderr, result.describe()
     assert data is not None, "no --report written"
