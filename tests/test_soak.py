@@ -17,8 +17,9 @@ clients misbehave on its /metrics endpoint. After every cycle:
 
 Transports: each cycle picks one, the shared-memory rings or POSIX
 message queues, at random. Linux boots run on this host's KVM (to the banner and
-early set-up here); boots under the nested-KVM harness join the soak when
-that harness is in the tree.
+early set-up here); Linux boots under the nested-KVM harness, each ended by
+a fault at a random moment of its boot, are the nested soak's
+(tests/linux/test_nested_soak.py, slow).
 """
 
 from __future__ import annotations

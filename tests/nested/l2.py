@@ -41,6 +41,7 @@ class L2Result:
     terminal_restored: bool | None = None
     steps_left: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)  # an earlier boot's triple fault, described
+    outcome: dict = field(default_factory=dict)  # l2_run's whole result (with what ``extra_request`` added)
 
     def describe(self) -> str:
         """For assertion messages: the status, stderr and the console's end."""
@@ -90,12 +91,14 @@ class NestedLinux:
 
     def boot_once(self, kernel: str, initrd: str, cpus: int, *, memory: str = "512M", cmdline: str,
                   console_file: bool = False, bound: float = 300.0, metrics_port: int | None = None,
-                  terminal_steps: list[tuple[str, str]] | None = None, extra_args: list[str] = ()) -> L2Result:
+                  terminal_steps: list[tuple[str, str]] | None = None, extra_args: list[str] = (),
+                  extra_request: dict | None = None) -> L2Result:
         """``mpvmm start --kernel ...`` in L1; the console goes to a file (``--console``), else to stdout.
 
         ``terminal_steps``: run on a pseudo-terminal and type each text once the
         console shows its cue. ``metrics_port``: serve /metrics there and
         scrape it once every CPU is up, until every vCPU shows exits.
+        ``extra_request``: more entries for l2_run's request (``fault``: l2_fault).
         """
         if self.l1.running and self.l1.process is self._counted_l1 and self._vms_in_l1 >= self.vms_per_l1:
             self.l1.close()  # l1.run starts a fresh one
@@ -112,6 +115,7 @@ class NestedLinux:
             request["metrics"] = {"port": metrics_port, "after": PHASES["all_cpus_up"], "cpus": cpus}
         if terminal_steps is not None:
             request["pty"] = {"steps": [{"wait": cue, "send": text} for cue, text in terminal_steps]}
+        request.update(extra_request or {})
         with open(f"{stem}-request.json", "w") as f:
             json.dump(request, f)
         try:
@@ -134,7 +138,7 @@ class NestedLinux:
         return L2Result(outcome["status"], outcome["stderr"], text, _read(request["console_copy"]),
                         outcome["seconds"], outcome["phases"],
                         outcome["metrics"], outcome["scrape_error"], outcome.get("terminal_restored"),
-                        outcome["steps_left"])
+                        outcome["steps_left"], outcome=outcome)
 
 
 def _read(path: str) -> str:

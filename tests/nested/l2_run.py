@@ -11,7 +11,9 @@ then type that". The result: exit status, stderr (stdout is in the
 ``console_copy`` file: the console itself, or what mpvmm printed beside a
 console file), the seconds at which each phase appeared, the last scrape, the terminal's mode before and after, and
 ``timed_out`` when mpvmm outlived the bound: then its process group is
-killed, and the host reports the layer "L2".
+killed, and the host reports the layer "L2". A ``fault`` entry injects a
+fault at a moment of the run and lists what mpvmm left behind
+(``l2_fault``, for the nested soak).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import termios
 import threading
 import time
 import urllib.request
+
+from tests.nested.l2_fault import FaultInjector
 
 POLL_SECONDS = 0.2
 SCRAPE_TIMEOUT = 10.0
@@ -126,6 +130,7 @@ def run(request: dict) -> dict:
     stderr_chunks: list[bytes] = []
     stderr_reader = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read()), daemon=True)
     stderr_reader.start()
+    fault = FaultInjector(request.get("fault"), process, started)
 
     phases: dict[str, float] = {}
     steps = list(pty["steps"]) if pty is not None else []
@@ -148,13 +153,15 @@ def run(request: dict) -> dict:
                 scraped = _scrape(metrics["port"])
             except OSError as err:
                 scrape_error = str(err)
+        fault.poll(elapsed)
         time.sleep(POLL_SECONDS)
     status = process.wait()
     seconds = time.monotonic() - started
     stderr_reader.join(timeout=10)
     result = {"status": status, "seconds": seconds, "timed_out": timed_out, "phases": phases,
               "stderr": b"".join(stderr_chunks).decode(errors="replace"), "metrics": scraped,
-              "scrape_error": scrape_error, "steps_left": [step["wait"] for step in steps]}
+              "scrape_error": scrape_error, "steps_left": [step["wait"] for step in steps],
+              **fault.outcome(seconds)}
     if pty is not None:
         result["terminal_restored"] = termios.tcgetattr(follower) == mode_before
         os.close(follower)
