@@ -152,6 +152,9 @@ class DeviceModelServer:
             self._send({"op": "state", "devices": self.model.states()})
         elif op == "restore_state":
             self._restore_state(message.get("devices"))
+        elif op == "release_input":  # the restored machine is whole: its UART may raise interrupts
+            if self.host_input is not None:
+                self.host_input.release()
         elif op == "configure":
             self._send({"op": "error", "message": "already configured"})
         else:
@@ -249,7 +252,7 @@ class DeviceModelServer:
             self._send({"op": "error", "message": f"device state refused: {err}"})
             return
         if self.host_input is not None:
-            self.host_input.uart = self.model.uart
+            self.host_input.move_to(self.model.uart)  # held until "release_input"
         self._send({"op": "restored"})
 
     # --- Requests. ---

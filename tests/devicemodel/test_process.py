@@ -1,20 +1,24 @@
 """The device-model process, end to end: real shm, real queues, a real child."""
 
+import fcntl
 import os
 import secrets
 import select
 import signal
 import socket
 import subprocess
+import struct
 import sys
+import termios
 import time
+import tty
 from pathlib import Path
 
 import msgpack
 import posix_ipc
 import pytest
 
-from mpvmm.devicemodel import rtc
+from mpvmm.devicemodel import rtc, serial
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
@@ -262,6 +266,40 @@ def test_a_pending_and_an_armed_rtc_alarm_move_to_another_device_model(harness):
         os.close(first)
         os.close(second)
     assert other.leftovers() == []
+
+
+def test_terminal_input_typed_before_a_restore_reaches_the_restored_uart_once_released(harness):
+    """A restored VM's device model reads the terminal before its devices are restored: what it
+    read reaches the saved UART, and raises its interrupt only after ``release_input`` (the
+    supervisor sends it once the interrupt controllers are written, which would lose it)."""
+    com1 = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    terminal, follower = os.openpty()
+    tty.setraw(follower)
+    try:
+        harness.start(pass_fds=(com1, follower))
+        assert harness.configure(machine="pc", irqfds={"com1": com1}, stdin_fd=follower)["op"] == "ready"
+        harness.send({"op": "save_state"})
+        saved = harness.recv()["devices"]
+        saved["com1"]["ier"] = serial.IER_RDA_BIT  # as the guest's driver left it
+        typed = b"typed while the restored VM was being built\r"
+        os.write(terminal, typed)
+        deadline = time.monotonic() + TIMEOUT
+        while struct.unpack("i", fcntl.ioctl(follower, termios.FIONREAD, b"\0" * 4))[0]:
+            assert time.monotonic() < deadline, "the device model does not read the terminal"
+            time.sleep(0.01)
+        harness.send({"op": "restore_state", "devices": saved})
+        assert harness.recv() == {"op": "restored"}
+        assert select.select([com1], [], [], 0.5)[0] == [], "the UART's interrupt came before release_input"
+        harness.send({"op": "release_input"})
+        assert select.select([com1], [], [], 3.0)[0] == [com1], "no UART interrupt after release_input"
+        received = bytearray()
+        for sequence in range(1, len(typed) + 1):
+            harness.request(0, KIND_READ, 0, SPACE_PIO, COM1_PORT, 1, 0, sequence)
+            received.append(harness.reply(0)[1])
+        assert bytes(received) == typed
+    finally:
+        for fd in (com1, terminal, follower):
+            os.close(fd)
 
 
 def test_shutdown_drains_posted_writes_first(harness, tmp_path):
