@@ -16,8 +16,10 @@ every queue by name and unlinks the name at once, then answers ``ready`` or
 ``error`` (and exits 1). It asks to die with the supervisor only after that:
 a supervisor killed mid-start-up must not take the device model with it
 before the names it sent are gone. Then ``stats`` is answered with ``stats``,
-``save_state`` and ``restore_state`` carry the devices' state records, and
-``shutdown`` is answered with ``bye`` once the request queues are drained and
+``save_state`` and ``restore_state`` carry the devices' state records (after
+a restore, nothing raises an interrupt of its own, neither terminal input nor
+the RTC's timer, until ``release``: the supervisor is still writing the
+interrupt controllers, which would lose it), and ``shutdown`` is answered with ``bye`` once the request queues are drained and
 the console flushed (exit 0). End of file means the supervisor is gone: exit 0.
 
 One thread serves everything through epoll: a POSIX message queue descriptor
@@ -96,6 +98,7 @@ class DeviceModelServer:
         self.replies_dropped = 0
         self.internal_errors = 0
         self.host_input: HostInput | None = None
+        self._held = False  # restored, and the interrupt controllers not yet written: no timers
         self._kept_reads: list[tuple[int, Request]] = []
         self._queue_depth = 0
         self.confinement: Confinement | None = None
@@ -152,7 +155,8 @@ class DeviceModelServer:
             self._send({"op": "state", "devices": self.model.states()})
         elif op == "restore_state":
             self._restore_state(message.get("devices"))
-        elif op == "release_input":  # the restored machine is whole: its UART may raise interrupts
+        elif op == "release":  # the restored machine is whole: its devices may raise interrupts
+            self._held = False
             if self.host_input is not None:
                 self.host_input.release()
         elif op == "configure":
@@ -252,7 +256,8 @@ class DeviceModelServer:
             self._send({"op": "error", "message": f"device state refused: {err}"})
             return
         if self.host_input is not None:
-            self.host_input.move_to(self.model.uart)  # held until "release_input"
+            self.host_input.move_to(self.model.uart)  # held until "release"
+        self._held = True
         self._send({"op": "restored"})
 
     # --- Requests. ---
@@ -325,7 +330,8 @@ class DeviceModelServer:
             if not more:
                 self.console.flush()  # about to sleep: show what the guest wrote
             events = self._epoll.poll(0 if more else self._timer_timeout())
-            self.model.run_timers()
+            if not self._held:
+                self.model.run_timers()
             if not events:
                 more = []
                 continue
@@ -344,7 +350,7 @@ class DeviceModelServer:
 
     def _timer_timeout(self) -> float:
         """Seconds until a device's next timer (the RTC's update cycle), or -1: none is due."""
-        deadline = self.model.timer_deadline()
+        deadline = None if self._held else self.model.timer_deadline()
         return -1 if deadline is None else max(0.0, deadline - time.time())
 
     def close(self) -> None:
