@@ -45,12 +45,12 @@ def test_a_booted_linux_is_snapshotted_restored_in_a_new_vmm_and_still_answers(n
     snapshot, socket = f"{work}/linux-snapshot", f"{work}/linux-vm.sock"
     secret = random.randrange(10_000, 99_999)
 
-    booted = nested_linux.boot(debian_kernel, init_images["shell"], CPUS, cmdline=CMDLINE,
-                               bound=NESTED_BOOT_BOUND, extra_args=["--api-socket", socket], terminal_steps=[
-                                   (SHELL_PROMPT, 'n=41; echo "before n=$n up=$(cut -d" " -f1 /proc/uptime) '
-                                                  '=ok-$((n+1))="\r'),
-                                   ("=ok-42=", nested_linux.ctl(socket, ["pause"], ["snapshot", snapshot], ["stop"])),
-                               ])
+    first_steps = [
+        (SHELL_PROMPT, 'n=41; echo "before n=$n up=$(cut -d" " -f1 /proc/uptime) =ok-$((n+1))="\r'),
+        ("=ok-42=", nested_linux.ctl(socket, ["pause"], ["snapshot", snapshot], ["stop"])),
+    ]
+    booted = nested_linux.boot(debian_kernel, init_images["shell"], CPUS, cmdline=CMDLINE, bound=NESTED_BOOT_BOUND,
+                               extra_args=["--api-socket", socket], terminal_steps=first_steps)
     print_phases("cloud kernel, 2 vCPUs, booted to a shell and snapshotted", booted)
     assert [ctl["status"] for ctl in booted.ctl] == [0, 0, 0], booted.describe()
     assert booted.steps_left == [], booted.describe()
@@ -58,13 +58,14 @@ def test_a_booted_linux_is_snapshotted_restored_in_a_new_vmm_and_still_answers(n
     saved = json.loads(booted.ctl[1]["stdout"])
     before = answer(booted.console, "before")
 
+    restored_steps = [
+        ("", f'n=$((n+1)); sleep 1; echo "after n=$n up=$(cut -d" " -f1 /proc/uptime) sq=$(({secret}*{secret})) '
+             f'cpu=$(taskset 2 cut -d" " -f39 /proc/self/stat) =ok-$((n*1000))="\r'),  # typed at once
+        ("=ok-42000=", "poweroff -f\r"),
+    ]
     report = os.path.join(nested_linux.l1.share, "restored-report.json")  # the share: seen here too
     restored = nested_linux.restore(snapshot, CPUS, bound=RESTORE_BOUND, extra_args=["--report", report],
-                                    terminal_steps=[
-        ("", f'n=$((n+1)); sleep 1; echo "after n=$n up=$(cut -d" " -f1 /proc/uptime) sq=$(({secret}*{secret})) '
-             f'cpu=$(taskset 2 cut -d" " -f39 /proc/self/stat) =ok-$((n*1000))="\r'),
-        ("=ok-42000=", "poweroff -f\r"),
-    ])
+                                    terminal_steps=restored_steps)
     print(f"restored: answered {restored.step_times[1]:.1f} s after mpvmm started, powered off at "
           f"{restored.seconds:.1f} s; the boot's run: pause {booted.ctl[0]['seconds']:.1f} s, snapshot "
           f"{booted.ctl[1]['seconds']:.1f} s ({saved}), stop {booted.ctl[2]['seconds']:.1f} s")
