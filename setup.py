@@ -60,8 +60,8 @@ setup(
     ext_modules=[
         Extension(
             "mpvmm.vcpu_worker._runloop",
-            sources=["mpvmm/vcpu_worker/_runloop.c"],
-            depends=["mpvmm/guest/abi.h", "mpvmm/vcpu_worker/outcome.h"],
+            sources=["mpvmm/vcpu_worker/_runloop.c", "mpvmm/vcpu_worker/ring_python.c"],
+            depends=["mpvmm/guest/abi.h", "mpvmm/vcpu_worker/outcome.h", "mpvmm/vcpu_worker/ring.h"],
             extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
         ),
         # The bench's reference loop: KVM alone, no routing or stats (mpvmm bench).

@@ -16,6 +16,7 @@ from mpvmm.migration.address import parse as parse_address
 from mpvmm.metrics import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_PORT, DEFAULT_METRICS_URL
 from mpvmm.output import GuardedStream, open_standard_fds, say
 from mpvmm.stop_signals import StopSignals
+from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 from mpvmm.x86.linux import DEFAULT_CMDLINE
 
 
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--runner", default="native", choices=("native", "python", "process"),
                        help="vCPU workers: native C threads without the GIL (default), Python "
                             "threads (the GIL baseline), or one process per vCPU, each with a VM of its own")
+    start.add_argument("--transport", default=DEFAULT_TRANSPORT, choices=TRANSPORTS,
+                       help="how exits reach the device model: shared-memory rings or POSIX message "
+                            f"queues (default {DEFAULT_TRANSPORT})")
     start.add_argument("--console", metavar="FILE", help="write guest console output to FILE")
     start.add_argument("--report", metavar="FILE", help="write the summary as JSON to FILE")
     start.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="ADDR",
@@ -121,7 +125,7 @@ def cmd_start(args, stop_signals: StopSignals | None = None) -> int:
     config = RunConfig(cpus=1 if args.cpus is None else args.cpus,
                        memory=parse_size(DEFAULT_MEMORY) if args.memory is None else args.memory,
                        workload=args.workload or DEFAULT_WORKLOAD, dirty_rate=args.dirty_rate,
-                       seconds=args.seconds, runner=args.runner, console=args.console,
+                       seconds=args.seconds, runner=args.runner, transport=args.transport, console=args.console,
                        metrics_addr=args.metrics_addr,
                        metrics_port=None if args.no_metrics else args.metrics_port,
                        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,

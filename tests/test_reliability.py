@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mpvmm.supervisor.run import RunConfig, Supervisor
+from mpvmm.transport import TRANSPORTS
 from mpvmm.vcpu_worker.outcome import Exited, Stopped
 from tests.conftest import device_model_processes, ipc_objects
 
@@ -30,8 +31,9 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("runner", ["native", "python", "process"])
-def test_hostile_guest_is_survived(runner, tmp_path, no_leaks):
+def test_hostile_guest_is_survived(runner, transport, tmp_path, no_leaks):
     """UART floods, every port written, random MMIO read and written, from 4 vCPUs."""
     samples = []
 
@@ -44,7 +46,8 @@ def test_hostile_guest_is_survived(runner, tmp_path, no_leaks):
             time.sleep(0.4)
             samples.append(rss_kib(vm.device_model.pid))
 
-    result = run(tmp_path, watch_device_model, cpus=4, workload="hostile", seconds=2.0, runner=runner)
+    result = run(tmp_path, watch_device_model, cpus=4, workload="hostile", seconds=2.0, runner=runner,
+                 transport=transport)
     assert result.exit_code == 0, result.status
     dm = result.device_model  # answered shutdown, so it was alive to the end
     assert sum(dm["unmapped"]["pio"].values()) > 0 and sum(dm["unmapped"]["mmio"].values()) > 0
@@ -75,8 +78,11 @@ def test_triple_fault_is_reported_with_registers(tmp_path, no_leaks):
     assert result.seconds < 2
 
 
-def test_killed_device_model_is_noticed_within_a_second(tmp_path, no_leaks):
-    """Every vCPU blocked in a sync read when the device model dies still stops."""
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("workload", ["pio-device", "writes"])
+def test_killed_device_model_is_noticed_within_a_second(workload, transport, tmp_path, no_leaks):
+    """Every vCPU blocked in a sync read (pio-device), or in a full coalesced ring's
+    fallback write (writes), when the device model dies still stops."""
     killed = {}
 
     def kill_device_model(vm):
@@ -85,7 +91,7 @@ def test_killed_device_model_is_noticed_within_a_second(tmp_path, no_leaks):
         os.kill(vm.device_model.pid, signal.SIGKILL)
 
     started = time.monotonic()
-    result = run(tmp_path, kill_device_model, cpus=4, workload="pio-device", seconds=30)
+    result = run(tmp_path, kill_device_model, cpus=4, workload=workload, seconds=30, transport=transport)
     ended = started + result.seconds
     assert result.exit_code == 1
     assert result.status == "device model died (killed by signal 9)"
@@ -100,10 +106,12 @@ def _wait_for(predicate, timeout, what):
         time.sleep(0.02)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("runner", ["native", "process"])
-def test_sigkill_of_the_supervisor_leaves_nothing(runner, tmp_path, kvm_available):
+def test_sigkill_of_the_supervisor_leaves_nothing(runner, transport, tmp_path, kvm_available):
     before = ipc_objects()
     process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "2", "--runner", runner, "--metrics-port", "0",
+                                "--transport", transport,
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()
@@ -125,11 +133,13 @@ def test_sigkill_of_the_supervisor_leaves_nothing(runner, tmp_path, kvm_availabl
 START_UP_KILL_DELAYS = [0.0, 0.05, 0.15, 0.3, 0.5]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("delay", START_UP_KILL_DELAYS)
-def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, tmp_path, kvm_available):
+def test_sigkill_of_the_supervisor_during_start_up_leaves_nothing(delay, transport, tmp_path, kvm_available):
     """No window in start-up where a SIGKILL strands a name in /dev/shm or /dev/mqueue."""
     before = ipc_objects()
     process = subprocess.Popen([sys.executable, "-m", "mpvmm", "start", "--cpus", "4", "--metrics-port", "0",
+                                "--transport", transport,
                                 "--workload", "pio-device", "--console", str(tmp_path / "console")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dm_before = device_model_processes()

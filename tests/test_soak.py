@@ -15,8 +15,8 @@ clients misbehave on its /metrics endpoint. After every cycle:
 - nothing leaked: no /dev/shm or /dev/mqueue entry, device model, child
   process, file descriptor or thread more than before the soak.
 
-Transports: POSIX message queues are the only vCPU <-> device model
-transport so far. Linux boots run on this host's KVM (to the banner and
+Transports: each cycle picks one, the shared-memory rings or POSIX
+message queues, at random. Linux boots run on this host's KVM (to the banner and
 early set-up here); boots under the nested-KVM harness join the soak when
 that harness is in the tree.
 """
@@ -37,6 +37,7 @@ import pytest
 
 from mpvmm.guest import abi
 from mpvmm.supervisor.run import RunConfig, RunResult, Supervisor
+from mpvmm.transport import TRANSPORTS
 from mpvmm.vcpu_worker.outcome import Exited, Stopped
 from tests.conftest import device_model_processes, ipc_objects, open_fds
 from tests.metrics.hostile_clients import HostileClients
@@ -63,12 +64,13 @@ class Shape:
     runner: str
     workload: str
     kernel: str | None = None
+    transport: str = "ring"
 
     def config(self, tmp_path, **extra) -> RunConfig:
         memory = 256 << 20 if self.kernel else 64 << 20
         workload = "demo" if self.kernel else self.workload  # a kernel has no workload to choose
         return RunConfig(cpus=self.cpus, memory=memory, workload=workload, runner=self.runner,
-                         console=str(tmp_path / "console"), kernel=self.kernel, **extra)
+                         transport=self.transport, console=str(tmp_path / "console"), kernel=self.kernel, **extra)
 
 
 @dataclass
@@ -84,10 +86,12 @@ class Cycle:
 
 
 def random_shape(rng: random.Random, kernel: str) -> Shape:
+    transport = rng.choice(TRANSPORTS)
     if rng.random() < 0.1:  # a Linux kernel while it boots: the pc machine, irqfds, no guest stop flag
         return Shape(cpus=rng.choice([1, 2]), runner=rng.choice(["native", "python"]), workload="linux",
-                     kernel=kernel)
-    return Shape(cpus=rng.choice([1, 2, 3, 4, 8]), runner=rng.choice(RUNNERS), workload=rng.choice(SOAK_WORKLOADS))
+                     kernel=kernel, transport=transport)
+    return Shape(cpus=rng.choice([1, 2, 3, 4, 8]), runner=rng.choice(RUNNERS), workload=rng.choice(SOAK_WORKLOADS),
+                 transport=transport)
 
 
 # --- Faults. Each ends a running VM its own way (inject) and says what the run must report (check). ---
@@ -289,8 +293,8 @@ def run_cli(cycle: Cycle, tmp_path, rng: random.Random) -> None:
     shape, report = cycle.shape, tmp_path / "report.json"
     signum = cycle.details["signal"] = rng.choice(STOP_SIGNALS)
     delay = cycle.details["delay"] = rng.uniform(0, 1.5)
-    args = ["--cpus", str(shape.cpus), "--runner", shape.runner, "--console", str(tmp_path / "console"),
-            "--report", str(report), "--metrics-port", "0"]
+    args = ["--cpus", str(shape.cpus), "--runner", shape.runner, "--transport", shape.transport,
+            "--console", str(tmp_path / "console"), "--report", str(report), "--metrics-port", "0"]
     if shape.kernel:
         args += ["--kernel", shape.kernel, "--memory", "256M"]
     else:
@@ -354,7 +358,7 @@ def soak(cycles: int, tmp_path, seed: int, kernel: str, first_faults: list[str] 
         try:
             started = time.monotonic()
             (run_cli if fault == CLI else run_in_process)(cycle, folder, rng)
-            print(f"cycle {number}: {fault}, {shape.cpus} vCPUs {shape.runner} {shape.workload}, "
+            print(f"cycle {number}: {fault}, {shape.cpus} vCPUs {shape.runner} {shape.transport} {shape.workload}, "
                   f"clients {','.join(cycle.clients) or '-'}, {cycle.details}, {time.monotonic() - started:.1f} s")
             now = leak_state()
             assert now == baseline, ("leaked", now, baseline)

@@ -1,9 +1,11 @@
 """``mpvmm bench``: its options, the interleaved schedule of runs, the output.
 
 Runs are interleaved (raw, native, python, raw, ...; every repeat goes once
-through every workload and vCPU count) so that drift of a shared or
-throttling host hits every runner alike, and each record is the median of
-its repeats. Nothing is created before every option has been checked.
+through every workload, vCPU count and transport) so that drift of a shared
+or throttling host hits every runner alike, and each record is the median of
+its repeats. The raw loop has no device model, so it runs once per
+combination whatever ``--transport`` lists. Nothing is created before every
+option has been checked.
 """
 
 import argparse
@@ -15,9 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mpvmm.arguments import check_writable, parse_number
+from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 
 # Workloads with exact, steady exit streams; hostile and faulting ones are no benchmark.
-BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "compute", "atomics", "demo")
+BENCH_WORKLOADS = ("pio-null", "pio-device", "mmio", "uart", "doorbell", "compute", "atomics", "demo")
 BENCH_RUNNERS = ("raw", "native", "python", "process")
 # A 1-minute load average from this up means something else runs beside the bench.
 BUSY_LOAD_AVERAGE = 0.5
@@ -72,6 +75,9 @@ def add_bench_command(commands) -> None:
                        metavar="NAME,...", help=f"workloads: {', '.join(BENCH_WORKLOADS)} (default pio-null)")
     bench.add_argument("--runner", type=_list_of("runner", BENCH_RUNNERS), default=["raw", "native", "python"],
                        metavar="NAME,...", help=f"runners: {', '.join(BENCH_RUNNERS)} (default raw,native,python)")
+    bench.add_argument("--transport", type=_list_of("transport", TRANSPORTS), default=[DEFAULT_TRANSPORT],
+                       metavar="NAME,...", help=f"transports to the device model: {', '.join(TRANSPORTS)} "
+                                                f"(default {DEFAULT_TRANSPORT})")
     bench.add_argument("--seconds", type=parse_number(0, WINDOW_SECONDS_MAX, low_allowed=False), default=2.0,
                        help="length of each measured window, at most an hour (default 2)")
     bench.add_argument("--repeat", type=_positive_int, default=3,
@@ -111,13 +117,14 @@ def cmd_bench(args) -> int:
     if host["load_average"][0] >= BUSY_LOAD_AVERAGE:
         print(f"mpvmm: warning: host load average is {host['load_average'][0]:.1f}: "
               f"other work on this host will skew the figures", file=sys.stderr)
-    schedule = [(repeat, workload, cpus, runner)
+    schedule = [(repeat, workload, cpus, runner, transport)
                 for repeat in range(args.repeat) for workload in args.workload
-                for cpus in args.cpus for runner in args.runner]
+                for cpus in args.cpus for runner in args.runner
+                for transport in ([None] if runner == "raw" else args.transport)]
     samples, exit_code = _run_schedule(schedule, args)
     host["load_average_after"] = list(os.getloadavg())
     records = report.build_records(samples, host)
-    report.render_tables(records, Console(width=max(Console().width, 120)))
+    report.render_tables(records, Console(width=max(Console().width, 160)))
     if args.json:
         report.write_json(records, args.json)
     if args.plot and records:
@@ -152,12 +159,12 @@ def _run_schedule(schedule: list[tuple], args) -> tuple[list, int]:
             progress.refresh()
 
     with progress:
-        for done, (repeat, workload, cpus, runner) in enumerate(schedule):
-            what = f"{workload} {runner} {cpus} vCPU{'s' if cpus > 1 else ''}"
+        for done, (repeat, workload, cpus, runner, transport) in enumerate(schedule):
+            what = f"{workload} {runner}{f'/{transport}' if transport else ''} {cpus} vCPU{'s' if cpus > 1 else ''}"
             progress.update(task, description=f"{what} (repeat {repeat + 1}/{args.repeat})", completed=done)
             progress.refresh()
             try:
-                sample = measure(workload, runner, cpus, args.seconds, pin=args.pin,
+                sample = measure(workload, runner, cpus, args.seconds, transport=transport, pin=args.pin,
                                  on_progress=lambda fraction, done=done: on_progress(done, fraction))
             except KeyboardInterrupt:
                 exit_code = 130  # 128 + SIGINT, as `mpvmm start`

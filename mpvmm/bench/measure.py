@@ -23,6 +23,7 @@ from mpvmm.guest import abi
 from mpvmm.kvm import bindings as kb
 from mpvmm.stop_signals import STOP_SIGNALS
 from mpvmm.supervisor.run import RunConfig, RunningVm, Supervisor
+from mpvmm.transport import DEFAULT_TRANSPORT
 
 RAW_RUNNER = "raw"  # the reference loop; every other runner is a --runner of mpvmm start
 WARMUP_SECONDS = 0.25  # after every vCPU is online: past start-up, into the steady loop
@@ -58,6 +59,7 @@ class RunSample:
 
     workload: str
     runner: str
+    transport: str | None  # None for the raw loop, which has no device model
     cpus: int
     seconds: float
     exits: list[int]  # per vCPU
@@ -157,9 +159,10 @@ def _noticing_stop_signals(event: threading.Event):
 class _Window:
     """Measures one window of a running VM, on the thread that started it."""
 
-    def __init__(self, probe, workload: str, runner: str, seconds: float, pin: bool, on_progress):
+    def __init__(self, probe, workload: str, runner: str, transport: str | None, seconds: float, pin: bool,
+                 on_progress):
         self.probe = probe
-        self.workload, self.runner = workload, runner
+        self.workload, self.runner, self.transport = workload, runner, transport
         self.seconds = seconds
         self.pin = pin
         self.on_progress = on_progress
@@ -207,7 +210,7 @@ class _Window:
                 self.on_progress(min(1.0, (time.monotonic() - first.time) / self.seconds))
         last = self.probe.snapshot()
         self.sample = RunSample(
-            workload=self.workload, runner=self.runner, cpus=self.probe.cpus,
+            workload=self.workload, runner=self.runner, transport=self.transport, cpus=self.probe.cpus,
             seconds=last.time - first.time,
             exits=[b - a for a, b in zip(first.exits, last.exits)],
             sync_buckets=[b - a for a, b in zip(first.sync_buckets, last.sync_buckets)],
@@ -217,25 +220,26 @@ class _Window:
         )
 
 
-def measure(workload: str, runner: str, cpus: int, seconds: float, *, pin: bool = False,
-            on_progress=None) -> RunSample:
-    """Runs ``workload`` on ``cpus`` vCPUs with ``runner`` and measures ``seconds`` of it.
+def measure(workload: str, runner: str, cpus: int, seconds: float, *, transport: str | None = None,
+            pin: bool = False, on_progress=None) -> RunSample:
+    """Runs ``workload`` on ``cpus`` vCPUs with ``runner`` (and ``transport``) and measures ``seconds`` of it.
 
     ``on_progress(fraction)`` is called a few times a second during the window.
     """
     window: _Window | None = None
+    transport = None if runner == RAW_RUNNER else transport or DEFAULT_TRANSPORT
 
     def started(probe) -> None:
         nonlocal window
-        window = _Window(probe, workload, runner, seconds, pin, on_progress)
+        window = _Window(probe, workload, runner, transport, seconds, pin, on_progress)
         window.measure()
 
-    what = f"{runner} runner, {workload}, {cpus} vCPUs"
+    what = f"{runner} runner{f' over {transport}' if transport else ''}, {workload}, {cpus} vCPUs"
     if runner == RAW_RUNNER:
         _run_raw(what, workload, cpus, started)
     else:
-        _run_supervised(what, workload, runner, cpus, WARMUP_SECONDS + ONLINE_TIMEOUT_SECONDS + seconds + SAFETY_SECONDS,
-                        started)
+        _run_supervised(what, workload, runner, transport, cpus,
+                        WARMUP_SECONDS + ONLINE_TIMEOUT_SECONDS + seconds + SAFETY_SECONDS, started)
     if window is None or window.sample is None:
         raise BenchRunError(f"{what}: the run ended before its window did")
     return window.sample
@@ -250,13 +254,14 @@ def _run_raw(what: str, workload: str, cpus: int, started) -> None:
         raise BenchRunError(f"{what}: {result.status}")
 
 
-def _run_supervised(what: str, workload: str, runner: str, cpus: int, limit: float, started) -> None:
+def _run_supervised(what: str, workload: str, runner: str, transport: str, cpus: int, limit: float,
+                    started) -> None:
     """A run of ``mpvmm start``'s code, /metrics served on any free port as by default.
 
     ``limit`` is the run's own --seconds: a safety net, the window always ends it first.
     """
-    config = RunConfig(cpus=cpus, workload=workload, runner=runner, console=os.devnull, seconds=limit,
-                       metrics_port=0)
+    config = RunConfig(cpus=cpus, workload=workload, runner=runner, transport=transport, console=os.devnull,
+                       seconds=limit, metrics_port=0)
     result = Supervisor(config, on_started=lambda vm: started(_SupervisorProbe(vm))).run()
     if result.exit_code != 0:
         raise BenchRunError(f"{what}: {result.status}", result.exit_code)

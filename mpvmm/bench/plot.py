@@ -1,4 +1,4 @@
-"""``--plot``: throughput against vCPUs, one line per runner, one panel per workload.
+"""``--plot``: throughput against vCPUs, one line per runner and transport, one panel per workload.
 
 matplotlib is an optional extra (``pip install 'mpvmm[plot]'``); it is drawn
 through the Agg canvas directly, so no GUI backend or global pyplot state is
@@ -17,6 +17,7 @@ RUNNER_STYLES = {
     "python": {"color": "tab:red", "marker": "^"},
     "process": {"color": "tab:green", "marker": "D"},
 }
+TRANSPORT_LINES = {"ring": "-", "mq": "--"}
 PANEL_INCHES = (4.8, 3.6)
 
 
@@ -44,12 +45,13 @@ def write_plot(records: list[dict], path: str) -> None:
         axes = figure.add_subplot(rows, columns, index + 1)
         lines = defaultdict(list)
         for record in rows_of_workload:
-            lines[record["runner"]].append((record["cpus"], record["throughput_per_second"]))
-        for runner, points in lines.items():
+            lines[(record["runner"], record["transport"])].append((record["cpus"], record["throughput_per_second"]))
+        for (runner, transport), points in lines.items():
             points.sort()
-            axes.plot([p[0] for p in points], [p[1] for p in points], label=runner,
-                      **RUNNER_STYLES.get(runner, {}))
-        raw = dict(lines.get("raw", ()))
+            style = {**RUNNER_STYLES.get(runner, {}), "linestyle": TRANSPORT_LINES.get(transport, "-")}
+            axes.plot([p[0] for p in points], [p[1] for p in points],
+                      label=f"{runner}/{transport}" if transport else runner, **style)
+        raw = dict(lines.get(("raw", None), ()))
         if 1 in raw and len(raw) > 1:
             counts = sorted(raw)
             axes.plot(counts, [raw[1] * n for n in counts], linestyle=":", color="grey",

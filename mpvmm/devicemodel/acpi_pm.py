@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS
 from mpvmm.devicemodel.device_state import expect_keys, expect_uint
 from mpvmm.x86.acpi import (
     RESET_OFFSET,
@@ -36,6 +37,9 @@ ALL_ONES_BYTE = 0xFF
 
 
 class AcpiPm:
+    # Never coalesced: a sleep or reset write must end the machine at once.
+    kernel_access = NO_KERNEL_ACCESS
+
     def __init__(self, on_event: Callable[[str], None] | None = None):
         self._on_event = on_event or (lambda name: None)
         self.events: list[str] = []

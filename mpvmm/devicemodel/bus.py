@@ -25,8 +25,43 @@ class BusError(DeviceModelError):
     """A device range is invalid or collides with one already on the bus."""
 
 
+@dataclass(frozen=True)
+class Doorbell:
+    """A register whose writes KVM turns into an eventfd signal (KVM_IOEVENTFD), with no exit.
+
+    With ``datamatch`` only writes of that value ring it; any other value
+    reaches the device as an ordinary write. A ring carries no value, so the
+    device is told how many there were (``DoorbellDevice.doorbell``).
+    """
+
+    offset: int
+    size: int  # 1, 2, 4 or 8: the access width that rings it
+    datamatch: int | None = None
+
+
+@dataclass(frozen=True)
+class KernelAccess:
+    """What a device lets KVM do for it without an exit: its own declaration.
+
+    ``coalesced``: offset ranges whose writes may be batched in KVM's
+    coalesced ring and handled later, in order, before any later request of
+    the guest's is (a device whose writes have an effect the guest must see
+    at once, like the 8250's transmit interrupt, declares none).
+    ``doorbells``: registers whose writes only signal.
+    """
+
+    coalesced: tuple["BusRange", ...] = ()
+    doorbells: tuple[Doorbell, ...] = ()
+
+
+NO_KERNEL_ACCESS = KernelAccess()
+
+
 class Device(Protocol):
     """What every device on a bus is: a pure state machine seen through offsets."""
+
+    # Writes KVM may take for the device (coalesced ranges, doorbells); most declare none.
+    kernel_access: KernelAccess
 
     def read(self, offset: int, size: int) -> int: ...
 
@@ -37,6 +72,12 @@ class Device(Protocol):
 
     def state(self) -> dict:
         """Everything needed to rebuild the device (its class's ``from_state``), as msgpack-able values."""
+
+
+class DoorbellDevice(Device, Protocol):
+    """A device that declares doorbells, told how many rings each had."""
+
+    def doorbell(self, offset: int, count: int) -> None: ...
 
 
 @dataclass(frozen=True, order=True)

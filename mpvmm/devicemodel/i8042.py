@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS
 from mpvmm.devicemodel.device_state import expect_bytes, expect_keys, expect_uint
 
 DATA_OFFSET = 0
@@ -60,6 +61,9 @@ def _no_action() -> None:
 
 
 class I8042:
+    # Never coalesced: a command decides what the next read answers (and 0xFE resets).
+    kernel_access = NO_KERNEL_ACCESS
+
     def __init__(self, reset: Callable[[], None] | None = None, trigger: Callable[[], None] | None = None):
         self._reset = reset or _no_action
         self._trigger = trigger or _no_action

@@ -11,9 +11,10 @@ from collections import Counter
 from typing import Callable
 
 from mpvmm.devicemodel.bus import Bus, BusRange, Device
-from mpvmm.devicemodel.devices import Sink, TestDevice, all_ones
+from mpvmm.devicemodel.devices import TESTDEV_DOORBELL_VALUE, Sink, TestDevice, all_ones
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
+    KIND_WRITE_ACKED,
     REJECT_REASONS,
     SPACE_MMIO,
     SPACE_PIO,
@@ -28,9 +29,11 @@ from mpvmm.x86.layout import (
     COM1_PORT,
     COM1_PORT_COUNT,
     MMIO_TESTDEV_ADDR,
+    MMIO_TESTDEV_REGISTERS,
     MMIO_TESTDEV_SIZE,
     PIO_TESTDEV_PORT,
     PIO_TESTDEV_PORT_COUNT,
+    PIO_TESTDEV_REGISTERS,
 )
 
 # Ports a guest (Linux) pokes that we claim on purpose and ignore; they are
@@ -85,8 +88,12 @@ def build_buses(
     """
     pio, mmio = Bus("pio"), Bus("mmio")
     uart = make_device(Serial, states, COM1_NAME, trigger=com1_trigger, out=console_out)
-    pio_testdev = make_device(TestDevice, states, PIO_TESTDEV_NAME)
-    mmio_testdev = make_device(TestDevice, states, MMIO_TESTDEV_NAME)
+    # The port device's doorbell takes any value, the MMIO one's only
+    # TESTDEV_DOORBELL_VALUE (KVM_IOEVENTFD's datamatch): both kinds are used.
+    pio_testdev = make_device(TestDevice, states, PIO_TESTDEV_NAME, registers=PIO_TESTDEV_REGISTERS,
+                              doorbell_size=4)
+    mmio_testdev = make_device(TestDevice, states, MMIO_TESTDEV_NAME, registers=MMIO_TESTDEV_REGISTERS,
+                               doorbell_size=8, datamatch=TESTDEV_DOORBELL_VALUE)
     port80, pci_config = make_device(Sink, states, PORT80_NAME), make_device(Sink, states, PCI_CONFIG_NAME)
     pio.insert(BusRange(COM1_PORT, COM1_PORT_COUNT), uart, COM1_NAME)
     pio.insert(BusRange(PIO_TESTDEV_PORT, PIO_TESTDEV_PORT_COUNT), pio_testdev, PIO_TESTDEV_NAME)
@@ -129,6 +136,8 @@ class DeviceModel:
         self.pio, self.mmio, self.devices = machine
         self._buses = {SPACE_PIO: self.pio, SPACE_MMIO: self.mmio}
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.coalesced: Counter[str] = Counter()  # writes drained from KVM's coalesced ring
+        self.doorbells: Counter[str] = Counter()  # eventfd signals KVM sent for a doorbell
         self.unmapped: Counter[tuple[str, str]] = Counter()
         self.rejected: Counter[str] = Counter()
         self.device_errors: Counter[str] = Counter()
@@ -138,25 +147,57 @@ class DeviceModel:
         return self.devices[COM1_NAME]
 
     def handle(self, request: Request) -> int | None:
-        """Perform one access; the value read for a read, None for a write."""
+        """Perform one access; the value read for a read, 0 for an acknowledged write, None otherwise."""
         is_read = request.kind == KIND_READ
         op = "read" if is_read else "write"
+        answered = is_read or request.kind == KIND_WRITE_ACKED
         found = self._buses[request.space].lookup(request.address)
         if found is None:
             self.unmapped[(SPACE_NAMES[request.space], op)] += 1
-            return all_ones(request.size) if is_read else None
+            return all_ones(request.size) if is_read else (0 if answered else None)
         device, name, offset = found
         self.requests[(name, op)] += 1
+        if is_read:
+            return self._read(device, name, offset, request.size)
+        self._write(device, name, offset, request.size, request.value)
+        return 0 if answered else None
+
+    def _read(self, device: Device, name: str, offset: int, size: int) -> int:
         try:
-            if is_read:
-                # Masked so that a device bug can never make an unencodable reply.
-                return device.read(offset, request.size) & all_ones(request.size)
-            device.write(offset, request.size, request.value)
+            # Masked so that a device bug can never make an unencodable reply.
+            return device.read(offset, size) & all_ones(size)
         except Exception:
             # A device bug must not stop the machine; the count makes it visible.
             self.device_errors[name] += 1
-            return all_ones(request.size) if is_read else None
-        return None
+            return all_ones(size)
+
+    def _write(self, device: Device, name: str, offset: int, size: int, value: int) -> None:
+        try:
+            device.write(offset, size, value)
+        except Exception:
+            self.device_errors[name] += 1
+
+    def write_coalesced(self, space: int, address: int, size: int, value: int) -> None:
+        """A write KVM took into its coalesced ring, drained now (coalesced.py)."""
+        found = self._buses[space].lookup(address)
+        if found is None:  # KVM only coalesces the ranges devices declared; still, never trust it blindly
+            self.unmapped[(SPACE_NAMES[space], "write")] += 1
+            return
+        device, name, offset = found
+        self.coalesced[name] += 1
+        self._write(device, name, offset, size, value & all_ones(size))
+
+    def doorbell(self, space: int, address: int, count: int) -> None:
+        """KVM signalled the doorbell at ``address`` ``count`` times (its eventfd's counter)."""
+        found = self._buses[space].lookup(address)
+        if found is None:
+            return
+        device, name, offset = found
+        self.doorbells[name] += count
+        try:
+            device.doorbell(offset, count)
+        except Exception:
+            self.device_errors[name] += 1
 
     def timer_deadline(self) -> float | None:
         """The earliest ``time.time()`` at which a device wants ``run_timers`` (the RTC's update cycle)."""
@@ -210,6 +251,8 @@ class DeviceModel:
                 space: {op: self.unmapped[(space, op)] for op in OPS}
                 for space in SPACE_NAMES.values()
             },
+            "coalesced": {name: self.coalesced[name] for name in self.devices},
+            "doorbells": {name: self.doorbells[name] for name in self.devices},
             "rejected": {reason: self.rejected[reason] for reason in REJECT_REASONS},
             "device_errors": {name: self.device_errors[name] for name in self.devices},
             "devices": {name: device.stats() for name, device in self.devices.items()},

@@ -1,10 +1,10 @@
-"""The device-model process: queues and a control socket in front of DeviceModel.
+"""The device-model process: a control socket and a transport in front of DeviceModel.
 
 Start contract (the supervisor's side):
 
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc = subprocess.Popen([sys.executable, "-m", "mpvmm.devicemodel",
-                             str(child.fileno())], pass_fds=(child.fileno(), ram_fd))
+                             str(child.fileno())], pass_fds=(child.fileno(), ram_fd, ...))
     child.close()
 
 Spawn it from the supervisor's main thread: PR_SET_PDEATHSIG fires when the
@@ -12,22 +12,28 @@ Spawn it from the supervisor's main thread: PR_SET_PDEATHSIG fires when the
 
 The control socket carries a stream of msgpack maps. The supervisor sends
 ``configure`` first; the process maps guest RAM from the inherited fd, opens
-every queue by name and unlinks the name at once, then answers ``ready`` or
-``error`` (and exits 1). It asks to die with the supervisor only after that:
-a supervisor killed mid-start-up must not take the device model with it
-before the names it sent are gone. Then ``stats`` is answered with ``stats``,
-``save_state`` and ``restore_state`` carry the devices' state records (after
-a restore, nothing raises an interrupt of its own, neither terminal input nor
-the RTC's timer, until ``release``: the supervisor is still writing the
-interrupt controllers, which would lose it), and ``shutdown`` is answered with ``bye`` once the request queues are drained and
-the console flushed (exit 0). End of file means the supervisor is gone: exit 0.
+its end of the transport (every queue by name, unlinked at once; or the
+ring area's fd), maps KVM's coalesced ring from the vCPU fd it was given,
+then answers ``ready`` or ``error`` (and exits 1). It asks to die with the
+supervisor only after that: a supervisor killed mid-start-up must not take
+the device model with it before the names it sent are gone. Then ``stats``
+is answered with ``stats``, ``save_state`` and ``restore_state`` carry the
+devices' state records (after a restore, nothing raises an interrupt of its
+own, neither terminal input nor the RTC's timer, until ``release``: the
+supervisor is still writing the interrupt controllers, which would lose
+it), and ``shutdown`` is answered with ``bye`` once the
+requests and the coalesced ring are drained and the console flushed (exit
+0). End of file means the supervisor is gone: exit 0.
 
-One thread serves everything through epoll: a POSIX message queue descriptor
-is pollable on Linux, so request queues and the control socket wait together.
-Requests are taken in rounds over the ready queues, and a read is answered
-only after every write then queued by any vCPU (rounds.py says why). The
-loop also wakes for device timers (the RTC's update cycle). Nothing a guest
-sends can end the loop.
+One thread serves everything through epoll: the transport's descriptors
+(message queues are pollable on Linux; the ring transport has one eventfd),
+the control socket, the doorbells' eventfds and the terminal. Requests are
+taken in rounds, and a read is answered only after every write then queued
+by any vCPU, in a channel or in KVM's coalesced ring (rounds.py says why).
+The coalesced ring is drained before every access the device model
+performs and every doorbell, and at least every millisecond. The loop also
+wakes for device timers (the RTC's update cycle). Nothing a guest sends can
+end the loop.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Sequence
 import msgpack
 import posix_ipc
 
+from mpvmm.devicemodel.coalesced import DRAIN_INTERVAL_SECONDS, CoalescedRing
 from mpvmm.devicemodel.config import Config
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.host_input import HostInput
@@ -52,18 +59,13 @@ from mpvmm.devicemodel.machines import MachineBuilder
 from mpvmm.devicemodel.pc import eventfd_trigger
 from mpvmm.devicemodel.process_setup import batch_scheduling, die_with_parent, raise_fd_limit
 from mpvmm.devicemodel.protocol import SCHEMA_VERSION, Request, encode_reply
-from mpvmm.devicemodel.rounds import KEPT_READ, serve_round, writes_before_reads
 from mpvmm.devicemodel.sandbox import Confinement, drop_privileges, map_guest_ram, restrict
 from mpvmm.errors import DeviceModelError
 from mpvmm.output import open_standard_fds
 from mpvmm.stop_signals import ignore_stop_signals
+from mpvmm.transport.ring import RingArea
+from mpvmm.transport.server import QueueServer, RequestServer, RingServer
 
-# Messages taken from one queue before the next queue gets its turn, so one
-# busy vCPU cannot starve the others (less than a queue's depth of 10).
-PER_QUEUE_BATCH = 8
-# Rounds of the final drain at shutdown: bounded, since running vCPUs may
-# keep sending while we drain.
-SHUTDOWN_DRAIN_ROUNDS = 64
 # Control messages are small; more than this unread means a broken peer.
 CONTROL_BUFFER_MAX = 1 << 20
 CONTROL_READ_SIZE = 65536
@@ -79,28 +81,22 @@ class _Exit(Exception):
 
 
 class DeviceModelServer:
-    """Owns the control socket, guest RAM, the queues, the console and the model."""
+    """Owns the control socket, guest RAM, the transport, the console and the model."""
 
     def __init__(self, control: socket.socket, parent: int):
         self.control = control
         self.parent = parent
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=CONTROL_BUFFER_MAX)
         self.ram: mmap.mmap | None = None
-        self.request_queues: list = []
-        self.reply_queues: list = []
+        self.requests: RequestServer | None = None
+        self.coalesced: CoalescedRing | None = None
+        self.doorbells: dict[int, tuple[int, int]] = {}  # eventfd -> (space, address)
         self.console: HostConsole | None = None
         self.model: DeviceModel | None = None
         self._epoll: select.epoll | None = None
-        self._queue_by_fd: dict[int, int] = {}
-        self._rounds = 0
-        self.received: list[int] = []
-        self.replies_sent = 0
-        self.replies_dropped = 0
         self.internal_errors = 0
         self.host_input: HostInput | None = None
         self._held = False  # restored, and the interrupt controllers not yet written: no timers
-        self._kept_reads: list[tuple[int, Request]] = []
-        self._queue_depth = 0
         self.confinement: Confinement | None = None
 
     # --- Control channel. ---
@@ -169,11 +165,10 @@ class DeviceModelServer:
             "stats": self.model.stats(),
             "pid": os.getpid(),
             "process": {
-                "received": list(self.received),
-                "replies_sent": self.replies_sent,
-                "replies_dropped": self.replies_dropped,
+                **self.requests.stats(),
                 "internal_errors": self.internal_errors,
                 "console": self.console.stats(),
+                "coalesced_ring": self.coalesced.stats() if self.coalesced is not None else None,
                 "terminal_input": self.host_input.stats() if self.host_input is not None else None,
             },
         }
@@ -215,23 +210,7 @@ class DeviceModelServer:
             self.ram = map_guest_ram(config.ram_fd, config.ram_size, config.ram_writable)
         finally:
             os.close(config.ram_fd)
-        for names, queues, reading in (
-            (config.request_queues, self.request_queues, True),
-            (config.reply_queues, self.reply_queues, False),
-        ):
-            for name in names:
-                try:
-                    queue = posix_ipc.MessageQueue(name, read=reading, write=not reading)
-                except posix_ipc.Error as err:
-                    raise DeviceModelError(f"cannot open message queue {name!r}: {err}") from err
-                # We are the last to open it: no name may outlive this moment.
-                queue.unlink()
-                # Never block: an empty request queue or a full reply queue
-                # (a worker not reading) raises BusyError instead.
-                queue.block = False
-                queues.append(queue)
-        self.received = [0] * len(self.request_queues)
-        self._queue_depth = max((queue.max_messages for queue in self.request_queues), default=0)
+        self.requests = _open_transport(config)
         if config.console is None:
             self.console = HostConsole(STDOUT_FD, owns_fd=False)
         else:
@@ -240,13 +219,14 @@ class DeviceModelServer:
         triggers = {name: eventfd_trigger(fd) for name, fd in config.irqfds}
         self._machine = MachineBuilder(config.machine, self.console.write, triggers, self._system_event)
         self.model = self._machine.build()
+        if config.coalesced_ring is not None:
+            self.coalesced = CoalescedRing.map(*config.coalesced_ring)
+        self.doorbells = {fd: (space, address) for fd, space, address in config.doorbells}
         self._epoll = select.epoll()
-        self._epoll.register(self.control.fileno(), select.EPOLLIN)
+        for fd in [self.control.fileno(), *self.requests.fds(), *self.doorbells]:
+            self._epoll.register(fd, select.EPOLLIN)
         if config.stdin_fd is not None:
             self.host_input = HostInput(config.stdin_fd, self.model.uart, self._epoll)
-        for index, queue in enumerate(self.request_queues):
-            self._epoll.register(queue.mqd, select.EPOLLIN)
-            self._queue_by_fd[queue.mqd] = index
 
     def _restore_state(self, devices: object) -> None:
         """Rebuild the machine from saved records (snapshots, migration); the old one stays if they are refused."""
@@ -260,108 +240,92 @@ class DeviceModelServer:
         self._held = True
         self._send({"op": "restored"})
 
-    # --- Requests. ---
+    # --- Requests, doorbells and the coalesced ring (rounds.Device). ---
 
-    def _take(self, index: int, message: bytes) -> bool:
-        """Perform a write at once; keep a read for the end of the round (KEPT_READ)."""
-        self.received[index] += 1
-        request = self.model.decode(message)
-        if request is None:
-            return False
-        if request.is_read:
-            self._kept_reads.append((index, request))
-            return KEPT_READ
+    def _drain_coalesced(self) -> None:
+        if self.coalesced is not None:
+            self.coalesced.drain(self.model.write_coalesced)
+
+    def decode(self, record: bytes) -> Request | None:
+        return self.model.decode(record)
+
+    def perform(self, request: Request) -> bytes | None:
+        # Every write KVM coalesced before this access comes first: a read
+        # must see them, and a ring-full fallback must not overtake them.
+        self._drain_coalesced()
         try:
-            self.model.handle(request)
+            value = self.model.handle(request)
+            return None if value is None else encode_reply(request.seq, value)
         except Exception:  # DeviceModel already guards; this is the last fence
             self.internal_errors += 1
-        return False
+            return None
 
-    def _answer_reads(self) -> None:
-        """Every write queued by now is performed first, then each kept read is answered."""
-        if not self._kept_reads:
-            return
-        writes_before_reads(self.request_queues, [index for index, _ in self._kept_reads],
-                            self._queues_ready_now, self._take, self._queue_depth)
-        reads, self._kept_reads = self._kept_reads, []
-        for index, request in reads:
-            self._answer(index, request)
-
-    def _queues_ready_now(self) -> list[int]:
-        return [self._queue_by_fd[fd] for fd, _mask in self._epoll.poll(0) if fd in self._queue_by_fd]
-
-    def _answer(self, index: int, request: Request) -> None:
+    def _ring_doorbell(self, fd: int) -> None:
         try:
-            reply = encode_reply(request.seq, self.model.handle(request))
-        except Exception:  # DeviceModel already guards; this is the last fence
-            self.internal_errors += 1
-            return
-        # The reply goes to the queue paired with the one the request came
-        # from, whatever vcpu number the (untrusted) message claims.
-        try:
-            self.reply_queues[index].send(reply)
-            self.replies_sent += 1
-        except posix_ipc.Error:
-            self.replies_dropped += 1
+            count = os.eventfd_read(fd)
+        except BlockingIOError:
+            return  # read already, by the drain at shutdown
+        self._drain_coalesced()  # what the guest wrote before it rang comes first
+        self.model.doorbell(*self.doorbells[fd], count)
 
     def _drain_all(self) -> None:
-        ready = list(range(len(self.request_queues)))
-        for _ in range(SHUTDOWN_DRAIN_ROUNDS):
-            ready = serve_round(self.request_queues, ready, self._take, PER_QUEUE_BATCH)
-            self._answer_reads()
-            if not ready:
-                break
-
-    def _serve(self, ready: set[int]) -> list[int]:
-        # Start each round at a different queue so none is always first.
-        order = sorted(ready)
-        start = self._rounds % len(order)
-        self._rounds += 1
-        more = serve_round(self.request_queues, order[start:] + order[:start], self._take, PER_QUEUE_BATCH)
-        self._answer_reads()
-        return more
+        self._drain_coalesced()
+        self.requests.drain(self)
+        for fd in self.doorbells:
+            self._ring_doorbell(fd)
+        self._drain_coalesced()
 
     def loop(self) -> None:
         control_fd = self.control.fileno()
         # Messages that arrived with configure are already in the unpacker.
         self._process_control_messages()
-        more: list[int] = []
+        ready: set[int] = set()
         while True:
-            if not more:
+            self._drain_coalesced()  # at least once a DRAIN_INTERVAL_SECONDS: the epoll timeout
+            if self.requests.serve(ready, self):
+                timeout = 0.0
+            elif self.requests.poll():
+                ready = set()
+                continue
+            else:
                 self.console.flush()  # about to sleep: show what the guest wrote
-            events = self._epoll.poll(0 if more else self._timer_timeout())
+                if not self.requests.prepare_sleep():
+                    ready = set()
+                    continue
+                timeout = self._sleep_timeout()
+            ready = {fd for fd, _mask in self._epoll.poll(timeout)}
+            self.requests.woke(ready)
             if not self._held:
                 self.model.run_timers()
-            if not events:
-                more = []
-                continue
-            ready: set[int] = set()
-            for fd, _mask in events:
+            for fd in ready:
                 if self.host_input is not None and fd == self.host_input.fd:
                     self.host_input.on_readable()
                 elif fd == control_fd:
                     self._read_control()
                     self._process_control_messages()
-                else:
-                    ready.add(self._queue_by_fd[fd])
-            more = self._serve(ready) if ready else []
+                elif fd in self.doorbells:
+                    self._ring_doorbell(fd)
             if self.host_input is not None:
                 self.host_input.feed()  # the guest may have read from the FIFO meanwhile
 
-    def _timer_timeout(self) -> float:
-        """Seconds until a device's next timer (the RTC's update cycle), or -1: none is due."""
+    def _sleep_timeout(self) -> float:
+        """Seconds to sleep at most: until a device's next timer (the RTC's update
+        cycle) or the next drain of the coalesced ring; -1 when neither is due."""
         deadline = None if self._held else self.model.timer_deadline()
-        return -1 if deadline is None else max(0.0, deadline - time.time())
+        timer = None if deadline is None else max(0.0, deadline - time.time())
+        drain = DRAIN_INTERVAL_SECONDS if self.coalesced is not None else None
+        timeouts = [t for t in (timer, drain) if t is not None]
+        return min(timeouts) if timeouts else -1
 
     def close(self) -> None:
         """Release everything opened so far; safe after a failed configure."""
-        closers = [self.console.close] if self.console is not None else []
-        closers += [queue.close for queue in self.request_queues + self.reply_queues]
-        closers += [c.close for c in (self.ram, self._epoll) if c is not None]
+        closers = [c.close for c in (self.console, self.requests, self.coalesced, self.ram, self._epoll)
+                   if c is not None]
+        closers += [lambda fd=fd: os.close(fd) for fd in self.doorbells]
         closers.append(self.control.close)
         for close in closers:
             # One failed close must not leave the rest open or change the exit status.
-            with contextlib.suppress(OSError, posix_ipc.Error, ValueError):
+            with contextlib.suppress(OSError, posix_ipc.Error, ValueError, BufferError):
                 close()
 
     def run(self) -> int:
@@ -374,6 +338,19 @@ class DeviceModelServer:
         finally:
             self.close()
         return 0
+
+
+def _open_transport(config: Config) -> RequestServer:
+    """This end of the vCPUs' channels, as configure describes it."""
+    if config.transport == "ring":
+        try:
+            area = RingArea.attach(config.ring_fd)
+        except BaseException:
+            os.close(config.ring_fd)
+            os.close(config.wake_fd)
+            raise
+        return RingServer(area, config.wake_fd, config.poll_limit_seconds)
+    return QueueServer(config.request_queues, config.reply_queues)
 
 
 def main(argv: Sequence[str]) -> int:

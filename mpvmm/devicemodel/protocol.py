@@ -25,6 +25,8 @@ MAX_MESSAGE_SIZE = 128
 
 KIND_WRITE = 0  # posted: no reply, the vCPU has already resumed
 KIND_READ = 1  # sync: exactly one reply, the vCPU waits for it
+KIND_WRITE_ACKED = 2  # a write the vCPU waits for (a coalesced ring's overflow): one reply, value 0
+KINDS = (KIND_WRITE, KIND_READ, KIND_WRITE_ACKED)
 SPACE_PIO = 0  # port I/O; address is a port number
 SPACE_MMIO = 1  # MMIO; address is guest-physical
 VALID_SIZES = (1, 2, 4, 8)
@@ -47,7 +49,7 @@ REJECT_REASONS = (
     "not_int",  # an item that is not an integer (bools, floats, strings...)
     "negative_field",  # an integer below zero
     "field_too_wide",  # an integer above 2**64 - 1
-    "bad_kind",  # kind not KIND_WRITE / KIND_READ
+    "bad_kind",  # kind not KIND_WRITE / KIND_READ / KIND_WRITE_ACKED
     "bad_space",  # space not SPACE_PIO / SPACE_MMIO
     "bad_size",  # size not 1, 2, 4 or 8
     "value_too_wide",  # value has bits above size bytes
@@ -120,7 +122,7 @@ def _check_request_fields(kind, vcpu, space, address, size, value, seq) -> Reque
         (size, "size"), (value, "value"), (seq, "seq"),
     ):  # fmt: skip
         _check_uint(field_value, name)
-    if kind not in (KIND_WRITE, KIND_READ):
+    if kind not in KINDS:
         raise MessageRejected("bad_kind", f"kind = {kind}")
     if space not in (SPACE_PIO, SPACE_MMIO):
         raise MessageRejected("bad_space", f"space = {space}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS
 from mpvmm.devicemodel.device_state import expect_bytes, expect_keys, expect_uint
 from mpvmm.errors import DeviceModelError
 
@@ -67,6 +68,9 @@ def _no_trigger() -> None:
 
 class Rtc:
     """CMOS RAM, clock and alarm; ``read``/``write`` take offsets from port 0x70."""
+
+    # Never coalesced: a write selects the register the next read answers.
+    kernel_access = NO_KERNEL_ACCESS
 
     def __init__(self, clock: Callable[[], float] = time.time, trigger: Callable[[], None] | None = None):
         self._clock = clock

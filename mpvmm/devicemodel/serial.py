@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from mpvmm.devicemodel.bus import NO_KERNEL_ACCESS
 from mpvmm.errors import DeviceModelError
 
 # --- Register offsets from the UART's base port (8 consecutive ports). ---
@@ -118,6 +119,9 @@ def _no_output(data: bytes) -> None:
 
 class Serial:
     """A 16550A UART; ``read``/``write`` take offsets from its base port."""
+
+    # Never coalesced: a THR write raises the transmit interrupt the guest waits for.
+    kernel_access = NO_KERNEL_ACCESS
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """The device model's seccomp filter: an allow-list of what it calls once configured.
 
-Everything the device model needs to open (guest RAM, its queues, the
-console, the control socket, irqfds, the terminal) is open before the
+Everything the device model needs to open (guest RAM, its queues or its
+ring area, KVM's coalesced ring page, the console, the control socket,
+irqfds, doorbell eventfds, the terminal) is open before the
 filter is loaded; from then on it only waits, reads, writes and allocates.
 The list was recorded with strace from real runs (the built-in guest's
 workloads, the Linux machine with terminal input, irqfds and the RTC's
@@ -20,6 +21,8 @@ import mmap
 
 import pyseccomp as seccomp  # ctypes over Debian's libseccomp2
 
+FUTEX_WAKE, FUTEX_PRIVATE_FLAG = 1, 128  # linux/futex.h
+
 # name -> why the device model calls it after it is sandboxed.
 ALLOWED_SYSCALLS = {
     # Serving the vCPUs.
@@ -28,12 +31,15 @@ ALLOWED_SYSCALLS = {
     "epoll_ctl": "terminal input leaves the poll set when the terminal hangs up or fails",
     "mq_timedreceive": "requests (posix_ipc, non-blocking)",
     "mq_timedsend": "replies (posix_ipc, non-blocking)",
+    "futex": "ring transport: wake a vCPU asleep for its reply or for room in its request ring "
+             "(FUTEX_WAKE only: an argument check)",
+    "sched_yield": "ring transport: polling gives the core to anyone who wants it between looks",
     # The supervisor.
     "recvfrom": "control messages (socket.recv)",
     "sendto": "control answers: ready, stats, bye, system events (socket.sendall)",
     "getpid": "stats answers carry the pid",
     # Descriptors it already holds.
-    "read": "terminal input for the UART",
+    "read": "terminal input for the UART; the counters of the ring transport's and the doorbells' eventfds",
     "write": "console output, interrupts (a write to an irqfd), a traceback on stderr",
     "close": "shutdown closes the queues, epoll, the console and the socket",
     # Memory: CPython's and glibc's allocators.
@@ -53,6 +59,8 @@ ALLOWED_SYSCALLS = {
 ARGUMENT_RULES = (
     # No executable memory: a device model never loads or generates code.
     ("mmap", 2, mmap.PROT_EXEC, 0),
+    # Wakes only (shared or private): it never waits on a futex, and no other operation is needed.
+    ("futex", 1, ~FUTEX_PRIVATE_FLAG & 0xFFFFFFFF, FUTEX_WAKE),
 )
 
 

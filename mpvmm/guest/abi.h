@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#define MPVMM_GUEST_ABI_VERSION 2
+#define MPVMM_GUEST_ABI_VERSION 3
 #define MPVMM_PARAMS_MAGIC 0x524150564d56504dULL /* "MPVMVPAR" little-endian */
 #define MPVMM_REPORT_MAGIC 0x545045524d56504dULL /* "MPVMREPT" little-endian */
 
@@ -32,10 +32,15 @@ enum mpvmm_workload {
     MPVMM_WORKLOAD_HOSTILE = 7,      /* floods and pokes everything; see builtin.c */
     MPVMM_WORKLOAD_TRIPLE_FAULT = 8, /* executes ud2 with no IDT: the VMM must report it */
     MPVMM_WORKLOAD_DIRTY = 9,        /* writes pages at dirty_rate_mib: a migration's load */
+    MPVMM_WORKLOAD_DOORBELL = 10,    /* rings the test devices' doorbells (KVM_IOEVENTFD) */
+    MPVMM_WORKLOAD_WRITES = 11,      /* test-device writes only, never a read: fills a coalesced ring */
 };
 
 /* What a vCPU counts: every exit it causes falls in exactly one of the
- * exit-causing ops, so the VMM's exit counts can be checked against them. */
+ * exit-causing ops, so the VMM's exit counts can be checked against them.
+ * Where the VMM registered them with KVM, writes to the test devices'
+ * registers are coalesced (they exit only when KVM's ring is full) and
+ * doorbell rings signal an eventfd (they never exit). */
 enum mpvmm_guest_op {
     MPVMM_OP_PIO_NULL_WRITES = 0,  /* native: writes to the null port */
     MPVMM_OP_PIO_DEVICE_WRITES,    /* posted: writes to the pio test device */
@@ -56,6 +61,9 @@ enum mpvmm_guest_op {
     MPVMM_OP_HOSTILE_MMIO_WRITES,  /* varies: posted (the hostile workload avoids KVM's pages) */
     MPVMM_OP_HOSTILE_MMIO_READS,   /* varies: sync (likewise) */
     MPVMM_OP_DIRTY_PAGES,          /* no exit: pages the dirty workload wrote */
+    MPVMM_OP_PIO_DOORBELLS,        /* posted: the pio test device's doorbell (any value) */
+    MPVMM_OP_MMIO_DOORBELLS,       /* posted: the mmio test device's doorbell, its datamatch value */
+    MPVMM_OP_MMIO_DOORBELL_MISSES, /* posted: the mmio doorbell written with another value */
     MPVMM_OP_COUNT
 };
 
@@ -83,7 +91,8 @@ struct mpvmm_guest_params {
     uint16_t debug_exit_port;
     uint16_t sleep_port;
     uint16_t pio_testdev_port;
-    uint16_t reserved[3];
+    uint16_t pio_doorbell_port;
+    uint16_t reserved[2];
     /* The dirty workload: dirty_rate_mib MiB/s in all, split evenly between
      * the vCPUs, each over its share of [dirty_base, dirty_base + dirty_size),
      * in bursts every dirty_round_us. */
@@ -91,6 +100,9 @@ struct mpvmm_guest_params {
     uint32_t dirty_round_us;
     uint64_t dirty_base;
     uint64_t dirty_size;
+    uint64_t mmio_doorbell_addr;
+    uint32_t doorbell_value;   /* rings the mmio doorbell (its datamatch); any other value misses */
+    uint32_t reserved2;
 };
 
 struct mpvmm_guest_report {

@@ -8,14 +8,14 @@ import ctypes
 from importlib import resources
 from pathlib import Path
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 PARAMS_MAGIC = 0x524150564D56504D
 REPORT_MAGIC = 0x545045524D56504D
 ATOMIC_COUNTERS = 8
 
 # Workload names as the CLI takes them, in abi.h's enum order.
 WORKLOADS = ("demo", "compute", "pio-null", "pio-device", "mmio", "uart", "atomics",
-             "hostile", "triple-fault", "dirty")
+             "hostile", "triple-fault", "dirty", "doorbell", "writes")
 # Workloads that exist to misbehave: their exit counts are not exact by design.
 MISBEHAVING_WORKLOADS = ("hostile", "triple-fault")
 
@@ -38,6 +38,9 @@ OPS = (
     "hostile_mmio_writes",
     "hostile_mmio_reads",
     "dirty_pages",
+    "pio_doorbells",
+    "mmio_doorbells",
+    "mmio_doorbell_misses",
 )
 
 # Which exit path each exit-causing op takes (see the route table).
@@ -48,12 +51,23 @@ OP_PATHS = {
     "pio_device_writes": "posted",
     "mmio_writes": "posted",
     "uart_bytes": "posted",
+    "pio_doorbells": "posted",
+    "mmio_doorbells": "posted",
+    "mmio_doorbell_misses": "posted",
     "pio_device_reads": "sync",
     "mmio_reads": "sync",
     "uart_syncs": "sync",
 }
+# Ops KVM takes in the kernel where the VMM registered their ranges (the raw
+# bench loop registers none): the test devices' register writes (coalesced:
+# they exit only when KVM's ring is full, then as "fallback") and their
+# doorbells (an eventfd signal instead of an exit).
+COALESCIBLE_OPS = ("pio_device_writes", "mmio_writes")
+DOORBELL_OPS = ("pio_doorbells", "mmio_doorbells")
+# Every access the guest makes to a device of the device model, whatever path it takes.
+DEVICE_ACCESS_OPS = tuple(op for op, path in OP_PATHS.items() if path != "native")
 # Which KVM exit reason each exit-causing op produces.
-MMIO_OPS = ("mmio_writes", "mmio_reads")
+MMIO_OPS = ("mmio_writes", "mmio_reads", "mmio_doorbells", "mmio_doorbell_misses")
 
 REPORT_STATE_ONLINE = 1
 REPORT_STATE_DONE = 2
@@ -79,11 +93,15 @@ class GuestParams(ctypes.Structure):
         ("debug_exit_port", ctypes.c_uint16),
         ("sleep_port", ctypes.c_uint16),
         ("pio_testdev_port", ctypes.c_uint16),
-        ("reserved", ctypes.c_uint16 * 3),
+        ("pio_doorbell_port", ctypes.c_uint16),
+        ("reserved", ctypes.c_uint16 * 2),
         ("dirty_rate_mib", ctypes.c_uint32),
         ("dirty_round_us", ctypes.c_uint32),
         ("dirty_base", ctypes.c_uint64),
         ("dirty_size", ctypes.c_uint64),
+        ("mmio_doorbell_addr", ctypes.c_uint64),
+        ("doorbell_value", ctypes.c_uint32),
+        ("reserved2", ctypes.c_uint32),
     ]
 
 

@@ -151,8 +151,12 @@ static void null_write(struct vcpu *v, uint32_t value)
     outl(v->params->null_port, value);
 }
 
-static void pio_device_write(struct vcpu *v, uint32_t value)
+/* The test device checks the order of each vCPU's writes: a 4-byte value
+ * carries the vCPU in its top byte and a count in the rest, an 8-byte one
+ * the vCPU in its top half; each vCPU's counts go up by one (devices.py). */
+static void pio_device_write(struct vcpu *v, uint32_t sequence)
 {
+    uint32_t value = (uint32_t)(v->index << 24) | (sequence & 0xFFFFFFu);
     count(v, MPVMM_OP_PIO_DEVICE_WRITES);
     v->report->pio_write_sum += value;
     outl(v->params->pio_testdev_port, value);
@@ -165,8 +169,9 @@ static void pio_device_read(struct vcpu *v, unsigned offset)
         count(v, MPVMM_OP_READ_MISMATCHES);
 }
 
-static void mmio_write(struct vcpu *v, uint64_t offset, uint64_t value)
+static void mmio_write(struct vcpu *v, uint64_t offset, uint32_t sequence)
 {
+    uint64_t value = (v->index << 32) | sequence;
     count(v, MPVMM_OP_MMIO_WRITES);
     v->report->mmio_write_sum += value;
     mmio_write64(v->params->mmio_testdev_addr + offset, value);
@@ -177,6 +182,18 @@ static void mmio_read(struct vcpu *v, uint64_t offset)
     count(v, MPVMM_OP_MMIO_READS);
     if (mmio_read64(v->params->mmio_testdev_addr + offset) != testdev_pattern(offset, 8))
         count(v, MPVMM_OP_READ_MISMATCHES);
+}
+
+static void ring_doorbells(struct vcpu *v, uint64_t round)
+{
+    count(v, MPVMM_OP_PIO_DOORBELLS);
+    outl(v->params->pio_doorbell_port, (uint32_t)round);
+    count(v, MPVMM_OP_MMIO_DOORBELLS);
+    mmio_write64(v->params->mmio_doorbell_addr, v->params->doorbell_value);
+    if (round % 16 == 15) {
+        count(v, MPVMM_OP_MMIO_DOORBELL_MISSES);
+        mmio_write64(v->params->mmio_doorbell_addr, v->params->doorbell_value + 1);
+    }
 }
 
 static void atomic_increment(struct vcpu *v, uint64_t round)
@@ -223,8 +240,9 @@ static void run_demo(struct vcpu *v)
             null_write(v, (uint32_t)round);
         pio_device_write(v, (uint32_t)round);
         pio_device_read(v, (round & 1) * 4);
-        mmio_write(v, (round * 8) & 0xff8, round);
+        mmio_write(v, (round * 8) & 0xff8, (uint32_t)round);
         mmio_read(v, (round * 8) & 0xff8);
+        ring_doorbells(v, round);
         for (int i = 0; i < 16; i++)
             atomic_increment(v, round + i);
         if (round % 64 == 0)
@@ -267,8 +285,30 @@ static void run_mmio(struct vcpu *v)
     uint64_t round = 0;
     do {
         for (uint64_t i = 0; i < 4; i++)
-            mmio_write(v, ((round * 4 + i) * 8) & 0xff8, (v->index << 32) | (round * 4 + i));
+            mmio_write(v, ((round * 4 + i) * 8) & 0xff8, (uint32_t)(round * 4 + i));
         mmio_read(v, (round * 8) & 0xff8);
+    } while (round++, !stopping(v));
+}
+
+/* Doorbells: each round rings the pio test device's (any value) and the mmio
+ * test device's (its datamatch value); every 16th round also writes the
+ * mmio doorbell with a value that does not match, which exits. */
+static void run_doorbell(struct vcpu *v)
+{
+    uint64_t round = 0;
+    do
+        ring_doorbells(v, round);
+    while (round++, !stopping(v));
+}
+
+/* Writes to both test devices and no read, so nothing ever waits for the
+ * device model: with the device model stopped, KVM's coalesced ring fills. */
+static void run_writes(struct vcpu *v)
+{
+    uint32_t round = 0;
+    do {
+        pio_device_write(v, round);
+        mmio_write(v, (round * 8) & 0xff8, round);
     } while (round++, !stopping(v));
 }
 
@@ -414,6 +454,8 @@ void guest_main(uint64_t index, volatile struct mpvmm_guest_params *block)
     case MPVMM_WORKLOAD_HOSTILE: run_hostile(v); break;
     case MPVMM_WORKLOAD_TRIPLE_FAULT: run_triple_fault(v); break;
     case MPVMM_WORKLOAD_DIRTY: consistent = run_dirty(v); break;
+    case MPVMM_WORKLOAD_DOORBELL: run_doorbell(v); break;
+    case MPVMM_WORKLOAD_WRITES: run_writes(v); break;
     default: finish(v, MPVMM_STATUS_BAD_PARAMS); return;
     }
     if (!consistent)

@@ -121,6 +121,36 @@ KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
 
+# --- linux/kvm.h: coalesced MMIO (and PIO) ---------------------------------------
+
+
+class _kvm_coalesced_pio(Union):
+    _fields_ = [("pad", u32), ("pio", u32)]
+
+
+class kvm_coalesced_mmio_zone(Structure):
+    """A range whose writes KVM appends to the VM's coalesced ring instead of exiting."""
+
+    _anonymous_ = ("_u",)
+    _fields_ = [("addr", u64), ("size", u32), ("_u", _kvm_coalesced_pio)]
+
+
+class kvm_coalesced_mmio(Structure):
+    """One entry of the ring: a write KVM took without an exit."""
+
+    _anonymous_ = ("_u",)
+    _fields_ = [("phys_addr", u64), ("len", u32), ("_u", _kvm_coalesced_pio), ("data", u8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(Structure):
+    """The ring page's header; ``COALESCED_RING_ENTRIES`` entries follow it."""
+
+    _fields_ = [("first", u32), ("last", u32)]
+
+
+COALESCED_RING_PAGE_SIZE = 4096  # the ring is one page (PAGE_SIZE on x86-64)
+# KVM_COALESCED_MMIO_MAX of linux/kvm.h, which needs the kernel's PAGE_SIZE to expand.
+COALESCED_RING_ENTRIES = (COALESCED_RING_PAGE_SIZE - ctypes.sizeof(kvm_coalesced_mmio_ring)) // ctypes.sizeof(kvm_coalesced_mmio)
 # --- linux/kvm.h: state save and restore, dirty logging ---------------------------
 
 
@@ -197,6 +227,7 @@ KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_MP_STATE = 14
+KVM_CAP_COALESCED_MMIO = 15  # its value is the ring's page offset in a vCPU fd's mmap
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
@@ -219,6 +250,7 @@ KVM_CAP_X2APIC_API = 129
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_DISABLE_EXITS = 143
 KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_BINARY_STATS_FD = 203
 KVM_CAP_XSAVE2 = 208
 
@@ -448,6 +480,7 @@ STRUCTURES: tuple[type, ...] = (
     kvm_cpuid2, kvm_msr_entry, kvm_msrs, kvm_msr_list, kvm_lapic_state,
     kvm_debug_exit_arch, kvm_userspace_memory_region,
     kvm_pit_config, kvm_mp_state, kvm_ioeventfd, kvm_irqfd,
+    kvm_coalesced_mmio_zone, kvm_coalesced_mmio, kvm_coalesced_mmio_ring,
     kvm_stats_header, kvm_stats_desc, kvm_run,
     kvm_pic_state, kvm_ioapic_state, kvm_irqchip, kvm_pit_channel_state, kvm_pit_state2,
     kvm_clock_data, kvm_vcpu_events, kvm_debugregs, kvm_xsave, kvm_xcr, kvm_xcrs, kvm_dirty_log,

@@ -20,7 +20,8 @@ from mpvmm.kvm.ioctls import ioctl as _ioctl
 from mpvmm.kvm.vcpu import Vcpu
 
 # What mpvmm cannot run without, by the kernel's name (Kvm.require_capabilities).
-# KVM_CAP_IOEVENTFD is not among them: nothing registers an ioeventfd yet.
+# The in-kernel device routes (KVM_CAP_IOEVENTFD, KVM_CAP_COALESCED_MMIO and
+# KVM_CAP_COALESCED_PIO) are among them: every machine's test devices use them.
 REQUIRED_CAPABILITIES: dict[str, int] = {
     "KVM_CAP_USER_MEMORY": b.KVM_CAP_USER_MEMORY,
     "KVM_CAP_IRQCHIP": b.KVM_CAP_IRQCHIP,
@@ -31,6 +32,9 @@ REQUIRED_CAPABILITIES: dict[str, int] = {
     "KVM_CAP_IRQFD": b.KVM_CAP_IRQFD,
     "KVM_CAP_IMMEDIATE_EXIT": b.KVM_CAP_IMMEDIATE_EXIT,
     "KVM_CAP_MP_STATE": b.KVM_CAP_MP_STATE,
+    "KVM_CAP_IOEVENTFD": b.KVM_CAP_IOEVENTFD,
+    "KVM_CAP_COALESCED_MMIO": b.KVM_CAP_COALESCED_MMIO,
+    "KVM_CAP_COALESCED_PIO": b.KVM_CAP_COALESCED_PIO,
 }
 
 # The kernel clamps KVM_GET_SUPPORTED_CPUID to 256 entries today; the E2BIG
@@ -86,6 +90,10 @@ class Kvm:
                 f"KVM on this host lacks {', '.join(missing)}, which mpvmm needs; "
                 "a newer kernel or a different KVM module may have them"
             )
+
+    def coalesced_ring_page(self) -> int:
+        """The coalesced ring's page offset in a vCPU fd's mmap (KVM_CHECK_EXTENSION answers it)."""
+        return self.check_extension(b.KVM_CAP_COALESCED_MMIO)
 
     def vcpu_mmap_size(self) -> int:
         """Bytes to mmap from a vCPU fd: kvm_run plus the pages that follow it."""
@@ -197,6 +205,19 @@ class Vm:
             datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags
         )
         _ioctl(self.fd, "KVM_IOEVENTFD", ioctls.KVM_IOEVENTFD, request)
+
+    def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """Append guest writes to ``[addr, addr + size)`` to the VM's coalesced ring instead of exiting.
+
+        ``pio`` selects ports instead of MMIO addresses. Reads there still
+        exit; a write that finds the ring full exits as an ordinary write.
+        """
+        zone = b.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        _ioctl(self.fd, "KVM_REGISTER_COALESCED_MMIO", ioctls.KVM_REGISTER_COALESCED_MMIO, zone)
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        zone = b.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        _ioctl(self.fd, "KVM_UNREGISTER_COALESCED_MMIO", ioctls.KVM_UNREGISTER_COALESCED_MMIO, zone)
 
     def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
         """Raise ``gsi`` on the in-kernel irqchip whenever eventfd ``fd`` is signalled."""

@@ -147,8 +147,12 @@ class VmCollector(Collector):
                                     labels=["vcpu"])
         sleep = CounterMetricFamily("mpvmm_vcpu_sleep_seconds", "Time vCPUs slept on the guest's sleep port",
                                     labels=["vcpu"])
-        stalls = CounterMetricFamily("mpvmm_vcpu_posted_stalls", "Posted writes that waited for a full queue",
+        stalls = CounterMetricFamily("mpvmm_vcpu_posted_stalls", "Requests that waited for room in a full queue or ring",
                                      labels=["vcpu"])
+        wakeups = CounterMetricFamily("mpvmm_vcpu_server_wakeups", "Times the vCPU woke the sleeping device model "
+                                      "(ring transport; the rest of its requests found it awake)", labels=["vcpu"])
+        reply_sleeps = CounterMetricFamily("mpvmm_vcpu_reply_sleeps", "Replies the vCPU waited for asleep "
+                                           "rather than spinning (ring transport)", labels=["vcpu"])
         cpu = CounterMetricFamily("mpvmm_vcpu_cpu_seconds", "CPU time of the vCPU worker thread",
                                   labels=["vcpu", "mode"])
         pages = sources.stats_pages
@@ -167,12 +171,14 @@ class VmCollector(Collector):
             kicks.add_metric([vcpu], page.interrupted)
             sleep.add_metric([vcpu], page.sleep_ns / 1e9)
             stalls.add_metric([vcpu], page.posted_stalls)
+            wakeups.add_metric([vcpu], page.server_wakeups)
+            reply_sleeps.add_metric([vcpu], page.reply_sleeps)
             pid = sources.worker_pids[index] if index < len(sources.worker_pids) else 0
             times = thread_cpu_seconds(pid, page.tid) if page.tid else None
             if times is not None:
                 cpu.add_metric([vcpu, "user"], times[0])
                 cpu.add_metric([vcpu, "system"], times[1])
-        return [exits, routes, latency, runs, kicks, sleep, stalls, cpu]
+        return [exits, routes, latency, runs, kicks, sleep, stalls, wakeups, reply_sleeps, cpu]
 
     # --- KVM's binary stats. ---
 
@@ -227,8 +233,15 @@ class VmCollector(Collector):
         return device_families(stats)
 
 
+def _by_label(name: str, documentation: str, label: str, values: dict) -> Metric:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, count in values.items():
+        family.add_metric([key], count)
+    return family
+
+
 def device_families(stats: dict) -> list[Metric]:
-    """Metric families of a device model's ``stats`` dict (machine.DeviceModel.stats)."""
+    """Metric families of a device model's ``stats`` dict (DeviceModelClient.stats)."""
     requests = CounterMetricFamily("mpvmm_device_requests", "Requests the device model handled, by device",
                                    labels=["device", "op"])
     for device, ops in stats.get("requests", {}).items():
@@ -239,15 +252,58 @@ def device_families(stats: dict) -> list[Metric]:
     for space, ops in stats.get("unmapped", {}).items():
         for op, count in ops.items():
             unmapped.add_metric([space, op], count)
-    rejected = CounterMetricFamily("mpvmm_device_rejected_messages",
-                                   "Malformed request messages dropped, by reason", labels=["reason"])
-    for reason, count in stats.get("rejected", {}).items():
-        rejected.add_metric([reason], count)
-    errors = CounterMetricFamily("mpvmm_device_errors", "Device emulation failures, by device",
-                                 labels=["device"])
-    for device, count in stats.get("device_errors", {}).items():
-        errors.add_metric([device], count)
-    return [requests, unmapped, rejected, errors, *console_families(stats.get("console", {}))]
+    return [
+        requests,
+        _by_label("mpvmm_device_coalesced_writes", "Writes KVM took into its coalesced ring and the device "
+                  "model drained, by device (no exit)", "device", stats.get("coalesced", {})),
+        _by_label("mpvmm_device_doorbells", "Doorbell rings KVM signalled through an eventfd, by device (no exit)",
+                  "device", stats.get("doorbells", {})),
+        unmapped,
+        _by_label("mpvmm_device_rejected_messages", "Malformed request messages dropped, by reason", "reason",
+                  stats.get("rejected", {})),
+        _by_label("mpvmm_device_errors", "Device emulation failures, by device", "device",
+                  stats.get("device_errors", {})),
+        *_process_families(stats.get("process", {})),
+        *console_families(stats.get("console", {})),
+    ]
+
+
+# The device model process's own figures: (family class, metric name, key in its stats, help).
+_COALESCED_RING_METRICS = (
+    (CounterMetricFamily, "mpvmm_coalesced_ring_drains", "drains", "Drains of KVM's coalesced ring that found writes"),
+    (CounterMetricFamily, "mpvmm_coalesced_ring_entries", "entries", "Writes drained from KVM's coalesced ring"),
+    (GaugeMetricFamily, "mpvmm_coalesced_ring_occupancy_entries", "pending",
+     "Writes waiting in KVM's coalesced ring at the scrape"),
+    (GaugeMetricFamily, "mpvmm_coalesced_ring_peak_entries", "peak",
+     "The most writes found waiting in KVM's coalesced ring at once"),
+    (GaugeMetricFamily, "mpvmm_coalesced_ring_capacity_entries", "capacity",
+     "Writes KVM's coalesced ring holds before writes exit again"),
+)
+_RING_TRANSPORT_METRICS = (
+    (CounterMetricFamily, "mpvmm_transport_server_wakeups", "wakeups",
+     "Times a vCPU's eventfd woke the sleeping device model"),
+    (CounterMetricFamily, "mpvmm_transport_polled_hits", "polled_hits",
+     "Requests the device model found while polling, before it slept"),
+    (CounterMetricFamily, "mpvmm_transport_sleeps", "sleeps", "Times the device model went to sleep on its rings"),
+    (CounterMetricFamily, "mpvmm_transport_poll_seconds", "poll_seconds",
+     "Time the device model spent polling its rings"),
+    (CounterMetricFamily, "mpvmm_transport_poll_preempted", "poll_preempted",
+     "Polls the device model ended because another task wanted its core"),
+    (GaugeMetricFamily, "mpvmm_transport_poll_window_seconds", "poll_window_seconds",
+     "How long the device model now polls before it sleeps (adaptive)"),
+)
+
+
+def _process_families(process: dict) -> list[Metric]:
+    """The coalesced ring's and the ring transport's figures, where the run has them."""
+    families = []
+    for values, metrics in ((process.get("coalesced_ring"), _COALESCED_RING_METRICS),
+                            (process if process.get("transport") == "ring" else None, _RING_TRANSPORT_METRICS)):
+        for family_class, name, key, documentation in metrics if values else ():
+            family = family_class(name, documentation)
+            family.add_metric([], values[key])
+            families.append(family)
+    return families
 
 
 def console_families(console: dict) -> list[Metric]:

@@ -20,8 +20,8 @@ DASHBOARD_UID = "mpvmm-vm"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 VCPU = 'vcpu=~"$vcpu"'
 RATE = "$__rate_interval"
-# Ops of the guest that each cost exactly one exit (abi.OP_PATHS), so their
-# rate is the rate of exits the guest believes it caused.
+# Ops of the guest that each cost one exit unless KVM takes them in the kernel
+# (abi.OP_PATHS): beside the exits the VMM saw, the gap is KVM's share.
 GUEST_EXIT_OPS = "|".join(OP_PATHS)
 KVM_EXIT_STATS = ("io_exits", "mmio_exits", "halt_exits", "irq_exits", "irq_window_exits",
                   "signal_exits", "insn_emulation", "hypercalls")
@@ -90,6 +90,7 @@ def panels() -> list[dict]:
     in_kernel = f"sum by (vcpu) ({_rate(kvm_exits)}) - sum by (vcpu) ({_rate(exits)})"
     guest_exit_ops = f'{VCPU}, op=~"{GUEST_EXIT_OPS}"'
     io_and_mmio = f'{VCPU}, reason=~"io|mmio"'
+    fallback = f'{VCPU}, route="fallback"'
     return [
         stat("exits/s to userspace", "Exits the run loops saw, all selected vCPUs",
              f"sum({_rate(exits)})", "ops"),
@@ -141,6 +142,31 @@ def panels() -> list[dict]:
         timeseries("Device requests", "Requests the device model handled, by device and op",
                    [target(f"sum by (device, op) (rate(mpvmm_device_requests_total[{RATE}]))", "{{device}} {{op}}")],
                    "reqps", stacked=True),
+        row("In-kernel device routes and the transport"),
+        timeseries("Device accesses: in KVM vs userspace",
+                   "Test-device writes KVM coalesced and doorbells it signalled, none of them an exit, beside "
+                   "the requests that reached the device model through an exit",
+                   [target(f"sum(rate(mpvmm_device_coalesced_writes_total[{RATE}]))", "coalesced writes (in KVM)"),
+                    target(f"sum(rate(mpvmm_device_doorbells_total[{RATE}]))", "doorbells (in KVM)"),
+                    target(f"sum(rate(mpvmm_device_requests_total[{RATE}]))", "requests (userspace exits)")],
+                   "reqps", stacked=True),
+        timeseries("In-kernel accesses by device", "Coalesced writes and doorbells per device",
+                   [target(f"sum by (device) (rate(mpvmm_device_coalesced_writes_total[{RATE}]))",
+                           "{{device}} coalesced"),
+                    target(f"sum by (device) (rate(mpvmm_device_doorbells_total[{RATE}]))", "{{device}} doorbells")],
+                   "reqps"),
+        timeseries("Coalesced ring", "Drains of KVM's coalesced ring, the writes waiting in it, and the writes "
+                   "that found it full and exited (route fallback)",
+                   [target(f"rate(mpvmm_coalesced_ring_drains_total[{RATE}])", "drains/s"),
+                    target(f"sum({_rate(routes, fallback)})", "full-ring fallbacks/s"),
+                    target("mpvmm_coalesced_ring_occupancy_entries", "entries waiting"),
+                    target("mpvmm_coalesced_ring_peak_entries", "peak entries")]),
+        timeseries("Transport: wake-ups vs polled hits",
+                   "Ring transport: requests that had to wake the sleeping device model, requests it found while "
+                   "polling, and replies the vCPUs slept for instead of spinning",
+                   [target(f"rate(mpvmm_transport_server_wakeups_total[{RATE}])", "device model woken"),
+                    target(f"rate(mpvmm_transport_polled_hits_total[{RATE}])", "polled hits"),
+                    target(f"sum({_rate('mpvmm_vcpu_reply_sleeps_total')})", "vCPU reply sleeps")], "ops"),
         timeseries("Device model problems", "Unmapped accesses, rejected messages and device errors",
                    [target(f"sum(rate(mpvmm_device_unmapped_requests_total[{RATE}]))", "unmapped"),
                     target(f"sum(rate(mpvmm_device_rejected_messages_total[{RATE}]))", "rejected"),
@@ -161,7 +187,8 @@ def panels() -> list[dict]:
                    "bytes"),
         row("Guest"),
         timeseries("Guest ops vs VMM-observed exits",
-                   "The exits each vCPU's guest says it caused beside the io and mmio exits the VMM saw",
+                   "The accesses each vCPU's guest says it made that exit unless KVM takes them (coalesced "
+                   "writes, doorbells) beside the io and mmio exits the VMM saw: the gap is KVM's share",
                    [target(f"sum by (vcpu) ({_rate('mpvmm_guest_ops_total', guest_exit_ops)})",
                            "vcpu{{vcpu}} guest"),
                     target(f"sum by (vcpu) ({_rate(exits, io_and_mmio)})", "vcpu{{vcpu}} VMM")], "ops"),

@@ -2,7 +2,10 @@
 
 It reads only the VM's ``/metrics`` endpoint, so it runs as any user, on a
 VM started by someone else, and sees exactly what Prometheus sees. Rates are
-differences between two scrapes divided by the time between them.
+differences between two scrapes divided by the time between them. Below the
+vCPUs, a table per device says how its accesses arrived (requests through
+an exit, writes KVM coalesced, doorbells KVM signalled), with the coalesced
+ring's and the transport's figures under it.
 """
 
 import http.client
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -217,6 +220,53 @@ def rate_table(before: Scrape, after: Scrape) -> Table:
     return table
 
 
+def _labelled_rates(before: Scrape, after: Scrape, name: str, key: str) -> dict[str, float]:
+    """{value of label ``key``: rate} of a counter over the interval, summed over its other labels."""
+    elapsed = after.seconds - before.seconds
+    totals: dict[str, list[float]] = {}
+    for scrape, index in ((before, 0), (after, 1)):
+        for labels, value in scrape.series(name).items():
+            totals.setdefault(dict(labels).get(key, ""), [0.0, 0.0])[index] += value
+    return {label: max(new - old, 0.0) / elapsed for label, (old, new) in totals.items()}
+
+
+def _rate(before: Scrape, after: Scrape, name: str) -> float:
+    return sum(_labelled_rates(before, after, name, "").values())
+
+
+def _gauge(scrape: Scrape, name: str) -> float | None:
+    values = list(scrape.series(name).values())
+    return values[0] if values else None
+
+
+def device_table(before: Scrape, after: Scrape) -> Table:
+    """Per device: requests, coalesced writes and doorbells per second; the ring and transport below."""
+    requests = _labelled_rates(before, after, "mpvmm_device_requests_total", "device")
+    coalesced = _labelled_rates(before, after, "mpvmm_device_coalesced_writes_total", "device")
+    doorbells = _labelled_rates(before, after, "mpvmm_device_doorbells_total", "device")
+    notes = []
+    if _gauge(after, "mpvmm_coalesced_ring_capacity_entries") is not None:
+        fallbacks = _labelled_rates(before, after, "mpvmm_vcpu_exit_route_total", "route").get("fallback", 0.0)
+        notes.append(f"coalesced ring: {_rate(before, after, 'mpvmm_coalesced_ring_drains_total'):.0f} drains/s, "
+                     f"{fallbacks:.0f} full-ring fallbacks/s, "
+                     f"{_gauge(after, 'mpvmm_coalesced_ring_occupancy_entries'):.0f} waiting "
+                     f"(peak {_gauge(after, 'mpvmm_coalesced_ring_peak_entries'):.0f} of "
+                     f"{_gauge(after, 'mpvmm_coalesced_ring_capacity_entries'):.0f})")
+    window = _gauge(after, "mpvmm_transport_poll_window_seconds")
+    if window is not None:
+        notes.append(f"ring transport: {_rate(before, after, 'mpvmm_transport_server_wakeups_total'):.0f} wake-ups/s, "
+                     f"{_rate(before, after, 'mpvmm_transport_polled_hits_total'):.0f} polled hits/s, "
+                     f"{_rate(before, after, 'mpvmm_vcpu_reply_sleeps_total'):.0f} vCPU reply sleeps/s, "
+                     f"poll window {window * 1e6:.0f} us")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption="; ".join(notes) or None,
+                  title="device accesses per second: requests (exits) and in KVM")
+    for column in ("device", "requests", "coalesced", "doorbells"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for device in sorted(set(requests) | set(coalesced) | set(doorbells)):
+        table.add_row(device, *(_rate_text(rates.get(device, 0.0)) for rates in (requests, coalesced, doorbells)))
+    return table
+
+
 def run_top(url: str, once: bool = False, interval: float = 1.0, console: Console | None = None) -> int:
     """Show rates until Ctrl-C, or (``once``) print one table from two scrapes and return."""
     check_number(interval, "--interval", 0, TOP_INTERVAL_MAX, low_allowed=False)
@@ -225,7 +275,8 @@ def run_top(url: str, once: bool = False, interval: float = 1.0, console: Consol
         # Every column whole even when stdout is a pipe or a file (80 columns).
         console = console or Console(width=max(Console().width, 132))
         time.sleep(interval)
-        console.print(rate_table(before, scrape(url)))
+        after = scrape(url)
+        console.print(Group(rate_table(before, after), device_table(before, after)))
         return 0
     console = console or Console()
     try:
@@ -233,7 +284,7 @@ def run_top(url: str, once: bool = False, interval: float = 1.0, console: Consol
             while True:
                 time.sleep(max(0.0, before.seconds + interval - time.monotonic()))
                 after = scrape(url)
-                live.update(rate_table(before, after), refresh=True)
+                live.update(Group(rate_table(before, after), device_table(before, after)), refresh=True)
                 before = after
     except KeyboardInterrupt:
         return 0

@@ -10,6 +10,7 @@ import ctypes
 from collections.abc import Sequence
 
 from mpvmm.arguments import format_size
+from mpvmm.devicemodel.devices import TESTDEV_DOORBELL_VALUE
 from mpvmm.errors import GuestLoadError, UsageError
 from mpvmm.guest import abi
 from mpvmm.supervisor.ending import GuestEvent
@@ -127,6 +128,9 @@ class BuiltinGuest(Guest):
         params.debug_exit_port = layout.DEBUG_EXIT_PORT
         params.sleep_port = layout.SLEEP_PORT
         params.pio_testdev_port = layout.PIO_TESTDEV_PORT
+        params.pio_doorbell_port = layout.PIO_TESTDEV_DOORBELL_PORT
+        params.mmio_doorbell_addr = layout.MMIO_TESTDEV_DOORBELL_ADDR
+        params.doorbell_value = TESTDEV_DOORBELL_VALUE
         params.dirty_rate_mib = dirty_rate_mib
         params.dirty_round_us = DIRTY_ROUND_US
         params.dirty_base, params.dirty_size = dirty_region(cpus, memory.size)

@@ -1,14 +1,18 @@
 """The supervisor's end of the device model: starting, talking to and stopping its process.
 
 The supervisor starts ``python -m mpvmm.devicemodel`` with one end of a
-socketpair and guest RAM's file descriptor (guest RAM has no name left to
-open), then creates each vCPU's request and reply queue (0600, random names)
-and sends the names at once. The device model unlinks each name as soon as
-it has opened it, and does so even if the supervisor has died meanwhile:
-what was sent stays readable on the socket. So a name exists only for the
-few milliseconds between its creation and its opening, nothing is left in
-/dev/mqueue whatever happens to either process, and no other process can
-open a queue once the VM runs.
+socketpair and the file descriptors it needs: guest RAM's (guest RAM has no
+name left to open), the eventfds of its interrupt lines and doorbells, the
+vCPU fd whose mmap holds KVM's coalesced ring, and with the ring transport
+the ring area's and the eventfd that wakes it (transport/ring.py: created
+and unlinked before the spawn, like guest RAM). With the message-queue
+transport it then creates each vCPU's request and reply queue (0600, random
+names) and sends the names at once. The device model unlinks each name as
+soon as it has opened it, and does so even if the supervisor has died
+meanwhile: what was sent stays readable on the socket. So a name exists
+only for the few milliseconds between its creation and its opening, nothing
+is left in /dev/shm or /dev/mqueue whatever happens to either process, and
+no other process can open a queue once the VM runs.
 """
 
 import contextlib
@@ -29,6 +33,9 @@ from mpvmm.errors import DeviceModelError, HostLimitError
 from mpvmm.stop_signals import STOP_SIGNALS
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.guest_memory import unique_name
+from mpvmm.transport.channel import QueueChannel, RingChannel, VcpuChannel
+from mpvmm.transport.polling import poll_limit_seconds
+from mpvmm.transport.ring import RingArea
 
 START_TIMEOUT_SECONDS = 15.0
 REPLY_TIMEOUT_SECONDS = 5.0
@@ -36,25 +43,29 @@ REPLY_TIMEOUT_SECONDS = 5.0
 STOPPED_CHECK_SECONDS = 0.1
 
 
-@dataclass
-class VcpuChannel:
-    """How one vCPU's runner reaches the device model: its request and reply queues."""
-
-    request_queue: posix_ipc.MessageQueue
-    reply_queue: posix_ipc.MessageQueue
-
-
 class DeviceModelClient:
-    """The device model of one VM (devicemodel/process.py) and the queues the vCPUs talk to it over."""
+    """The device model of one VM (devicemodel/process.py) and the channels the vCPUs talk to it over.
+
+    ``transport`` is "ring" or "mq" (transport/). ``machine``, ``irq_fds``
+    (device name -> eventfd) and ``stdin_fd`` are the Linux machine's extras;
+    ``doorbells`` ((eventfd, space, address) each) and ``coalesced_ring``
+    ((vcpu fd, page offset), or None) the in-kernel routes'
+    (supervisor/in_kernel.py). Every fd is inherited by the process.
+    """
 
     process: subprocess.Popen | None = None
     _control: socket.socket | None = None
+    _area: RingArea | None = None
+    _wake_fd = -1
 
-    def __init__(self, memory, cpus: int, console: str | None, *, machine: str = "builtin",
-                 irq_fds: dict[str, int] | None = None, stdin_fd: int | None = None):
-        # machine, irq_fds (device name -> eventfd) and stdin_fd: the Linux
-        # machine's extras (process.py's Config); the fds are inherited.
-        self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd}
+    def __init__(self, memory, cpus: int, console: str | None, *, transport: str = "mq",
+                 machine: str = "builtin", irq_fds: dict[str, int] | None = None, stdin_fd: int | None = None,
+                 doorbells: list[tuple[int, int, int]] | None = None,
+                 coalesced_ring: tuple[int, int] | None = None):
+        self.transport = transport
+        self._extra = {"machine": machine, "irqfds": dict(irq_fds or {}), "stdin_fd": stdin_fd,
+                       "doorbells": [list(d) for d in doorbells or []],
+                       "coalesced_ring": list(coalesced_ring) if coalesced_ring else None}
         self.system_events: list[str] = []
         # One conversation on the control socket at a time: a metrics scrape
         # (its own thread) and the wait loop's poll_events share it.
@@ -81,23 +92,25 @@ class DeviceModelClient:
         return queue
 
     def _start(self, memory, cpus: int, console: str | None) -> None:
-        self._spawn(memory.fd)
-        # The queues are created only now, with the device model already up
-        # and reading: created earlier, they would be named (and leakable by
-        # a SIGKILL) for the whole of its interpreter's start-up.
-        depth = limits.queue_depth()
-        for index in range(cpus):
-            requests = self._create_queue(f"req{index}", depth)
-            replies = self._create_queue(f"rep{index}", depth)
-            self.channels.append(VcpuChannel(requests, replies))
+        inherited = [memory.fd, *self._extra["irqfds"].values(), *(d[0] for d in self._extra["doorbells"])]
+        if self._extra["coalesced_ring"]:
+            inherited.append(self._extra["coalesced_ring"][0])
+        if self.transport == "ring":
+            transport = self._create_rings(cpus)
+            inherited += [transport["ring_fd"], transport["wake_fd"]]
+        self._spawn(inherited)
+        if self.transport == "mq":
+            # The queues are created only now, with the device model already up
+            # and reading: created earlier, they would be named (and leakable by
+            # a SIGKILL) for the whole of its interpreter's start-up.
+            transport = self._create_queues(cpus)
         self._send({
             "op": "configure",
             "version": 1,
             "ram_fd": memory.fd,
             "ram_size": memory.size,
-            "request_queues": [c.request_queue.name for c in self.channels],
-            "reply_queues": [c.reply_queue.name for c in self.channels],
             "console": os.path.abspath(console) if console else None,
+            **transport,
             **self._extra,
         })
         reply = self._receive(START_TIMEOUT_SECONDS)
@@ -105,7 +118,25 @@ class DeviceModelClient:
             raise DeviceModelError(f"device model failed to start: {reply.get('message', reply)}")
         self.pid = reply.get("pid", self.process.pid)
 
-    def _spawn(self, ram_fd: int) -> None:
+    def _create_queues(self, cpus: int) -> dict:
+        depth = limits.queue_depth()
+        for index in range(cpus):
+            requests = self._create_queue(f"req{index}", depth)
+            replies = self._create_queue(f"rep{index}", depth)
+            self.channels.append(QueueChannel(requests, replies))
+        return {"transport": "mq",
+                "request_queues": [c.request_queue.name for c in self.channels],
+                "reply_queues": [c.reply_queue.name for c in self.channels]}
+
+    def _create_rings(self, cpus: int) -> dict:
+        self._area = RingArea.create(cpus)
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.channels = [RingChannel(self._area.requests(i), self._area.replies(i), self._area.header, self._wake_fd)
+                         for i in range(cpus)]
+        return {"transport": "ring", "ring_fd": self._area.fd, "wake_fd": self._wake_fd,
+                "poll_limit_seconds": poll_limit_seconds(cpus)}
+
+    def _spawn(self, inherited: list[int]) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._control = parent
         # The child's fd 0 is /dev/null (stdin=DEVNULL), so a terminal given
@@ -123,8 +154,7 @@ class DeviceModelClient:
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mpvmm.devicemodel", str(child.fileno())],
-                pass_fds=(child.fileno(), ram_fd, *self._extra["irqfds"].values(),
-                          *([terminal] if terminal is not None else [])),
+                pass_fds=(child.fileno(), *inherited, *([terminal] if terminal is not None else [])),
                 stdin=subprocess.DEVNULL,
             )
         finally:
@@ -169,7 +199,8 @@ class DeviceModelClient:
             self._unpacker.feed(data)
 
     def stats(self) -> dict:
-        """The device model's counters (devices, requests, unmapped, rejected, console)."""
+        """The device model's counters (devices, requests, coalesced, doorbells, unmapped, rejected,
+        console), with its process's under ``process`` (the transport, the coalesced ring)."""
         with self._lock:
             self._send({"op": "stats"})
             return _counters(self._receive(REPLY_TIMEOUT_SECONDS))
@@ -280,7 +311,7 @@ class DeviceModelClient:
                 pass
 
     def close(self) -> None:
-        """Kill the process if still running, close every queue and unlink what is named. Idempotent."""
+        """Kill the process if still running, close every channel and unlink what is named. Idempotent."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
@@ -294,6 +325,12 @@ class DeviceModelClient:
             except posix_ipc.Error:
                 pass
         self._queues = []
+        if self._area is not None:
+            self._area.close()
+            self._area = None
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
     def __enter__(self) -> "DeviceModelClient":
         return self
@@ -303,9 +340,10 @@ class DeviceModelClient:
 
 
 def _counters(reply: dict) -> dict:
-    """What a stats or bye answer counted: the devices', the console's and the terminal input's (if any)."""
+    """What a stats or bye answer counted: the devices', the console's, the terminal input's (if any)
+    and the process's own under ``process`` (the transport, the coalesced ring)."""
     process = reply.get("process", {})
-    counters = {**reply.get("stats", {}), "console": process.get("console", {})}
+    counters = {**reply.get("stats", {}), "console": process.get("console", {}), "process": process}
     if process.get("terminal_input") is not None:
         counters["terminal_input"] = process["terminal_input"]
     return counters

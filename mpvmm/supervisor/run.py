@@ -9,6 +9,10 @@ has one, and the vCPUs start. Everything is undone in reverse by one
 ExitStack, whatever fails. What varies comes from the two objects
 ``choose`` picks once: the guest (guest.py: one that boots, a snapshot, or
 a VM arriving from another VMM) and where the vCPUs run (vcpu_host.py).
+The in-kernel routes its machine's devices declare are registered on the
+VM(s) (in_kernel.py) before the device model starts, a restored or
+arriving VM's as much as a new one's, and ``--transport`` decides how the
+rest reaches it (its channels are always new: nothing of them is saved).
 The run ends when the guest ends it, when every vCPU has exited, when
 ``--seconds`` runs out, a stop signal arrives or the API says stop (the
 guest is asked to finish, then forced after a grace period), when the VM
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 from mpvmm.api.server import ControlApi, NoApi
 from mpvmm.arguments import RUN_SECONDS_MAX, check_number, check_writable
+from mpvmm.devicemodel.kernel_routes import kernel_routes
 from mpvmm.errors import DeviceModelError, UsageError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
@@ -39,11 +44,13 @@ from mpvmm.supervisor.ending import (DeviceModelDied, GuestEnded, GuestExited, M
                                      TimeLimit, VcpuFailed, device_model_ending, exit_status, status_line)
 from mpvmm.supervisor.guest import Guest, GuestCounts, GuestSource
 from mpvmm.supervisor.guest_memory import GuestMemory
+from mpvmm.supervisor.in_kernel import InKernelRoutes
 from mpvmm.supervisor.linux_guest import LinuxBoot
 from mpvmm.supervisor.terminal import RawTerminal
 from mpvmm.supervisor.vcpu_host import RUNNERS, VcpuHost
+from mpvmm.transport import DEFAULT_TRANSPORT, TRANSPORTS
 from mpvmm.vcpu_worker.outcome import VcpuOutcome
-from mpvmm.vcpu_worker.route_table import paravirt_routes
+from mpvmm.vcpu_worker.route_table import machine_routes
 from mpvmm.vcpu_worker.runner import VcpuRunner, VcpuSet
 from mpvmm.vcpu_worker.stats_page import PATHS, StatsArea
 
@@ -57,6 +64,7 @@ class RunConfig:
     workload: str = "demo"
     seconds: float | None = None
     runner: str = "native"
+    transport: str = DEFAULT_TRANSPORT  # how requests reach the device model: "ring" or "mq"
     console: str | None = None
     # A Linux kernel instead of the built-in guest (linux_guest.py).
     kernel: str | None = None
@@ -86,6 +94,8 @@ class VcpuResult:
     sync_latency_sum_seconds: float
     sleep_seconds: float
     posted_stalls: int
+    server_wakeups: int  # ring transport: times this vCPU woke the sleeping device model
+    reply_sleeps: int  # ring transport: replies it slept for rather than spun
     guest: GuestCounts | None  # None: the guest keeps no counts for us (a kernel)
     pid: int  # the process that ran the vCPU: the supervisor, or its own worker process
     cpu_seconds: float | None  # that worker process's CPU time (process runner only)
@@ -131,11 +141,13 @@ def validate(config: RunConfig, max_vcpus: int) -> None:
         raise UsageError(f"--cpus {config.cpus} is more than KVM allows on this host ({max_vcpus})")
     if config.runner not in RUNNERS:
         raise UsageError(f"unknown runner {config.runner!r} (choose from {', '.join(RUNNERS)})")
+    if config.transport not in TRANSPORTS:
+        raise UsageError(f"unknown transport {config.transport!r} (choose from {', '.join(TRANSPORTS)})")
     if config.seconds is not None:
         check_number(config.seconds, "--seconds", 0, RUN_SECONDS_MAX)
     if config.console is not None:
         check_writable(config.console, "--console")
-    limits.check_host(config.cpus, config.memory)
+    limits.check_host(config.cpus, config.memory, message_queues=config.transport == "mq")
 
 
 def choose(config: RunConfig, cancelled: Callable[[], int | None] = lambda: None) -> tuple[GuestSource, type[VcpuHost]]:
@@ -222,17 +234,19 @@ class Supervisor:
         if config.metrics_port is not None:
             metrics = stack.enter_context(MetricsExporter(config.metrics_addr, config.metrics_port, {
                 "cpus": str(config.cpus), "memory_bytes": str(config.memory),
-                "runner": config.runner, "workload": source.workload}))
+                "runner": config.runner, "transport": config.transport, "workload": source.workload}))
         memory = stack.enter_context(source.create_memory(config.memory))
         guest = source.load(memory)
         host = stack.enter_context(host_class(kvm, memory, guest, config.cpus))
         irq_fds = host.connect_irq_lines(source.machine.irq_lines)
+        in_kernel = stack.enter_context(InKernelRoutes(host, machine_routes(kernel_routes(source.machine.name))))
         stats = stack.enter_context(StatsArea(config.cpus))
         terminal = stack.enter_context(RawTerminal(self.stdin_fd if source.machine.host_input else None))
         device_model = stack.enter_context(DeviceModelClient(
-            memory, config.cpus, config.console, machine=source.machine.name, irq_fds=irq_fds,
-            stdin_fd=terminal.input_fd))
-        vcpus = VcpuSet(host.create_runners(stats, paravirt_routes(), device_model.channels))
+            memory, config.cpus, config.console, transport=config.transport, machine=source.machine.name,
+            irq_fds=irq_fds, stdin_fd=terminal.input_fd, doorbells=in_kernel.doorbell_fds(),
+            coalesced_ring=in_kernel.coalesced_ring()))
+        vcpus = VcpuSet(host.create_runners(stats, in_kernel.routes, device_model.channels))
         stack.callback(vcpus.stop_and_join)
         vm = RunningVm(config, memory, guest, host, vcpus, device_model, metrics)
         if metrics:
@@ -344,6 +358,8 @@ def _vcpu_result(runner: VcpuRunner, outcome: VcpuOutcome, guest: Guest) -> Vcpu
         sync_latency_sum_seconds=stats.sync_latency_sum_ns / 1e9,
         sleep_seconds=stats.sleep_ns / 1e9,
         posted_stalls=stats.posted_stalls,
+        server_wakeups=stats.server_wakeups,
+        reply_sleeps=stats.reply_sleeps,
         guest=guest.counts(runner.index),
         pid=runner.pid,
         cpu_seconds=runner.cpu_seconds,

@@ -29,7 +29,7 @@ def latency_quantile(buckets: list[int], quantile: float) -> float | None:
 
 
 def guest_exits(ops: dict[str, int]) -> int:
-    """Exits the guest says it caused: every op that has an exit path."""
+    """The guest's port and MMIO accesses: each is an exit unless KVM takes it in the kernel."""
     return sum(ops[op] for op in abi.OP_PATHS)
 
 
@@ -44,8 +44,8 @@ def render_summary(result, console: Console) -> None:
                         f"{result.config.workload} workload, {result.seconds:.2f} s")
     # vCPUs that ran in processes of their own have a pid and CPU time to show.
     per_process = any(vcpu.cpu_seconds is not None for vcpu in result.vcpus)
-    for column in ("vcpu", "outcome", "io", "mmio", "other", "native", "posted", "sync",
-                   "sync p50 us", "sync p99 us", "exits/s", "guest exits") + (("pid", "cpu s") if per_process else ()):
+    for column in ("vcpu", "outcome", "io", "mmio", "other", *PATHS,
+                   "sync p50 us", "sync p99 us", "exits/s", "guest I/O") + (("pid", "cpu s") if per_process else ()):
         table.add_column(column, justify="left" if column == "outcome" else "right")
     for vcpu in result.vcpus:
         process = (str(vcpu.pid), "-" if vcpu.cpu_seconds is None else f"{vcpu.cpu_seconds:.2f}") if per_process else ()
@@ -65,6 +65,13 @@ def render_summary(result, console: Console) -> None:
     ops = {op: sum(counts.ops[op] for counts in counted) for op in abi.OPS}
     done = ", ".join(f"{op} {count}" for op, count in ops.items() if count)
     console.print(f"guest ops: {done or 'none'}")
+    device_model = result.device_model
+    if device_model.get("requests"):
+        requests = sum(sum(by_op.values()) for by_op in device_model["requests"].values())
+        console.print(f"device model: {requests} requests, in KVM {sum(device_model['coalesced'].values())} "
+                      f"coalesced writes and {sum(device_model['doorbells'].values())} doorbells, "
+                      f"{sum(v.paths['fallback'] for v in result.vcpus)} full-ring fallbacks; "
+                      f"{result.config.transport} transport")
     if ops["atomic_increments"]:
         console.print(f"atomics: shared counters total {result.atomic_total}, "
                       f"guest increments {ops['atomic_increments']}")
@@ -114,6 +121,8 @@ def report_dict(result) -> dict:
                 "sync_latency_sum_seconds": v.sync_latency_sum_seconds,
                 "sleep_seconds": v.sleep_seconds,
                 "posted_stalls": v.posted_stalls,
+                "server_wakeups": v.server_wakeups,
+                "reply_sleeps": v.reply_sleeps,
                 "guest": None if v.guest is None else dataclasses.asdict(v.guest),
                 "pid": v.pid,
                 "cpu_seconds": v.cpu_seconds,

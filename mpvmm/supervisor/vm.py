@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from mpvmm.kvm import bindings as kb
 from mpvmm.snapshot.kvm_state import VcpuState, VmState
+from mpvmm.vcpu_worker.route_table import SPACE_PIO
 from mpvmm.x86 import layout
 
 
@@ -54,6 +55,14 @@ class VirtualMachine:
             self.vm.irqfd(fd, gsi)
             fds[name] = fd
         return fds
+
+    def coalesce(self, route) -> None:
+        """Have KVM append writes to ``route`` (a RouteTable Route) to its coalesced ring."""
+        self.vm.register_coalesced_mmio(route.base, route.length, pio=route.space == SPACE_PIO)
+
+    def add_doorbell(self, fd: int, route) -> None:
+        """Have KVM signal eventfd ``fd`` on writes to ``route`` (matching its datamatch, if any)."""
+        self.vm.ioeventfd(fd, route.base, route.length, datamatch=route.datamatch, pio=route.space == SPACE_PIO)
 
     # --- State, for snapshots and migration. ---
 

@@ -5,11 +5,17 @@
  * It runs on a thread of the supervisor, because KVM only accepts KVM_RUN
  * from the address space that created the VM (docs/design.md, "The address-space rule"). Between KVM_RUN calls
  * it routes each port-I/O and MMIO exit by the supervisor's route table:
- *   native  handled here: the null port, the sleep port, the debug-exit port
- *   posted  a write, sent to the device model; the vCPU resumes at once
- *   sync    a read, sent to the device model; the vCPU waits for the reply
- * It counts every exit in its vCPU's stats area (shared memory the exporter
- * reads at scrape time), and calls no Python API while the GIL is released.
+ *   native    handled here: the null port, the sleep port, the debug-exit port
+ *   posted    a write, sent to the device model; the vCPU resumes at once
+ *   sync      a read, sent to the device model; the vCPU waits for the reply
+ *   fallback  a write to a coalesced range that found KVM's ring full: sent
+ *             and acknowledged, so that it cannot overtake the ring's entries
+ * Writes to coalesced ranges and doorbells normally never reach this loop:
+ * KVM takes them in the kernel (docs/design.md, "In-kernel device routes").
+ * Messages travel over one of two transports: POSIX message queues, or the
+ * shared-memory rings of ring.h. The loop counts every exit in its vCPU's
+ * stats area (shared memory the exporter reads at scrape time), and calls no
+ * Python API while the GIL is released.
  *
  * Stopping and pausing: the supervisor writes `request`, sets the kvm_run
  * page's immediate_exit and sends the kick signal to this thread. Whatever
@@ -24,6 +30,7 @@
 #include <linux/futex.h>
 #include <linux/kvm.h>
 #include <mqueue.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -36,6 +43,7 @@
 
 #include "../guest/abi.h"
 #include "outcome.h"
+#include "ring.h"
 
 /* ---- Shared-memory layouts (mpvmm/vcpu_worker/stats_page.py and
  * route_table.py mirror them and are checked against layout() below). ---- */
@@ -47,8 +55,15 @@
 #define MAX_SLEEP_US 1000000u     /* a guest sleep request is capped at 1 s */
 
 enum route_space { SPACE_PIO = 0, SPACE_MMIO = 1 };
-enum route_action { ACTION_DEVICE = 0, ACTION_NULL = 1, ACTION_DEBUG_EXIT = 2, ACTION_SLEEP = 3 };
-enum exit_path { PATH_NATIVE = 0, PATH_POSTED = 1, PATH_SYNC = 2, PATH_COUNT = 3 };
+enum route_action {
+    ACTION_DEVICE = 0, ACTION_NULL = 1, ACTION_DEBUG_EXIT = 2, ACTION_SLEEP = 3,
+    ACTION_COALESCED = 4,  /* KVM appends writes to its coalesced ring; one here found it full */
+    ACTION_IOEVENTFD = 5,  /* KVM signals an eventfd; a write here missed the datamatch */
+};
+enum exit_path { PATH_NATIVE = 0, PATH_POSTED = 1, PATH_SYNC = 2, PATH_FALLBACK = 3, PATH_COUNT = 4 };
+enum transport_kind { TRANSPORT_MQ = 0, TRANSPORT_RING = 1 };
+/* Request kinds of docs/protocol.md. */
+enum request_kind { KIND_WRITE = 0, KIND_READ = 1, KIND_WRITE_ACKED = 2 };
 enum request { REQUEST_RUN = 0, REQUEST_PAUSE = 1, REQUEST_STOP = 2 };
 enum worker_state { STATE_IDLE = 0, STATE_RUNNING = 1, STATE_PAUSED = 2, STATE_DONE = 3 };
 
@@ -80,6 +95,18 @@ struct vcpu_stats {
     uint64_t sleep_ns;
     uint64_t posted_stalls;    /* posted writes that found the request queue full */
     uint64_t stale_replies;    /* replies dropped for a wrong sequence number */
+    uint64_t server_wakeups;   /* ring transport: times this vCPU woke the sleeping device model */
+    uint64_t reply_sleeps;     /* ring transport: replies waited for asleep (the rest came while spinning) */
+};
+
+/* Where the vCPU's messages go: a queue pair or a ring pair (ring.h). */
+struct transport {
+    enum transport_kind kind;
+    mqd_t request_mqd, reply_mqd;
+    struct msg_ring *requests, *replies;
+    struct ring_area_header *header;
+    int wake_fd;
+    int server_was_awake;      /* when the last request went out: worth spinning for the reply */
 };
 
 struct worker {
@@ -88,8 +115,7 @@ struct worker {
     struct vcpu_stats *stats;
     const struct route *routes;
     size_t route_count;
-    mqd_t request_mqd;
-    mqd_t reply_mqd;
+    struct transport transport;
     uint64_t vcpu_index;
     uint64_t sync_seq;
 };
@@ -189,16 +215,15 @@ static int decode_reply(const uint8_t *buf, size_t len, uint64_t *seq, uint64_t 
     return 0;
 }
 
-/* ---- The device-model hand-off. ---- */
+/* ---- The device-model hand-off, over either transport. ---- */
 
-/* Sends one request, waiting while the queue is full; 0 once sent, -1 when
- * a stop was requested meanwhile or the queue failed. */
-static int send_request(struct worker *w, const uint8_t *msg, size_t len)
+/* Message queue: sends one request, waiting while the queue is full. */
+static int mq_send_request(struct worker *w, const uint8_t *msg, size_t len)
 {
     /* An already-expired deadline makes a full queue answer ETIMEDOUT at
      * once, so a stall can be counted without a second syscall per send. */
     struct timespec now = realtime_after(0);
-    if (mq_timedsend(w->request_mqd, (const char *)msg, len, 0, &now) == 0)
+    if (mq_timedsend(w->transport.request_mqd, (const char *)msg, len, 0, &now) == 0)
         return 0;
     if (errno == ETIMEDOUT)
         BUMP(w->stats->posted_stalls);
@@ -208,9 +233,72 @@ static int send_request(struct worker *w, const uint8_t *msg, size_t len)
         if (stop_requested(w))
             return -1;
         struct timespec deadline = realtime_after(KICK_POLL_NS);
-        if (mq_timedsend(w->request_mqd, (const char *)msg, len, 0, &deadline) == 0)
+        if (mq_timedsend(w->transport.request_mqd, (const char *)msg, len, 0, &deadline) == 0)
             return 0;
     }
+}
+
+/* Ring: pushes one request and wakes the device model if it sleeps. */
+static int ring_send_request(struct worker *w, const uint8_t *msg, size_t len)
+{
+    struct transport *t = &w->transport;
+    if (ring_push(t->requests, msg, (uint32_t)len)) {
+        BUMP(w->stats->posted_stalls);
+        do {
+            if (ring_wake_server(t->header, t->wake_fd)) /* it may be asleep with a full ring */
+                BUMP(w->stats->server_wakeups);
+            if (stop_requested(w))
+                return -1;
+            ring_wait_for_space(t->requests, KICK_POLL_NS);
+        } while (ring_push(t->requests, msg, (uint32_t)len));
+    }
+    t->server_was_awake = ring_server_awake(t->header);
+    if (ring_wake_server(t->header, t->wake_fd))
+        BUMP(w->stats->server_wakeups);
+    return 0;
+}
+
+/* 0 once sent; -1 when a stop was requested meanwhile or the transport failed. */
+static int send_request(struct worker *w, const uint8_t *msg, size_t len)
+{
+    return w->transport.kind == TRANSPORT_RING ? ring_send_request(w, msg, len)
+                                               : mq_send_request(w, msg, len);
+}
+
+/* Ring: takes a reply, spinning first while the device model is awake, then
+ * sleeping on the ring; -1 with errno ETIMEDOUT when none came in time. */
+static long ring_receive_reply(struct worker *w, uint8_t *msg)
+{
+    struct transport *t = &w->transport;
+    long n = ring_pop(t->replies, msg);
+    if (n >= 0)
+        return n;
+    if (t->server_was_awake) {
+        t->server_was_awake = 0; /* spin once per request, not after every timeout */
+        uint64_t end = monotonic_ns() + RING_SPIN_NS;
+        while (monotonic_ns() < end) {
+            /* Spin without keeping the core from anyone who wants it: the
+             * device model may be waiting to run on this very CPU. */
+            sched_yield();
+            if ((n = ring_pop(t->replies, msg)) >= 0)
+                return n;
+        }
+    }
+    if (ring_wait_for_record(t->replies, KICK_POLL_NS))
+        BUMP(w->stats->reply_sleeps);
+    if ((n = ring_pop(t->replies, msg)) >= 0)
+        return n;
+    errno = ETIMEDOUT;
+    return -1;
+}
+
+/* Waits up to KICK_POLL_NS for one reply; its length, or -1 (ETIMEDOUT, EINTR, or a failure). */
+static long receive_reply(struct worker *w, uint8_t *msg)
+{
+    if (w->transport.kind == TRANSPORT_RING)
+        return ring_receive_reply(w, msg);
+    struct timespec deadline = realtime_after(KICK_POLL_NS);
+    return (long)mq_timedreceive(w->transport.reply_mqd, (char *)msg, MESSAGE_SIZE, NULL, &deadline);
 }
 
 /* The sync round-trip histogram: bucket k < LATENCY_BUCKETS - 1 counts round
@@ -236,30 +324,32 @@ static void record_latency(struct worker *w, uint64_t ns)
     ADD(w->stats->sync_latency_sum_ns, ns);
 }
 
-/* A read: send it and wait for the reply carrying our sequence number. */
-static int sync_read(struct worker *w, uint64_t space, uint64_t address, uint64_t size,
-                     uint64_t *value)
+/* A request the vCPU waits for (a read, or an acknowledged write): send it
+ * and wait for the reply carrying our sequence number. */
+static int sync_request(struct worker *w, enum request_kind kind, uint64_t space, uint64_t address,
+                        uint64_t size, uint64_t *value)
 {
-    uint8_t msg[MESSAGE_SIZE];
+    uint8_t msg[MESSAGE_SIZE + 1];
     uint64_t start = monotonic_ns();
     w->sync_seq++;
-    size_t len = encode_request(msg, 1, w->vcpu_index, space, address, size, 0, w->sync_seq);
+    size_t len = encode_request(msg, kind, w->vcpu_index, space, address, size,
+                                kind == KIND_READ ? 0 : *value, w->sync_seq);
     if (send_request(w, msg, len))
         return -1;
     for (;;) {
         uint64_t seq;
-        struct timespec deadline = realtime_after(KICK_POLL_NS);
-        ssize_t n = mq_timedreceive(w->reply_mqd, (char *)msg, sizeof msg, NULL, &deadline);
+        long n = receive_reply(w, msg);
         if (n < 0) {
             if ((errno != ETIMEDOUT && errno != EINTR) || stop_requested(w))
                 return -1;
             continue;
         }
-        if (decode_reply(msg, (size_t)n, &seq, value) || seq != w->sync_seq) {
+        if (n > MESSAGE_SIZE || decode_reply(msg, (size_t)n, &seq, value) || seq != w->sync_seq) {
             BUMP(w->stats->stale_replies);
             continue;
         }
-        record_latency(w, monotonic_ns() - start);
+        if (kind == KIND_READ)
+            record_latency(w, monotonic_ns() - start);
         return 0;
     }
 }
@@ -268,7 +358,8 @@ static int posted_write(struct worker *w, uint64_t space, uint64_t address, uint
                         uint64_t value)
 {
     uint8_t msg[MESSAGE_SIZE];
-    size_t len = encode_request(msg, 0, w->vcpu_index, space, address, size, value, w->sync_seq);
+    size_t len = encode_request(msg, KIND_WRITE, w->vcpu_index, space, address, size, value,
+                                w->sync_seq);
     return send_request(w, msg, len);
 }
 
@@ -329,13 +420,24 @@ static enum step handle_access(struct worker *w, uint32_t space, uint64_t addres
         }
         *exit_status = value;
         return STEP_EXITED;
-    default:
+    case ACTION_COALESCED:
+        if (is_write) {
+            /* KVM's ring was full. Posted, this write could be handled
+             * before the entries still in the ring (the device model drains
+             * the ring before every request, and we would go on adding to
+             * it): wait until it is acknowledged instead. */
+            BUMP(w->stats->paths[PATH_FALLBACK]);
+            return sync_request(w, KIND_WRITE_ACKED, space, address, size, &value) ? STEP_STOP
+                                                                                   : STEP_CONTINUE;
+        }
+        __attribute__((fallthrough)); /* reads are never coalesced */
+    default: /* ACTION_DEVICE, and ACTION_IOEVENTFD writes that missed the datamatch */
         if (is_write) {
             BUMP(w->stats->paths[PATH_POSTED]);
             return posted_write(w, space, address, size, value) ? STEP_STOP : STEP_CONTINUE;
         }
         BUMP(w->stats->paths[PATH_SYNC]);
-        if (sync_read(w, space, address, size, &value))
+        if (sync_request(w, KIND_READ, space, address, size, &value))
             return STEP_STOP;
         memcpy(data, &value, size);
         return STEP_CONTINUE;
@@ -434,14 +536,40 @@ static enum outcome run_loop(struct worker *w, uint64_t *value)
 
 /* ---- Python API. ---- */
 
+/* The transport tuple of thread_runner.py: (TRANSPORT_MQ, request_mqd,
+ * reply_mqd, 0, -1) or (TRANSPORT_RING, request ring, reply ring, area
+ * header, wake eventfd), the addresses mapped in this process. */
+static int parse_transport(PyObject *tuple, struct transport *t)
+{
+    int kind, wake_fd;
+    unsigned long long a, b, header;
+    if (!PyArg_ParseTuple(tuple, "iKKKi", &kind, &a, &b, &header, &wake_fd))
+        return -1;
+    if (kind == TRANSPORT_MQ) {
+        *t = (struct transport){.kind = TRANSPORT_MQ, .request_mqd = (mqd_t)a, .reply_mqd = (mqd_t)b};
+        return 0;
+    }
+    if (kind == TRANSPORT_RING && a && b && header) {
+        *t = (struct transport){.kind = TRANSPORT_RING,
+                                .requests = (struct msg_ring *)(uintptr_t)a,
+                                .replies = (struct msg_ring *)(uintptr_t)b,
+                                .header = (struct ring_area_header *)(uintptr_t)header,
+                                .wake_fd = wake_fd};
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "bad transport %d", kind);
+    return -1;
+}
+
 static PyObject *runloop_run(PyObject *self, PyObject *args)
 {
-    int vcpu_fd, request_mqd, reply_mqd;
+    int vcpu_fd;
     unsigned long long run_address, stats_address, vcpu_index;
     Py_buffer routes;
+    PyObject *transport;
     const char *name;
-    if (!PyArg_ParseTuple(args, "iKKy*iiKs", &vcpu_fd, &run_address, &stats_address, &routes,
-                          &request_mqd, &reply_mqd, &vcpu_index, &name))
+    if (!PyArg_ParseTuple(args, "iKKy*O!Ks", &vcpu_fd, &run_address, &stats_address, &routes,
+                          &PyTuple_Type, &transport, &vcpu_index, &name))
         return NULL;
     if (routes.len % sizeof(struct route)) {
         PyBuffer_Release(&routes);
@@ -453,10 +581,12 @@ static PyObject *runloop_run(PyObject *self, PyObject *args)
         .run = (struct kvm_run *)(uintptr_t)run_address,
         .stats = (struct vcpu_stats *)(uintptr_t)stats_address,
         .route_count = (size_t)routes.len / sizeof(struct route),
-        .request_mqd = request_mqd,
-        .reply_mqd = reply_mqd,
         .vcpu_index = vcpu_index,
     };
+    if (parse_transport(transport, &w.transport)) {
+        PyBuffer_Release(&routes);
+        return NULL;
+    }
     /* A private copy: the table is fixed for the run and read without the GIL. */
     struct route *table = PyMem_RawMalloc(routes.len ? (size_t)routes.len : 1);
     if (!table) {
@@ -560,6 +690,19 @@ static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
         FIELD(d, vcpu_stats, paths) || FIELD(d, vcpu_stats, sync_latency_buckets) ||
         FIELD(d, vcpu_stats, sync_latency_sum_ns) || FIELD(d, vcpu_stats, sleep_ns) ||
         FIELD(d, vcpu_stats, posted_stalls) || FIELD(d, vcpu_stats, stale_replies) ||
+        FIELD(d, vcpu_stats, server_wakeups) || FIELD(d, vcpu_stats, reply_sleeps) ||
+        add_int(d, "ring_slot.sizeof", sizeof(struct ring_slot)) || FIELD(d, ring_slot, length) ||
+        FIELD(d, ring_slot, data) ||
+        add_int(d, "msg_ring.sizeof", sizeof(struct msg_ring)) || FIELD(d, msg_ring, head) ||
+        FIELD(d, msg_ring, producer_waiting) || FIELD(d, msg_ring, tail) ||
+        FIELD(d, msg_ring, consumer_waiting) || FIELD(d, msg_ring, slots) ||
+        add_int(d, "ring_area_header.sizeof", sizeof(struct ring_area_header)) ||
+        FIELD(d, ring_area_header, magic) || FIELD(d, ring_area_header, version) ||
+        FIELD(d, ring_area_header, vcpus) || FIELD(d, ring_area_header, server_sleeping) ||
+        add_int(d, "RING_SLOTS", RING_SLOTS) || add_int(d, "RING_MESSAGE_SIZE", RING_MESSAGE_SIZE) ||
+        add_int(d, "RING_HEADER_SIZE", RING_HEADER_SIZE) ||
+        add_int(d, "RING_AREA_MAGIC", (long long)RING_AREA_MAGIC) ||
+        add_int(d, "RING_AREA_VERSION", RING_AREA_VERSION) || add_int(d, "RING_SPIN_NS", RING_SPIN_NS) ||
         add_int(d, "route.sizeof", sizeof(struct route)) || FIELD(d, route, base) ||
         FIELD(d, route, length) || FIELD(d, route, space) || FIELD(d, route, action) ||
         add_int(d, "mpvmm_guest_params.sizeof", sizeof(struct mpvmm_guest_params)) ||
@@ -574,6 +717,9 @@ static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
         FIELD(d, mpvmm_guest_params, debug_exit_port) ||
         FIELD(d, mpvmm_guest_params, sleep_port) ||
         FIELD(d, mpvmm_guest_params, pio_testdev_port) ||
+        FIELD(d, mpvmm_guest_params, pio_doorbell_port) ||
+        FIELD(d, mpvmm_guest_params, mmio_doorbell_addr) ||
+        FIELD(d, mpvmm_guest_params, doorbell_value) ||
         FIELD(d, mpvmm_guest_params, dirty_rate_mib) ||
         FIELD(d, mpvmm_guest_params, dirty_round_us) ||
         FIELD(d, mpvmm_guest_params, dirty_base) || FIELD(d, mpvmm_guest_params, dirty_size) ||
@@ -595,7 +741,7 @@ static PyObject *runloop_layout(PyObject *self, PyObject *noargs)
 
 static PyMethodDef runloop_methods[] = {
     {"run", runloop_run, METH_VARARGS,
-     "run(vcpu_fd, run_address, stats_address, routes, request_mqd, reply_mqd, vcpu_index, "
+     "run(vcpu_fd, run_address, stats_address, routes, transport, vcpu_index, "
      "thread_name) -> (outcome, value)\n\nRun one vCPU until it stops, without the GIL."},
     {"install_kick_handler", runloop_install_kick_handler, METH_VARARGS,
      "Install a no-op handler (no SA_RESTART) so the signal interrupts blocking calls."},
@@ -611,7 +757,15 @@ static struct PyModuleDef runloop_module = {
     runloop_methods,
 };
 
+/* ring_python.c: ring.h's protocol for the device model and the Python loop. */
+extern PyMethodDef ring_python_methods[];
+
 PyMODINIT_FUNC PyInit__runloop(void)
 {
-    return PyModule_Create(&runloop_module);
+    PyObject *module = PyModule_Create(&runloop_module);
+    if (module && PyModule_AddFunctions(module, ring_python_methods)) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -10,7 +10,12 @@ guests that need none, like the built-in guest. Each worker runs the Python
 loop with its own GIL.
 
 The child is forked after the device model is up: it inherits the guest RAM
-mapping, its stats page and its two message queues, and needs no names.
+mapping, its stats page and its channel to the device model (two message
+queues, or its rings in the shared ring area and the device model's wake-up
+eventfd), and needs no names. It registers the run's doorbell eventfds on
+its own VM, so KVM signals the device model's eventfds from every worker;
+the coalesced ranges reach the device model as ordinary writes
+(vcpu_host.py, ``ProcessPerVcpu.routes``).
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ _REAP_POLL_SECONDS = 0.01
 class ProcessRunner(VcpuRunner):
     """vCPU ``index`` of ``guest`` in a forked process with a VM of its own."""
 
-    def __init__(self, index: int, stats_address: int, routes, channel, memory, guest):
+    def __init__(self, index: int, stats_address: int, routes, channel, memory, guest, doorbells=()):
         super().__init__(index, stats_address)
         self.routes = routes
         self.channel = channel
         self.memory = memory
         self.guest = guest
+        self.doorbells = doorbells  # (eventfd, route) pairs to register on the worker's VM
         self._pid = 0
         self._failure: str | None = None  # how the process died, if it did not end cleanly
         self._rusage = None
@@ -66,7 +72,7 @@ class ProcessRunner(VcpuRunner):
         # whole process group, to it (it stops us through the stats page).
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         ignore_stop_signals()
-        keep = {0, 1, 2, self.channel.request_queue.mqd, self.channel.reply_queue.mqd}
+        keep = {0, 1, 2, *self.channel.fds(), *(fd for fd, _route in self.doorbells)}
         for fd in map(int, os.listdir("/proc/self/fd")):
             if fd not in keep:
                 try:
@@ -75,6 +81,8 @@ class ProcessRunner(VcpuRunner):
                     pass
         with Kvm() as kvm, VirtualMachine(kvm, self.memory, [self.index]) as vm:
             try:
+                for fd, route in self.doorbells:
+                    vm.add_doorbell(fd, route)
                 self.guest.set_up_vcpus(kvm, vm.vcpus)
                 code, value = run_python(self.index, vm.vcpus[0], self.stats, self.routes, self.channel)
                 self.stats.outcome_value = value

@@ -2,8 +2,8 @@
 
 It exists as the baseline that shows what the GIL costs: every exit is
 handled while holding the GIL, so vCPU threads take turns. It keeps the same
-routes, messages and stats page as the native loop and passes the same
-tests. The process runner runs it too, in a process of its own.
+routes, messages, transports and stats page as the native loop and passes
+the same tests. The process runner runs it too, in a process of its own.
 """
 
 import ctypes
@@ -11,8 +11,6 @@ import ctypes.util
 import errno
 import threading
 import time
-
-import posix_ipc
 
 from mpvmm.devicemodel import protocol
 from mpvmm.errors import KvmIoctlError, ProtocolError
@@ -25,6 +23,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_NAME = 15
 KICK_POLL_SECONDS = 0.1  # as KICK_POLL_NS in _runloop.c
 MAX_SLEEP_US = 1_000_000
+_PATH_NATIVE, _PATH_POSTED, _PATH_SYNC, _PATH_FALLBACK = range(len(stats_page.PATHS))
 
 
 class _Stop(Exception):
@@ -40,8 +39,7 @@ class PythonLoop:
         self.stats = stats
         self.run = vcpu.kvm_run
         self.run_address = vcpu.run_address
-        self.requests = channel.request_queue
-        self.replies = channel.reply_queue
+        self.channel = channel
         self.sync_seq = 0
         self.routes = routes
         self.mmio_data_address = ctypes.addressof(self.run.mmio.data)
@@ -50,28 +48,17 @@ class PythonLoop:
         return self.stats.request == LoopRequest.STOP
 
     def send(self, message: bytes) -> None:
-        try:
-            self.requests.send(message, timeout=0)
-            return
-        except posix_ipc.BusyError:
-            self.stats.posted_stalls += 1
-        while True:
-            if self.stop_requested():
-                raise _Stop
-            try:
-                self.requests.send(message, timeout=KICK_POLL_SECONDS)
-                return
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                continue
+        if not self.channel.send(message, self.stats, self.stop_requested):
+            raise _Stop
 
-    def sync_read(self, space: int, address: int, size: int) -> int:
+    def sync_request(self, kind: int, space: int, address: int, size: int, value: int = 0) -> int:
+        """A read, or an acknowledged write: send it and wait for the reply carrying our sequence number."""
         start = time.monotonic_ns()
         self.sync_seq += 1
-        self.send(protocol.encode_request(protocol.KIND_READ, self.index, space, address, size, 0, self.sync_seq))
+        self.send(protocol.encode_request(kind, self.index, space, address, size, value, self.sync_seq))
         while True:
-            try:
-                message, _ = self.replies.receive(timeout=KICK_POLL_SECONDS)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
+            message = self.channel.receive(self.stats)
+            if message is None:
                 if self.stop_requested():
                     raise _Stop
                 continue
@@ -82,9 +69,10 @@ class PythonLoop:
             if seq != self.sync_seq:
                 self.stats.stale_replies += 1
                 continue
-            elapsed = time.monotonic_ns() - start
-            self.stats.sync_latency_buckets[stats_page.latency_bucket(elapsed)] += 1
-            self.stats.sync_latency_sum_ns += elapsed
+            if kind == protocol.KIND_READ:
+                elapsed = time.monotonic_ns() - start
+                self.stats.sync_latency_buckets[stats_page.latency_bucket(elapsed)] += 1
+                self.stats.sync_latency_sum_ns += elapsed
             return value
 
     def sleep(self, microseconds: int) -> None:
@@ -101,8 +89,8 @@ class PythonLoop:
         value = int.from_bytes(ctypes.string_at(data_address, size), "little") if is_write else 0
         action = self.routes.action(space, address)
         paths = self.stats.paths
-        if action != route_table.ACTION_DEVICE:
-            paths[0] += 1
+        if action in route_table.NATIVE_ACTIONS:
+            paths[_PATH_NATIVE] += 1
             if not is_write:
                 ctypes.memset(data_address, 0, size)
             elif action == route_table.ACTION_SLEEP:
@@ -110,12 +98,17 @@ class PythonLoop:
             elif action == route_table.ACTION_DEBUG_EXIT:
                 return value
             return None
+        if is_write and action == route_table.ACTION_COALESCED:
+            # KVM's coalesced ring was full: acknowledged, so it cannot overtake the ring (_runloop.c).
+            paths[_PATH_FALLBACK] += 1
+            self.sync_request(protocol.KIND_WRITE_ACKED, space, address, size, value)
+            return None
         if is_write:
-            paths[1] += 1
+            paths[_PATH_POSTED] += 1
             self.send(protocol.encode_request(protocol.KIND_WRITE, self.index, space, address, size, value, self.sync_seq))
             return None
-        paths[2] += 1
-        value = self.sync_read(space, address, size)
+        paths[_PATH_SYNC] += 1
+        value = self.sync_request(protocol.KIND_READ, space, address, size)
         ctypes.memmove(data_address, value.to_bytes(size, "little"), size)
         return None
 

@@ -22,7 +22,7 @@ LATENCY_BOUNDS_SECONDS = tuple(ns / 1e9 for ns in _C_LAYOUT["latency_bounds_ns"]
 latency_bucket = _runloop.latency_bucket
 STATS_AREA_STRIDE = 4096  # one page per vCPU, so no two workers share a cache line
 
-PATHS = ("native", "posted", "sync")  # enum exit_path
+PATHS = ("native", "posted", "sync", "fallback")  # enum exit_path
 
 
 class LoopRequest(enum.IntEnum):
@@ -58,6 +58,8 @@ class VcpuStats(ctypes.Structure):
         ("sleep_ns", ctypes.c_uint64),
         ("posted_stalls", ctypes.c_uint64),
         ("stale_replies", ctypes.c_uint64),
+        ("server_wakeups", ctypes.c_uint64),
+        ("reply_sleeps", ctypes.c_uint64),
     ]
 
 

@@ -43,7 +43,7 @@ class ThreadRunner(VcpuRunner):
         super().__init__(vcpu.index, stats_address)
         self.vcpu = vcpu
         self.routes = routes
-        self.channel = channel  # the vCPU's two queues to the device model
+        self.channel = channel  # the vCPU's channel to the device model (transport/channel.py)
         self._error: BaseException | None = None
         self._outcome: VcpuOutcome | None = None
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
@@ -118,8 +118,7 @@ class NativeRunner(ThreadRunner):
             self.vcpu.run_address,
             self.stats_address,
             self.routes.pack(),
-            self.channel.request_queue.mqd,
-            self.channel.reply_queue.mqd,
+            self.channel.native_args(),
             self.index,
             f"vcpu{self.index}",
         )

@@ -45,9 +45,12 @@ KVM_IDENTITY_MAP_ADDR = GuestAddress(0xFFFBC000)
 # --- RAM and the MMIO hole: RAM runs from 0 to the hole, the rest above 4 GiB.
 MMIO_HOLE_START = GuestAddress(3 * GIB)
 MMIO_HOLE_END = GuestAddress(4 * GIB)
-# The MMIO test device of the device model (the mmio workload pokes it).
+# The MMIO test device of the device model (the mmio workload pokes it): a
+# page of registers, then its doorbell on a page of its own.
 MMIO_TESTDEV_ADDR = GuestAddress(0xD0000000)
-MMIO_TESTDEV_SIZE = PAGE_SIZE
+MMIO_TESTDEV_REGISTERS = PAGE_SIZE
+MMIO_TESTDEV_SIZE = 2 * PAGE_SIZE
+MMIO_TESTDEV_DOORBELL_ADDR = GuestAddress(MMIO_TESTDEV_ADDR + MMIO_TESTDEV_REGISTERS)
 
 # --- I/O ports. ---
 COM1_PORT = 0x3F8
@@ -57,9 +60,12 @@ NULL_PORT = 0x510  # writes and reads do nothing: the cheapest possible exit
 DEBUG_EXIT_PORT = 0x514  # a write ends this vCPU with the written status
 SLEEP_PORT = 0x518  # a write sleeps the vCPU for that many microseconds
 PARAVIRT_PORT_COUNT = 4
-# The device model's test device (the pio-device workload).
+# The device model's test device (the pio-device workload): eight data
+# ports, then its doorbell.
 PIO_TESTDEV_PORT = 0x520
-PIO_TESTDEV_PORT_COUNT = 8
+PIO_TESTDEV_REGISTERS = 8
+PIO_TESTDEV_PORT_COUNT = 16
+PIO_TESTDEV_DOORBELL_PORT = PIO_TESTDEV_PORT + PIO_TESTDEV_REGISTERS
 
 # --- Linux boot (issue 5): the firmware-less PC a kernel expects, as
 # Firecracker lays it out (docs/linux.md, "Memory layout"). The built-in guest's

@@ -12,12 +12,13 @@ from mpvmm.cli import main
 from tests.conftest import device_model_processes, ipc_objects
 
 RECORD_KEYS = {
-    "workload", "runner", "cpus", "seconds", "exits_total", "exits_per_second",
-    "exits_per_second_per_vcpu", "ratio_to_raw", "scaling_efficiency",
+    "workload", "runner", "transport", "cpus", "seconds", "exits_total", "exits_per_second",
+    "exits_per_second_per_vcpu", "ratio_to_raw", "scaling_efficiency", "device_accesses_per_second",
     "sync_latency_p50_seconds", "sync_latency_p99_seconds", "host",
 }
 HOST_KEYS = {"cpu_model", "cores", "kernel", "python_version"}
 WORKLOADS, RUNNERS, CPUS = ("pio-null", "pio-device"), ("raw", "native", "python"), (1, 2)
+TRANSPORTS = ("ring", "mq")
 WINDOW_SECONDS = 0.5
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -25,6 +26,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.parametrize("args", [
     ["--workload", "pio-null,nosuch"],
     ["--runner", "raw,qemu"],
+    ["--transport", "ring,pigeon"],
     ["--cpus", "0,1"],
     ["--cpus", "two"],
     ["--seconds", "-1"],
@@ -54,7 +56,7 @@ def bench_run(tmp_path_factory, kvm_available):
     started = time.monotonic()
     completed = subprocess.run(
         [sys.executable, "-m", "mpvmm", "bench", "--cpus", ",".join(map(str, CPUS)),
-         "--workload", ",".join(WORKLOADS), "--runner", ",".join(RUNNERS),
+         "--workload", ",".join(WORKLOADS), "--runner", ",".join(RUNNERS), "--transport", ",".join(TRANSPORTS),
          "--seconds", str(WINDOW_SECONDS), "--repeat", "1",
          "--json", str(folder / "bench.json"), "--plot", str(folder / "bench.png")],
         capture_output=True, text=True, timeout=120,
@@ -67,8 +69,9 @@ def bench_run(tmp_path_factory, kvm_available):
 
 def test_json_has_one_record_per_combination(bench_run):
     _, records, _, wall_seconds = bench_run
-    assert sorted((r["workload"], r["runner"], r["cpus"]) for r in records) == sorted(
-        (w, r, c) for w in WORKLOADS for r in RUNNERS for c in CPUS)
+    assert sorted((r["workload"], r["runner"], r["transport"] or "-", r["cpus"]) for r in records) == sorted(
+        (w, r, t, c) for w in WORKLOADS for r in RUNNERS for c in CPUS
+        for t in (("-",) if r == "raw" else TRANSPORTS))
     for record in records:
         assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
         assert HOST_KEYS <= set(record["host"])
@@ -78,6 +81,15 @@ def test_json_has_one_record_per_combination(bench_run):
         assert record["exits_per_second"] == pytest.approx(sum(per_vcpu), rel=1e-6)
         assert record["exits_total"] == pytest.approx(record["exits_per_second"] * record["seconds"], abs=1)
         assert record["ratio_to_raw"] > 0 and record["scaling_efficiency"] > 0
+        assert (record["transport"] is None) == (record["runner"] == "raw")
+        figure = "device_accesses" if record["workload"] == "pio-device" else "exits"
+        assert record["throughput_unit"] == figure
+        assert record["throughput_per_second"] == record[f"{figure}_per_second"]
+        # Every pio-device access is one the guest made to a device: four writes and a read a round.
+        if record["workload"] == "pio-device":
+            assert record["device_accesses_per_second"] > 0
+        else:
+            assert record["device_accesses_per_second"] == 0
     # The windows are disjoint parts of the bench's runs (no timing bound:
     # a loaded host stretches them, never past the whole command).
     assert sum(record["seconds"] for record in records) < wall_seconds
@@ -99,10 +111,11 @@ def test_json_reference_points_and_sync_latency(bench_run):
 
 def test_table_and_progress_without_guest_console(bench_run):
     completed, _, _, _ = bench_run
-    for workload in WORKLOADS:
-        assert f"{workload}: exits per second" in completed.stdout
+    assert "pio-null: exits per second" in completed.stdout
+    assert "pio-device: accesses per second" in completed.stdout
     assert "ratio to raw" in completed.stdout and "scaling eff." in completed.stdout
-    assert "pio-device python 2 vCPUs (repeat 1):" in completed.stderr
+    assert "device acc/s" in completed.stdout
+    assert "pio-device python/mq 2 vCPUs (repeat 1):" in completed.stderr
     assert "online" not in completed.stdout + completed.stderr  # the guest's console went to /dev/null
 
 

@@ -10,16 +10,43 @@ HOST = {"cpu_model": "test"}
 
 
 def sample(runner, cpus, per_vcpu_rate, workload="pio-null", seconds=2.0, sync_buckets=(), sync_sum=0.0,
-           iterations=0):
-    ops = dict.fromkeys(abi.OPS, 0)
-    ops["compute_iterations"] = iterations
-    return RunSample(workload=workload, runner=runner, cpus=cpus, seconds=seconds,
-                     exits=[int(per_vcpu_rate * seconds)] * cpus, sync_buckets=list(sync_buckets),
-                     sync_sum_seconds=sync_sum, guest_ops=ops, pinned_cpus=None)
+           iterations=0, transport="ring", **ops):
+    counts = dict.fromkeys(abi.OPS, 0) | ops
+    counts["compute_iterations"] = iterations
+    return RunSample(workload=workload, runner=runner, transport=None if runner == "raw" else transport,
+                     cpus=cpus, seconds=seconds, exits=[int(per_vcpu_rate * seconds)] * cpus,
+                     sync_buckets=list(sync_buckets), sync_sum_seconds=sync_sum, guest_ops=counts, pinned_cpus=None)
 
 
 def by_key(records):
     return {(r["workload"], r["runner"], r["cpus"]): r for r in records}
+
+
+def test_each_transport_is_a_record_of_its_own_against_the_one_raw_run():
+    samples = [sample("raw", 1, 100), sample("native", 1, 50, transport="ring"),
+               sample("native", 1, 25, transport="mq"), sample("native", 2, 40, transport="ring")]
+    records = {(r["runner"], r["transport"], r["cpus"]): r for r in build_records(samples, HOST)}
+    assert set(records) == {("raw", None, 1), ("native", "ring", 1), ("native", "mq", 1), ("native", "ring", 2)}
+    assert records["native", "ring", 1]["ratio_to_raw"] == pytest.approx(0.5)
+    assert records["native", "mq", 1]["ratio_to_raw"] == pytest.approx(0.25)
+    assert records["native", "ring", 2]["scaling_efficiency"] == pytest.approx(80 / (2 * 50))
+
+
+def test_device_accesses_count_every_path_but_the_native_ports():
+    # 1000 coalesced writes, 250 reads, 100 doorbells and 50 uart bytes in 2 s; the null port is no device.
+    record = build_records([sample("native", 1, 10, "pio-device", pio_device_writes=1000, pio_device_reads=250,
+                                   pio_doorbells=100, uart_bytes=50, pio_null_writes=999)], HOST)[0]
+    assert record["device_accesses_per_second"] == pytest.approx((1000 + 250 + 100 + 50) / 2)
+    # The device workloads are judged by it: KVM took most of these without an exit.
+    assert record["throughput_unit"] == "device_accesses"
+    assert record["throughput_per_second"] == record["device_accesses_per_second"] > record["exits_per_second"]
+
+
+def test_raw_and_a_coalescing_runner_compare_by_the_guests_accesses():
+    raw = sample("raw", 1, 1000, "mmio", mmio_writes=1600, mmio_reads=400)  # every access an exit
+    native = sample("native", 1, 300, "mmio", mmio_writes=3200, mmio_reads=800)  # most writes in KVM
+    record = by_key(build_records([raw, native], HOST))["mmio", "native", 1]
+    assert record["ratio_to_raw"] == pytest.approx(2.0)
 
 
 def test_median_of_repeats_ratio_and_efficiency():

@@ -19,13 +19,15 @@ from mpvmm.devicemodel.machine import (
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
+    KIND_WRITE_ACKED,
     SPACE_MMIO,
     SPACE_PIO,
     Request,
     decode_reply,
     encode_request,
 )
-from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, NULL_PORT, PIO_TESTDEV_PORT
+from mpvmm.x86.layout import (COM1_PORT, MMIO_TESTDEV_ADDR, MMIO_TESTDEV_DOORBELL_ADDR, NULL_PORT,
+                              PIO_TESTDEV_DOORBELL_PORT, PIO_TESTDEV_PORT)
 from tests.devicemodel.test_protocol import valid_requests
 
 
@@ -70,8 +72,36 @@ def test_testdev_on_both_buses():
     model.handle(write(SPACE_PIO, PIO_TESTDEV_PORT, 1, 7))
     model.handle(write(SPACE_MMIO, MMIO_TESTDEV_ADDR, 8, 100))
     devices = model.stats()["devices"]
-    assert devices[PIO_TESTDEV_NAME] == {"writes": 2, "write_sum": 12, "reads": 1}
-    assert devices[MMIO_TESTDEV_NAME] == {"writes": 1, "write_sum": 100, "reads": 1}
+    counts = ("writes", "write_sum", "reads")
+    assert {k: devices[PIO_TESTDEV_NAME][k] for k in counts} == {"writes": 2, "write_sum": 12, "reads": 1}
+    assert {k: devices[MMIO_TESTDEV_NAME][k] for k in counts} == {"writes": 1, "write_sum": 100, "reads": 1}
+
+
+def test_an_acknowledged_write_is_a_write_answered_with_zero():
+    model = DeviceModel()
+    acked = Request(KIND_WRITE_ACKED, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 9, 5)
+    assert decode_reply(model.handle_message(encode_request(*acked))) == (5, 0)
+    assert model.handle(Request(KIND_WRITE_ACKED, 0, SPACE_PIO, 0x2F8, 1, 1, 6)) == 0  # unmapped: still answered
+    stats = model.stats()
+    assert stats["devices"][PIO_TESTDEV_NAME]["write_sum"] == 9
+    assert stats["requests"][PIO_TESTDEV_NAME]["write"] == 1 and stats["unmapped"]["pio"]["write"] == 1
+
+
+def test_coalesced_writes_and_doorbells_reach_devices_and_are_counted_apart():
+    model = DeviceModel()
+    model.write_coalesced(SPACE_PIO, PIO_TESTDEV_PORT, 4, 3)
+    model.write_coalesced(SPACE_MMIO, MMIO_TESTDEV_ADDR + 16, 8, (1 << 64) + 4)  # masked to the width
+    model.write_coalesced(SPACE_MMIO, 0x1000, 8, 1)  # nothing there: unmapped, never raised
+    model.doorbell(SPACE_PIO, PIO_TESTDEV_DOORBELL_PORT, 3)
+    model.doorbell(SPACE_MMIO, MMIO_TESTDEV_DOORBELL_ADDR, 2)
+    stats = model.stats()
+    assert stats["coalesced"][PIO_TESTDEV_NAME] == 1 and stats["coalesced"][MMIO_TESTDEV_NAME] == 1
+    assert stats["devices"][PIO_TESTDEV_NAME]["write_sum"] == 3
+    assert stats["devices"][MMIO_TESTDEV_NAME]["write_sum"] == 4
+    assert stats["doorbells"] == {**dict.fromkeys(stats["doorbells"], 0), PIO_TESTDEV_NAME: 3, MMIO_TESTDEV_NAME: 2}
+    assert stats["devices"][PIO_TESTDEV_NAME]["doorbells"] == 3
+    assert stats["requests"][PIO_TESTDEV_NAME] == {"read": 0, "write": 0}  # none of it was a request
+    assert stats["unmapped"]["mmio"]["write"] == 1
 
 
 @pytest.mark.parametrize("size, ones", [(1, 0xFF), (2, 0xFFFF), (4, 0xFFFFFFFF), (8, (1 << 64) - 1)])
@@ -167,6 +197,8 @@ def test_any_valid_request_is_handled(req):
     if req.kind == KIND_READ:
         seq, value = decode_reply(reply)
         assert seq == req.seq and value < (1 << (8 * req.size))
+    elif req.kind == KIND_WRITE_ACKED:
+        assert decode_reply(reply) == (req.seq, 0)
     else:
         assert reply is None
 

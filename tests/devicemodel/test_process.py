@@ -1,6 +1,7 @@
 """The device-model process, end to end: real shm, real queues, a real child."""
 
 import fcntl
+import mmap
 import os
 import secrets
 import select
@@ -22,10 +23,10 @@ from mpvmm.devicemodel import rtc, serial
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
-from mpvmm.devicemodel.rounds import serve_round, writes_before_reads
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
+    KIND_WRITE_ACKED,
     MAX_MESSAGE_SIZE,
     SPACE_MMIO,
     SPACE_PIO,
@@ -33,7 +34,11 @@ from mpvmm.devicemodel.protocol import (
     encode_request,
 )
 from mpvmm.errors import DeviceModelError
-from mpvmm.x86.layout import COM1_PORT, MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT, RTC_PORT
+from mpvmm.transport.channel import RingChannel
+from mpvmm.transport.ring import RING_SLOTS, RingArea
+from mpvmm.x86.layout import (COM1_PORT, MMIO_TESTDEV_ADDR, MMIO_TESTDEV_DOORBELL_ADDR, PIO_TESTDEV_DOORBELL_PORT,
+                              PIO_TESTDEV_PORT, RTC_PORT)
+from tests.devicemodel.test_coalesced import Kvm as CoalescedProducer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
@@ -45,19 +50,37 @@ def queue_depth():
         return min(10, int(f.read()))
 
 
-class Harness:
-    """What the supervisor does: names, shm, queues, socketpair, the child."""
+class _Counts:
+    """The stats-page counters a RingChannel bumps (the harness has no stats page)."""
 
-    def __init__(self, vcpus=2):
+    posted_stalls = server_wakeups = reply_sleeps = 0
+
+
+class Harness:
+    """What the supervisor does: names, shm, queues or rings, socketpair, the child."""
+
+    def __init__(self, vcpus=2, transport="mq"):
+        self.transport = transport
+        self.vcpus = vcpus
         self.prefix = f"/mpvmm-test-{os.getpid()}-{secrets.token_hex(4)}"
         self.req_names = [f"{self.prefix}-req{i}" for i in range(vcpus)]
         self.rep_names = [f"{self.prefix}-rep{i}" for i in range(vcpus)]
         # Like GuestMemory: nameless at once, handed over as an fd.
         self.shm = posix_ipc.SharedMemory(self.prefix + "-ram", posix_ipc.O_CREX, mode=0o600, size=RAM_SIZE)
         self.shm.unlink()
-        depth = queue_depth()
-        self.requests = [self._create_queue(name, depth) for name in self.req_names]
-        self.replies = [self._create_queue(name, depth) for name in self.rep_names]
+        self.requests, self.replies, self.channels = [], [], []
+        self.area, self.wake_fd = None, -1
+        self.inherited = [self.shm.fd]
+        if transport == "mq":
+            depth = queue_depth()
+            self.requests = [self._create_queue(name, depth) for name in self.req_names]
+            self.replies = [self._create_queue(name, depth) for name in self.rep_names]
+        else:
+            self.area = RingArea.create(vcpus)
+            self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.channels = [RingChannel(self.area.requests(i), self.area.replies(i), self.area.header,
+                                         self.wake_fd) for i in range(vcpus)]
+            self.inherited += [self.area.fd, self.wake_fd]
         self.proc = None
         self.sock = None
         self._unpacker = msgpack.Unpacker(raw=False)
@@ -68,13 +91,18 @@ class Harness:
             name, posix_ipc.O_CREX, mode=0o600, max_messages=depth, max_message_size=MAX_MESSAGE_SIZE
         )
 
+    @property
+    def depth(self):
+        """Replies a vCPU's reply channel holds."""
+        return queue_depth() if self.transport == "mq" else RING_SLOTS
+
     def start(self, stdout=subprocess.DEVNULL, module="mpvmm.devicemodel", args=(), pass_fds=(), prefix=()):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", module, str(child.fileno()), *args],
-            pass_fds=(child.fileno(), self.shm.fd, *pass_fds),
+            pass_fds=(child.fileno(), *self.inherited, *pass_fds),
             stdout=stdout,
             env=env,
         )
@@ -82,14 +110,18 @@ class Harness:
         self.sock.settimeout(TIMEOUT)
 
     def configure(self, console=None, **changes):
+        if self.transport == "mq":
+            transport = {"request_queues": self.req_names, "reply_queues": self.rep_names}
+        else:
+            transport = {"transport": "ring", "ring_fd": self.area.fd, "wake_fd": self.wake_fd,
+                         "poll_limit_seconds": 0.0002}
         message = {
             "op": "configure",
             "version": 1,
             "ram_fd": self.shm.fd,
             "ram_size": RAM_SIZE,
-            "request_queues": self.req_names,
-            "reply_queues": self.rep_names,
             "console": console,
+            **transport,
             **changes,
         }
         self.send(message)
@@ -107,12 +139,27 @@ class Harness:
                 raise EOFError("device model closed the control socket")
             self._unpacker.feed(data)
 
-    def request(self, queue, *args):
-        self.requests[queue].send(encode_request(*args))
+    def send_raw(self, vcpu, record):
+        """One record on vCPU ``vcpu``'s request channel, as it is, malformed or not."""
+        if self.transport == "mq":
+            self.requests[vcpu].send(record)
+        else:
+            assert self.channels[vcpu].send(record, _Counts(), lambda: False)
 
-    def reply(self, queue):
-        message, _ = self.replies[queue].receive(TIMEOUT)
+    def request(self, vcpu, *args):
+        self.send_raw(vcpu, encode_request(*args))
+
+    def reply(self, vcpu):
+        if self.transport == "mq":
+            message, _ = self.replies[vcpu].receive(TIMEOUT)
+            return decode_reply(message)
+        deadline = time.monotonic() + TIMEOUT
+        while (message := self.channels[vcpu].receive(_Counts())) is None:
+            assert time.monotonic() < deadline, "no reply"
         return decode_reply(message)
+
+    def replies_waiting(self, vcpu):
+        return self.replies[vcpu].current_messages if self.transport == "mq" else len(self.area.replies(vcpu))
 
     def stats(self):
         self.send({"op": "stats"})
@@ -138,6 +185,10 @@ class Harness:
             queue.close()
         self.unlink_names()
         self.shm.close_fd()
+        if self.area is not None:
+            self.channels = []
+            self.area.close()
+            os.close(self.wake_fd)
 
     def leftovers(self):
         shm_left = [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(self.prefix[1:])]
@@ -151,9 +202,17 @@ class Harness:
         return shm_left + queues_left
 
 
+@pytest.fixture(params=["mq", "ring"])
+def harness(request):
+    h = Harness(transport=request.param)
+    yield h
+    h.close()
+    assert h.leftovers() == []
+
+
 @pytest.fixture
-def harness():
-    h = Harness()
+def mq_harness():
+    h = Harness(transport="mq")
     yield h
     h.close()
     assert h.leftovers() == []
@@ -180,11 +239,11 @@ def test_full_session(harness, tmp_path):
     # A message that claims another vCPU still answers on its own queue pair.
     harness.request(0, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, 2)
     assert harness.reply(0) == (2, testdev_pattern(0, 1))
-    assert harness.replies[1].current_messages == 0
+    assert harness.replies_waiting(1) == 0
 
-    harness.requests[1].send(b"\xc1")  # malformed
-    harness.requests[1].send(msgpack.packb([9, 1, 1, 0, 0, 1, 0, 9]))  # bad version, a read
-    harness.requests[1].send(b"")
+    harness.send_raw(1, b"\xc1")  # malformed
+    harness.send_raw(1, msgpack.packb([9, 1, 1, 0, 0, 1, 0, 9]))  # bad version, a read
+    harness.send_raw(1, b"")
     # Queues are FIFO: once this read is answered the bad ones were handled.
     harness.request(1, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, 9)
     assert harness.reply(1) == (9, testdev_pattern(0, 1))
@@ -197,7 +256,8 @@ def test_full_session(harness, tmp_path):
     assert stats["rejected"]["bad_version"] == 1
     assert stats["rejected"]["truncated"] == 1
     assert stats["unmapped"]["pio"] == {"read": 1, "write": 0}
-    assert stats["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 12, "reads": 3}
+    assert {k: stats["devices"]["testdev-pio"][k] for k in ("writes", "write_sum", "reads")} == \
+        {"writes": 2, "write_sum": 12, "reads": 3}
     assert stats["devices"]["testdev-mmio"]["reads"] == 1
     assert stats["requests"]["com1"]["write"] == 6
     assert reply["process"]["received"] == [10, 6]
@@ -355,11 +415,11 @@ def test_configure_with_too_small_ram_fails(harness):
     assert harness.proc.wait(TIMEOUT) == 1
 
 
-def test_configure_with_a_missing_queue_fails(harness):
-    harness.start()
-    answer = harness.configure(reply_queues=harness.rep_names[:1] + [harness.prefix + "-nope"])
+def test_configure_with_a_missing_queue_fails(mq_harness):
+    mq_harness.start()
+    answer = mq_harness.configure(reply_queues=mq_harness.rep_names[:1] + [mq_harness.prefix + "-nope"])
     assert answer["op"] == "error" and "nope" in answer["message"]
-    assert harness.proc.wait(TIMEOUT) == 1
+    assert mq_harness.proc.wait(TIMEOUT) == 1
 
 
 def test_sigint_is_ignored_and_unknown_ops_answered(harness):
@@ -378,7 +438,7 @@ def test_sigint_is_ignored_and_unknown_ops_answered(harness):
 def test_full_reply_queue_drops_and_counts(harness):
     harness.start()
     assert harness.configure()["op"] == "ready"
-    depth = queue_depth()
+    depth = harness.depth
     for seq in range(depth + 1):  # one more read than the reply queue holds
         harness.request(1, KIND_READ, 1, SPACE_PIO, PIO_TESTDEV_PORT, 1, 0, seq)
     deadline = time.monotonic() + TIMEOUT
@@ -391,6 +451,96 @@ def test_full_reply_queue_drops_and_counts(harness):
     assert harness.proc.poll() is None
 
 
+def _ring_page():
+    """A stand-in for the vCPU fd the supervisor passes: a memfd whose third page holds the ring."""
+    fd = os.memfd_create("coalesced-ring")
+    os.ftruncate(fd, 3 * mmap.PAGESIZE)
+    return fd, mmap.mmap(fd, mmap.PAGESIZE, offset=2 * mmap.PAGESIZE)
+
+
+def _stats_until(harness, done):
+    deadline = time.monotonic() + TIMEOUT
+    while not done(stats := harness.stats()):
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.01)
+    return stats
+
+
+def test_coalesced_writes_are_drained_in_order_before_requests(harness):
+    fd, page = _ring_page()
+    kvm = CoalescedProducer(page)
+    try:
+        harness.start(pass_fds=(fd,))
+        assert harness.configure(coalesced_ring=[fd, 2])["op"] == "ready"
+        harness.proc.send_signal(signal.SIGSTOP)  # nothing drains while we fill
+        for sequence in (1, 2, 3):  # vCPU 0's first writes, through KVM's ring
+            assert kvm.write(PIO_TESTDEV_PORT, 4, sequence, pio=True)
+        harness.request(0, KIND_WRITE_ACKED, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 4, 1)  # a full ring's fallback
+        harness.proc.send_signal(signal.SIGCONT)
+        assert harness.reply(0) == (1, 0)
+        assert kvm.write(PIO_TESTDEV_PORT, 4, 5, pio=True)  # after the acknowledgement: on through the ring
+        stats = _stats_until(harness, lambda s: s["process"]["coalesced_ring"]["entries"] == 4)  # the <= 1 ms drain
+        device = stats["stats"]["devices"]["testdev-pio"]
+        assert (device["writes"], device["write_sum"], device["order_errors"]) == (5, 15, 0)
+        assert stats["stats"]["coalesced"]["testdev-pio"] == 4
+        assert stats["stats"]["requests"]["testdev-pio"] == {"read": 0, "write": 1}
+        assert kvm.header.first == kvm.header.last == 4
+    finally:
+        kvm.header = None
+        page.close()
+        os.close(fd)
+
+
+def test_doorbells_are_counted_by_device(harness):
+    pio_bell, mmio_bell = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        harness.start(pass_fds=(pio_bell, mmio_bell))
+        assert harness.configure(doorbells=[[pio_bell, SPACE_PIO, PIO_TESTDEV_DOORBELL_PORT],
+                                            [mmio_bell, SPACE_MMIO, MMIO_TESTDEV_DOORBELL_ADDR]])["op"] == "ready"
+        os.eventfd_write(pio_bell, 3)  # what KVM does for three rings
+        os.eventfd_write(mmio_bell, 1)
+        os.eventfd_write(mmio_bell, 1)
+        stats = _stats_until(harness, lambda s: sum(s["stats"]["doorbells"].values()) == 5)["stats"]
+        assert stats["doorbells"]["testdev-pio"] == stats["devices"]["testdev-pio"]["doorbells"] == 3
+        assert stats["doorbells"]["testdev-mmio"] == stats["devices"]["testdev-mmio"]["doorbells"] == 2
+    finally:
+        os.close(pio_bell)
+        os.close(mmio_bell)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"transport": "pigeon"}, "unknown transport"),
+    ({"doorbells": [[3, 9, 0]]}, "doorbells"),
+    ({"coalesced_ring": [3]}, "coalesced_ring"),
+    ({"transport": "ring", "ring_fd": None}, "ring_fd and wake_fd"),
+])
+def test_configure_refuses_bad_transport_and_in_kernel_fields(harness, changes, message):
+    harness.start()
+    answer = harness.configure(**changes)
+    assert answer["op"] == "error" and message in answer["message"], answer
+    assert harness.proc.wait(TIMEOUT) == 1
+
+
+@pytest.mark.parametrize("bad", ["area", "poll limit"])
+def test_a_bad_ring_area_or_poll_limit_is_refused(bad):
+    harness = Harness(transport="ring")
+    fake = os.memfd_create("not-rings")
+    os.ftruncate(fake, harness.area.size)
+    try:
+        harness.start(pass_fds=(fake,))
+        if bad == "area":
+            answer = harness.configure(ring_fd=fake)
+            assert answer["op"] == "error" and "not a version 1 ring area" in answer["message"]
+        else:
+            answer = harness.configure(poll_limit_seconds=5.0)  # polling is bounded far below that
+            assert answer["op"] == "error" and "poll_limit_seconds" in answer["message"]
+        assert harness.proc.wait(TIMEOUT) == 1
+    finally:
+        os.close(fake)
+        harness.close()
+    assert harness.leftovers() == []
+
+
 def test_usage_error_exit_2():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run([sys.executable, "-m", "mpvmm.devicemodel"], env=env, capture_output=True)
@@ -398,40 +548,6 @@ def test_usage_error_exit_2():
 
 
 # --- The pieces, without a child process. ---
-
-
-class FakeQueue:
-    def __init__(self, messages):
-        self.messages = list(messages)
-
-    def receive(self):
-        if not self.messages:
-            raise posix_ipc.BusyError("empty")
-        return self.messages.pop(0), 0
-
-
-def test_serve_round_stops_at_a_kept_read():
-    queue = FakeQueue([b"w", b"r", b"after"])
-    taken = []
-
-    def take(index, message):
-        taken.append(message)
-        return message == b"r"
-
-    assert serve_round([queue], [0], take, batch=8) == []
-    assert taken == [b"w", b"r"] and queue.messages == [b"after"]
-
-
-def test_writes_before_reads_drains_the_other_queues_up_to_their_depth():
-    waiting = FakeQueue([b"never"])  # its vCPU waits on a kept read: nothing is taken
-    busy = FakeQueue([b"w"] * 12)
-    idle = FakeQueue([])
-    taken = []
-    writes_before_reads([waiting, busy, idle], [0], lambda: [0, 1], lambda i, m: taken.append(i), depth=10)
-    assert taken == [1] * 10 and waiting.messages == [b"never"]
-    single = FakeQueue([b"w"])
-    writes_before_reads([single], [0], lambda: [0], lambda i, m: taken.append(i), depth=10)
-    assert single.messages == [b"w"]  # one vCPU: nothing to order against
 
 
 def test_a_read_sees_every_write_queued_before_it_by_another_vcpu(harness):
@@ -449,16 +565,6 @@ def test_a_read_sees_every_write_queued_before_it_by_another_vcpu(harness):
     harness.start()
     assert harness.configure()["op"] == "ready"
     assert harness.reply(1) == (1, 9)
-
-
-def test_serve_round_is_fair():
-    busy = FakeQueue([b"b"] * 100)
-    quiet = FakeQueue([b"q"] * 3)
-    seen = []
-    more = serve_round([busy, quiet], [0, 1], lambda i, m: seen.append(i), batch=8)
-    assert seen == [0] * 8 + [1] * 3  # the quiet vCPU is served in the same round
-    assert more == [0]
-    assert serve_round([busy, quiet], [1], lambda i, m: None, batch=8) == []
 
 
 def test_console_buffers_until_flush(tmp_path):
@@ -559,16 +665,20 @@ def test_save_state_sees_queued_writes_and_restore_state_rebuilds_the_devices(ha
     harness.send({"op": "save_state"})
     saved = harness.recv()
     assert saved["op"] == "state"
-    assert saved["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 7, "reads": 0}
+    assert saved["devices"]["testdev-pio"] == {"writes": 2, "write_sum": 7, "reads": 0, "doorbells": 0,
+                                               "doorbell_misses": 0, "order_errors": 0, "sequences": [[4, 0, 4]]}
     assert set(saved["devices"]) == set(harness.stats()["stats"]["devices"])
 
-    devices = dict(saved["devices"], **{"testdev-pio": {"writes": 40, "write_sum": 100, "reads": 1}})
+    devices = dict(saved["devices"], **{"testdev-pio": dict(saved["devices"]["testdev-pio"], writes=40,
+                                                            write_sum=100, reads=1)})
     harness.send({"op": "restore_state", "devices": devices})
     assert harness.recv() == {"op": "restored"}
     harness.request(0, KIND_WRITE, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 5, 0)
     harness.request(0, KIND_READ, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 0, 1)
     assert harness.reply(0) == (1, testdev_pattern(0, 4))
-    assert harness.stats()["stats"]["devices"]["testdev-pio"] == {"writes": 41, "write_sum": 105, "reads": 2}
+    counts = harness.stats()["stats"]["devices"]["testdev-pio"]
+    # The counts go on from the restored ones, and so does vCPU 0's sequence (4, then 5: in order).
+    assert (counts["writes"], counts["write_sum"], counts["reads"], counts["order_errors"]) == (41, 105, 2, 0)
 
     # A bad record is refused and the machine stays as it was.
     harness.send({"op": "restore_state", "devices": dict(devices, **{"testdev-pio": {"writes": -1}})})

@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 from mpvmm.devicemodel.protocol import (
     KIND_READ,
     KIND_WRITE,
+    KIND_WRITE_ACKED,
+    KINDS,
     MAX_MESSAGE_SIZE,
     REJECT_REASONS,
     SCHEMA_VERSION,
@@ -33,7 +35,8 @@ def packed(**changes):
 
 def test_constants():
     assert SCHEMA_VERSION == 1 and MAX_MESSAGE_SIZE == 128
-    assert (KIND_WRITE, KIND_READ, SPACE_PIO, SPACE_MMIO) == (0, 1, 0, 1)
+    assert (KIND_WRITE, KIND_READ, KIND_WRITE_ACKED, SPACE_PIO, SPACE_MMIO) == (0, 1, 2, 0, 1)
+    assert KINDS == (KIND_WRITE, KIND_READ, KIND_WRITE_ACKED)
 
 
 def test_wire_format_is_the_compact_one_the_c_loop_writes():
@@ -83,7 +86,7 @@ REJECTIONS = [
     ("negative_field", packed(vcpu=-1)),
     ("negative_field", packed(version=-1)),
     ("negative_field", packed(seq=-(1 << 63))),
-    ("bad_kind", packed(kind=2)),
+    ("bad_kind", packed(kind=3)),
     ("bad_space", packed(space=2)),
     ("bad_size", packed(size=0)),
     ("bad_size", packed(size=3)),
@@ -126,7 +129,7 @@ def test_deep_nesting_is_refused_without_recursion_trouble():
 @pytest.mark.parametrize(
     "args",
     [
-        (2, 0, 0, 0, 1, 0, 0),
+        (3, 0, 0, 0, 1, 0, 0),
         (0, 0, 2, 0, 1, 0, 0),
         (0, 0, 0, 0, 5, 0, 0),
         (0, 0, 0, 0, 1, 256, 0),
@@ -169,7 +172,7 @@ def valid_requests(draw):
     space = draw(st.sampled_from([SPACE_PIO, SPACE_MMIO]))
     size = draw(st.sampled_from(VALID_SIZES))
     return Request(
-        kind=draw(st.sampled_from([KIND_WRITE, KIND_READ])),
+        kind=draw(st.sampled_from(KINDS)),
         vcpu=draw(uint64),
         space=space,
         address=draw(st.integers(0, 0xFFFF) if space == SPACE_PIO else uint64),

@@ -30,12 +30,14 @@ from pathlib import Path
 import pytest
 
 from mpvmm.devicemodel import rtc
-from mpvmm.devicemodel.protocol import KIND_READ, KIND_WRITE, SPACE_MMIO, SPACE_PIO
+from mpvmm.devicemodel.protocol import KIND_READ, KIND_WRITE, KIND_WRITE_ACKED, SPACE_MMIO, SPACE_PIO
 from mpvmm.devicemodel.syscall_filter import ALLOWED_SYSCALLS
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from mpvmm.x86.layout import (ACPI_PM_PORT, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT,
-                              MMIO_TESTDEV_ADDR, PIO_TESTDEV_PORT, RTC_PORT)
-from tests.devicemodel.test_process import Harness
+                              MMIO_TESTDEV_ADDR, MMIO_TESTDEV_DOORBELL_ADDR, PIO_TESTDEV_DOORBELL_PORT,
+                              PIO_TESTDEV_PORT, RTC_PORT)
+from tests.devicemodel.test_coalesced import Kvm as CoalescedProducer
+from tests.devicemodel.test_process import Harness, _ring_page, _stats_until
 
 SYSCALL = re.compile(r"^\d+\s+([a-z0-9_]+)\(")
 # libseccomp loads the filter with seccomp(2), or prctl(2) on old kernels.
@@ -146,9 +148,56 @@ def test_linux_machine_calls_only_allowed_syscalls(tmp_path):
             "recvfrom", "sendto", "exit_group"} <= set(calls)
 
 
-@pytest.mark.parametrize("runner", ["native", "process"])
-def test_vm_run_calls_only_allowed_syscalls(runner, tmp_path, monkeypatch, no_leaks):
-    """A hostile guest's flood while /metrics asks the device model for its stats."""
+def test_ring_transport_and_in_kernel_routes_call_only_allowed_syscalls(tmp_path):
+    """The ring transport (polling, wake-ups both ways), KVM's coalesced ring and doorbell eventfds."""
+    harness = Harness(transport="ring")
+    ring_fd, page = _ring_page()
+    kvm = CoalescedProducer(page)
+    bells = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        harness.start(pass_fds=(ring_fd, *bells), prefix=strace_prefix(tmp_path / "strace.txt"))
+        ready = harness.configure(console=str(tmp_path / "console"), coalesced_ring=[ring_fd, 2],
+                                  doorbells=[[bells[0], SPACE_PIO, PIO_TESTDEV_DOORBELL_PORT],
+                                             [bells[1], SPACE_MMIO, MMIO_TESTDEV_DOORBELL_ADDR]])
+        assert ready["op"] == "ready", ready
+        for seq in range(1, 200):  # back to back: found while it polls; then apart: it sleeps and is woken
+            for value in range(4):
+                assert kvm.write(PIO_TESTDEV_PORT, 4, value, pio=True)
+            harness.request(seq % 2, KIND_READ, seq % 2, SPACE_PIO, PIO_TESTDEV_PORT, 4, 0, seq)
+            assert harness.reply(seq % 2)[0] == seq
+            if seq % 50 == 0:
+                time.sleep(0.05)
+        harness.request(0, KIND_WRITE_ACKED, 0, SPACE_PIO, PIO_TESTDEV_PORT, 4, 9, 500)  # a full ring's fallback
+        assert harness.reply(0) == (500, 0)
+        for _ in range(40):  # more than a request ring holds: the vCPU waits for room, and is woken
+            harness.request(1, KIND_WRITE, 1, SPACE_PIO, COM1_PORT, 1, ord("x"), 0)
+        os.eventfd_write(bells[0], 2)
+        os.eventfd_write(bells[1], 1)
+        stats = _stats_until(harness, lambda s: sum(s["stats"]["doorbells"].values()) == 3
+                             and s["process"]["received"][1] == 140)
+        process = stats["process"]
+        assert process["coalesced_ring"]["entries"] == 4 * 199 and process["polled_hits"] > 0
+        assert process["wakeups"] > 0 and process["received"] == [100, 140]
+        harness.send({"op": "shutdown"})
+        assert harness.recv()["op"] == "bye"
+        assert harness.proc.wait(10) == 0
+    finally:
+        kvm.header = None
+        page.close()
+        harness.close()
+        for fd in (ring_fd, *bells):
+            os.close(fd)
+    calls = sandboxed_calls(tmp_path / "strace.txt")
+    assert_allowed(calls)
+    assert {"epoll_wait", "sched_yield", "futex", "read", "recvfrom", "sendto", "exit_group"} <= set(calls)
+
+
+@pytest.mark.parametrize("runner, transport, workload", [
+    ("native", "mq", "hostile"), ("native", "ring", "hostile"), ("process", "ring", "hostile"),
+    ("native", "ring", "doorbell"),
+])
+def test_vm_run_calls_only_allowed_syscalls(runner, transport, workload, tmp_path, monkeypatch, no_leaks):
+    """A guest's flood (hostile) or its doorbells and coalesced writes while /metrics asks for stats."""
     # The supervisor starts `sys.executable -m mpvmm.devicemodel`: here, under strace.
     output = tmp_path / "strace.txt"
     wrapper = tmp_path / "python-under-strace"
@@ -162,14 +211,16 @@ def test_vm_run_calls_only_allowed_syscalls(runner, tmp_path, monkeypatch, no_le
             with urllib.request.urlopen(vm.metrics.url, timeout=10) as response:
                 assert b"mpvmm_device_requests_total" in response.read()
 
-    config = RunConfig(cpus=2, memory=64 << 20, workload="hostile", seconds=1.5, runner=runner,
-                       console=str(tmp_path / "console"), metrics_port=0)
+    config = RunConfig(cpus=2, memory=64 << 20, workload=workload, seconds=1.5, runner=runner,
+                       transport=transport, console=str(tmp_path / "console"), metrics_port=0)
     result = Supervisor(config, on_started=scrape).run()
     assert result.exit_code == 0, result.status
     calls = sandboxed_calls(output)
     assert_allowed(calls)
-    assert {"epoll_wait", "mq_timedreceive", "mq_timedsend", "write", "recvfrom", "sendto",
-            "exit_group"} <= set(calls)
+    served = {"mq_timedreceive", "mq_timedsend"} if transport == "mq" else {"futex"}
+    assert {"epoll_wait", "write", "recvfrom", "sendto", "exit_group", *served} <= set(calls)
+    if workload == "doorbell":
+        assert sum(result.device_model["doorbells"].values()) > 0 and "read" in calls
 
 
 def test_allow_list_is_documented():

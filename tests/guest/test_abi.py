@@ -66,9 +66,10 @@ def _check_struct(c_layout, c_name, py_struct, skip=()):
 
 
 def test_guest_params_layout(c_layout):
-    # `reserved` is padding the extension does not export; sizeof covers it.
-    _check_struct(c_layout, "mpvmm_guest_params", abi.GuestParams, skip=("reserved",))
-    assert abi.GuestParams.reserved.offset == c_layout["mpvmm_guest_params.pio_testdev_port"] + 2
+    # `reserved` and `reserved2` are padding the extension does not export; sizeof covers them.
+    _check_struct(c_layout, "mpvmm_guest_params", abi.GuestParams, skip=("reserved", "reserved2"))
+    assert abi.GuestParams.reserved.offset == c_layout["mpvmm_guest_params.pio_doorbell_port"] + 2
+    assert abi.GuestParams.reserved2.offset == c_layout["mpvmm_guest_params.doorbell_value"] + 4
 
 
 def test_guest_report_layout(c_layout):

@@ -206,6 +206,43 @@ def test_ioeventfd_takes_a_port_write_in_the_kernel(guest):
         os.close(notify)
 
 
+def ring_entries(page: mmap.mmap) -> list[b.kvm_coalesced_mmio]:
+    """Take every entry of a mapped coalesced ring, as its consumer does (advancing ``first``)."""
+    ring = b.kvm_coalesced_mmio_ring.from_buffer(page)
+    size = ctypes.sizeof(b.kvm_coalesced_mmio)
+    taken = []
+    while ring.first != ring.last:
+        offset = ctypes.sizeof(ring) + ring.first * size
+        taken.append(b.kvm_coalesced_mmio.from_buffer_copy(page, offset))
+        ring.first = (ring.first + 1) % b.COALESCED_RING_ENTRIES
+    del ring
+    return taken
+
+
+def test_coalesced_writes_stay_in_the_kernel_and_reach_the_ring(kvm, guest):
+    """The `out` and the MMIO write land in the ring page a second mapping sees; the read still exits."""
+    vm, vcpu, ram = guest
+    ram[: len(GUEST_CODE)] = GUEST_CODE
+    page_offset = kvm.coalesced_ring_page()
+    assert page_offset * mmap.PAGESIZE < kvm.vcpu_mmap_size()
+    vm.register_coalesced_mmio(PORT, 1, pio=True)
+    vm.register_coalesced_mmio(MMIO_WRITE_ADDR, 8)
+    # Only the ring page, from the vCPU fd: what the device model maps.
+    page = mmap.mmap(vcpu.fd, mmap.PAGESIZE, offset=page_offset * mmap.PAGESIZE)
+    try:
+        assert vcpu.run() == b.KVM_EXIT_MMIO  # the read of 0x8008: both writes before it were taken
+        assert vcpu.kvm_run.mmio.is_write == 0
+        first, second = ring_entries(page)
+        assert (first.phys_addr, first.len, first.pio, bytes(first.data[:1])) == (PORT, 1, 1, b"\x42")
+        assert (second.phys_addr, second.len, second.pio) == (MMIO_WRITE_ADDR, 2, 0)
+        assert bytes(second.data[:2]) == (0xBEEF).to_bytes(2, "little")
+        vm.unregister_coalesced_mmio(PORT, 1, pio=True)
+        assert vcpu.run() == b.KVM_EXIT_IO  # the second `out`: no zone any more
+        assert ring_entries(page) == []
+    finally:
+        page.close()
+
+
 def test_irqfd_is_registered_once_and_deassigned(kvm):
     with kvm.create_vm() as vm:
         vm.create_irqchip()

@@ -30,6 +30,9 @@ REPORT = f"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+tx() {{ sed -n 's/^0:.* tx:\\([0-9]*\\).*/\\1/p' /proc/tty/driver/serial; }}
+start=$(tx)
+{{
 echo "{MARKER} cpus=$(grep -c ^processor /proc/cpuinfo)"
 echo "{MARKER} online=$(cat /sys/devices/system/cpu/online)"
 for device in /sys/bus/pnp/devices/*; do
@@ -43,12 +46,17 @@ echo "{MARKER} rtc $(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null)"
 echo "{MARKER} serio $(cat /sys/bus/serio/devices/serio0/description 2>/dev/null)"
 # The kernel lines the tests check, also when "quiet" kept them off the console.
 dmesg | grep -E "{KERNEL_LINES}" | while read -r line; do echo "{MARKER} dmesg $line"; done
+}} | tee /report
 """
-# echo returns once its bytes are in the tty buffer, and the kernel's last messages
-# would interleave with them, or a power-off cut them: wait until the UART's
-# transmit count has stood still for half a second.
-DRAIN = """sent=; now=$(cat /proc/tty/driver/serial)
-while [ "$sent" != "$now" ]; do sleep 0.5; sent=$now; now=$(cat /proc/tty/driver/serial); done
+# echo returns once its bytes are in the tty buffer, and a power-off or reboot
+# would cut what is still there. So the report is also kept in a file, and init
+# waits until the UART's transmit count has grown by its size since the report
+# began (each newline leaves as CR LF: the console's ONLCR), bounded at 60 s.
+# A half-second lull in the count is no proof: under load on a 2-core host the
+# guest's UART can stall that long.
+DRAIN = """size=$(( $(wc -c < /report) + $(wc -l < /report) ))
+tries=0
+while [ $(( $(tx) - start )) -lt $size ] && [ $tries -lt 120 ]; do sleep 0.5; tries=$((tries + 1)); done
 """
 ENDINGS = {
     "poweroff": DRAIN + "poweroff -f\n",

@@ -70,7 +70,8 @@ def test_exported_counts_equal_guest_and_report(runner, tmp_path, no_leaks):
     info = series(samples, "mpvmm_vm_info")
     assert list(info.values()) == [1.0]
     assert dict(next(iter(info))) | {"version": "?"} == {
-        "version": "?", "cpus": "2", "memory_bytes": str(64 << 20), "runner": runner, "workload": "pio-device"}
+        "version": "?", "cpus": "2", "memory_bytes": str(64 << 20), "runner": runner, "transport": "ring",
+        "workload": "pio-device"}
 
     for vcpu in report["vcpus"]:
         index = str(vcpu["index"])
@@ -79,6 +80,8 @@ def test_exported_counts_equal_guest_and_report(runner, tmp_path, no_leaks):
         assert value_by(samples, "mpvmm_vcpu_exit_route_total", "route", vcpu=index) == vcpu["paths"]
         assert value_by(samples, "mpvmm_guest_ops_total", "op", vcpu=index) == vcpu["guest"]["ops"]
         assert vcpu["paths"]["posted"] > 0 and vcpu["paths"]["sync"] > 0
+        for name in ("server_wakeups", "reply_sleeps"):
+            assert list(series(samples, f"mpvmm_vcpu_{name}_total", vcpu=index).values()) == [vcpu[name]]
 
         # The histogram is cumulative over the report's per-bucket counts.
         buckets = value_by(samples, "mpvmm_vcpu_sync_exit_latency_seconds_bucket", "le", vcpu=index)
@@ -104,6 +107,17 @@ def test_exported_counts_equal_guest_and_report(runner, tmp_path, no_leaks):
         assert value_by(samples, "mpvmm_device_requests_total", "op", device=device_name) == ops
     assert sum(value_by(samples, "mpvmm_device_unmapped_requests_total", "op", space="pio").values()) == 0
     assert set(value_by(samples, "mpvmm_device_rejected_messages_total", "reason")) == set(device["rejected"])
+    # What KVM took in the kernel, as the device model counted it.
+    assert value_by(samples, "mpvmm_device_coalesced_writes_total", "device") == device["coalesced"]
+    assert value_by(samples, "mpvmm_device_doorbells_total", "device") == device["doorbells"]
+    ring, process = series(samples, "mpvmm_coalesced_ring_entries_total"), device["process"]
+    if runner == "process":  # its VMs' rings are not drained (vcpu_host.py): their writes exit
+        assert not ring and process["coalesced_ring"] is None
+    else:
+        assert list(ring.values()) == [process["coalesced_ring"]["entries"]] and process["coalesced_ring"]["entries"] > 0
+        assert list(series(samples, "mpvmm_coalesced_ring_capacity_entries").values()) == [169]
+    assert list(series(samples, "mpvmm_transport_server_wakeups_total").values()) == [process["wakeups"]]
+    assert series(samples, "mpvmm_transport_poll_window_seconds")
     for process in ("supervisor", "device_model"):
         assert list(series(samples, f"mpvmm_{process}_process_resident_memory_bytes").values())[0] > 0
 

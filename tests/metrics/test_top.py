@@ -8,7 +8,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from mpvmm.metrics.top import parse, rate_table
+from mpvmm.metrics.top import device_table, parse, rate_table
 from mpvmm.supervisor.run import RunConfig, Supervisor
 from tests.metrics.conftest import free_port
 
@@ -67,12 +67,44 @@ def render(table) -> str:
 def test_rates_are_differences_over_time():
     table = rate_table(parse(BEFORE, 10.0), parse(AFTER, 12.0))
     assert [column.header for column in table.columns] == [
-        "vcpu", "exits", "hlt", "io", "mmio", "native", "posted", "sync", "sync p99 us", "kvm exits", "cpu %"]
+        "vcpu", "exits", "hlt", "io", "mmio", "native", "posted", "sync", "fallback", "sync p99 us", "kvm exits",
+        "cpu %"]
     rows = table_rows(render(table))
-    assert rows["0"] == ["100", "0", "100", "0", "100", "0", "0", "-", "200", "75"]
+    assert rows["0"] == ["100", "0", "100", "0", "100", "0", "0", "0", "-", "200", "75"]
     # vCPU 1: 100 mmio exits in 2 s, all sync, all within 1 ms (the p99 bucket's bound).
-    assert rows["1"] == ["52", "2", "0", "50", "0", "0", "50", "1000", "-", "0"]
-    assert rows["all"] == ["152", "2", "100", "50", "100", "0", "50", "200", "75"]
+    assert rows["1"] == ["52", "2", "0", "50", "0", "0", "50", "0", "1000", "-", "0"]
+    assert rows["all"] == ["152", "2", "100", "50", "100", "0", "50", "0", "200", "75"]
+
+
+DEVICES_BEFORE = INFO + """
+mpvmm_device_requests_total{device="testdev-pio",op="read"} 10
+mpvmm_device_requests_total{device="testdev-pio",op="write"} 0
+mpvmm_device_coalesced_writes_total{device="testdev-pio"} 100
+mpvmm_device_doorbells_total{device="testdev-mmio"} 0
+mpvmm_vcpu_exit_route_total{vcpu="0",route="fallback"} 1
+mpvmm_coalesced_ring_drains_total 50
+mpvmm_coalesced_ring_occupancy_entries 3
+mpvmm_coalesced_ring_peak_entries 40
+mpvmm_coalesced_ring_capacity_entries 169
+mpvmm_transport_server_wakeups_total 20
+mpvmm_transport_polled_hits_total 0
+mpvmm_transport_poll_window_seconds 0.00004
+"""
+DEVICES_AFTER = DEVICES_BEFORE.replace(' 10\n', ' 30\n').replace(' 100\n', ' 900\n').replace(
+    'device="testdev-mmio"} 0', 'device="testdev-mmio"} 8').replace('route="fallback"} 1', 'route="fallback"} 5').replace(
+    "drains_total 50", "drains_total 250").replace("wakeups_total 20", "wakeups_total 24").replace(
+    "hits_total 0", "hits_total 16")
+
+
+def test_device_table_shows_each_path_and_the_ring_and_transport():
+    table = device_table(parse(DEVICES_BEFORE, 10.0), parse(DEVICES_AFTER, 12.0))
+    assert [column.header for column in table.columns] == ["device", "requests", "coalesced", "doorbells"]
+    text = render(table)
+    lines = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip().startswith("testdev")}
+    assert lines == {"testdev-mmio": ["0", "0", "4"], "testdev-pio": ["10", "400", "0"]}
+    flat = " ".join(text.split())
+    assert "100 drains/s, 2 full-ring fallbacks/s, 3 waiting (peak 40 of 169)" in flat
+    assert "2 wake-ups/s, 8 polled hits/s" in flat and "poll window 40 us" in flat
 
 
 def test_once_prints_a_row_per_vcpu_of_a_running_vm(tmp_path, no_leaks):
@@ -96,6 +128,7 @@ def test_once_prints_a_row_per_vcpu_of_a_running_vm(tmp_path, no_leaks):
         # some exits in top's window, and never more than in the whole run.
         exits_in_window = int(rows[str(vcpu.index)][0]) * window
         assert 0 < exits_in_window <= 1.1 * vcpu.exits["io"], top.stdout
+    assert "testdev-pio" in top.stdout and "coalesced ring:" in " ".join(top.stdout.split())
 
 
 @pytest.mark.parametrize("interval", ["nan", "inf", "-inf", "0", "-1", "1e300", "often"])

@@ -14,6 +14,7 @@ from mpvmm.migration import address as addresses
 from mpvmm.snapshot import records
 from tests.conftest import ipc_objects
 from tests.metrics.conftest import free_port
+from tests.snapshot.test_restore import check_device_sums, in_kernel_share
 from tests.vm_process import MPVMM, VmProcess, ctl, guest_ops
 
 
@@ -66,6 +67,35 @@ def test_atomics_on_four_vcpus_move_while_running(transport, tmp_path, no_leaks)
         assert sent["migration"]["pages_per_round"] == received["migration"]["pages_per_round"]
         assert sent["migration"]["pages_per_round"][0] > 10  # code, tables, stacks ...
     assert "migration to " in source.stdout and "migration from " in destination.stdout
+
+
+@pytest.mark.parametrize("transport, workload", [("tcp", "writes"), ("tcp", "doorbell"), ("unix", "writes")])
+def test_coalesced_writes_and_doorbells_over_the_ring_transport_move_with_their_sums(transport, workload, tmp_path,
+                                                                                      no_leaks):
+    """The source drains KVM's coalesced ring before it saves the devices; the destination registers
+    the coalesced zones and doorbells on its own VM and makes its own rings, and uses them (with
+    guest RAM copied over TCP, or passed as an fd)."""
+    url = f"tcp:127.0.0.1:{free_port()}" if transport == "tcp" else f"unix:{tmp_path / 'in.sock'}"
+    destination = VmProcess(tmp_path, "destination", "--incoming", url, "--seconds", "0.5", "--transport", "ring")
+    source = VmProcess(tmp_path, "source", "--cpus", "2", "--memory", "64M", "--workload", workload,
+                       "--transport", "ring")
+    try:
+        source.wait_running()
+        time.sleep(0.3)
+        moved = migrate(source, url)
+        assert moved.returncode == 0, moved.stderr
+        assert source.finish() == 0, source.stderr
+        assert destination.finish() == 0, destination.stderr
+    finally:
+        source.kill()
+        destination.kill()
+    sent, received = source.report(), destination.report()
+    op = "mmio_writes" if workload == "writes" else "pio_doorbells"
+    check_carried_on(sent, received, op, 2)
+    check_device_sums(received)
+    assert received["device_model"]["process"]["transport"] == "ring"
+    assert in_kernel_share(received, workload) > 0
+    assert sent["migration"]["memory"] == ("copied" if transport == "tcp" else "passed")
 
 
 def test_a_dirtying_guest_converges_under_the_budget_at_a_low_rate(tmp_path, no_leaks):

@@ -176,3 +176,49 @@ def test_device_workloads_carry_on_with_their_devices(workload, device, ops, tmp
     counted = report["device_model"]["devices"][device]
     assert (counted["writes"], counted["reads"]) == (writes, reads)
     assert writes > sum(guest_ops(source.report(), ops[0]))
+
+
+SUM_MASK = (1 << 64) - 1
+
+
+def check_device_sums(report):
+    """Every write and doorbell the guest counts reached its device, once: across the pause, the
+    snapshot and the restore (or the move), through KVM's coalesced ring, an exit or an eventfd."""
+    devices, vcpus = report["device_model"]["devices"], report["vcpus"]
+    pio, mmio = devices["testdev-pio"], devices["testdev-mmio"]
+    assert pio["write_sum"] == sum(v["guest"]["pio_write_sum"] for v in vcpus) & SUM_MASK
+    assert mmio["write_sum"] == sum(v["guest"]["mmio_write_sum"] for v in vcpus) & SUM_MASK
+    assert pio["writes"] == sum(guest_ops(report, "pio_device_writes"))
+    assert mmio["writes"] == sum(guest_ops(report, "mmio_writes"))
+    assert pio["doorbells"] == sum(guest_ops(report, "pio_doorbells"))
+    assert mmio["doorbells"] == sum(guest_ops(report, "mmio_doorbells"))
+    assert mmio["doorbell_misses"] == sum(guest_ops(report, "mmio_doorbell_misses"))
+    assert pio["order_errors"] == mmio["order_errors"] == 0  # every vCPU's sequence went on in order
+    assert [v["outcome_value"] for v in vcpus] == [abi.STATUS_OK] * len(vcpus)
+
+
+def in_kernel_share(report, workload):
+    """What KVM took for the devices in this run: coalesced writes (writes), doorbell rings (doorbell)."""
+    return sum(report["device_model"]["coalesced" if workload == "writes" else "doorbells"].values())
+
+
+@pytest.mark.parametrize("workload, op", [("writes", "mmio_writes"), ("doorbell", "pio_doorbells")])
+def test_the_ring_transport_and_the_in_kernel_routes_carry_on_with_the_sums(workload, op, tmp_path, no_leaks):
+    """Coalesced writes or doorbells on 2 vCPUs over the ring transport, saved mid-run and restored.
+
+    The source's device model drains KVM's coalesced ring (and its doorbells
+    and rings) before it saves the devices; the restored VM's supervisor
+    registers the coalesced zones and doorbells on its new VM and makes new
+    rings before its device model starts: the restored run uses them again.
+    """
+    _snapshot, _status, source = take_snapshot(tmp_path, "--cpus", "2", "--memory", "64M", "--workload", workload,
+                                               "--transport", "ring")
+    restored = VmProcess(tmp_path, "restored", "--restore", str(tmp_path / "snap"), "--seconds", "0.5",
+                         "--transport", "ring", api=False)
+    assert restored.finish() == 0, restored.stderr
+    before, after = source.report(), restored.report()
+    check_device_sums(before)
+    check_device_sums(after)
+    assert sum(guest_ops(after, op)) > sum(guest_ops(before, op)) > 0
+    assert after["config"]["transport"] == "ring" and after["device_model"]["process"]["transport"] == "ring"
+    assert in_kernel_share(after, workload) > 0

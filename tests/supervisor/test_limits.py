@@ -50,6 +50,13 @@ def test_queues_for_one_vcpu_fit():
     limits.check_queues(1)
 
 
+def test_the_ring_transport_needs_no_message_queues():
+    cpus = _sysctl("queues_max") // 2 + 1  # more queues than the host allows
+    with pytest.raises(HostLimitError, match="queues_max"):
+        limits.check_host(cpus, 64 << 20)
+    limits.check_host(cpus, 64 << 20, message_queues=False)
+
+
 def test_more_memory_than_available():
     size = _mem_available() + (1 << 30)
     with pytest.raises(HostLimitError) as info:
