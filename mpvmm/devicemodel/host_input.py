@@ -12,6 +12,14 @@ moves into the FIFO as the guest reads (``feed``). Input beyond that is
 dropped and counted, as a real UART drops what overruns it; memory stays
 bounded whatever is typed or pasted. End of file or an error stops input
 for good.
+
+A machine rebuilt from saved states (a restore, an arriving migration)
+gets a new UART while the supervisor is still writing the vCPUs' and the
+interrupt controllers' state: ``move_to`` hands it whatever the old UART
+took in (typed before the restore; its guest never ran), and input is held
+until ``release``, once that state is whole: an interrupt raised before
+then would be overwritten by the saved interrupt controllers and lost, and
+a guest waiting for it would never read its input.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ class HostInput:
         self.uart = uart  # replaced when the machine is restored from saved states
         self._epoll = epoll
         self._pending = bytearray()
+        self.held = False
         self.closed = False
         self.read_bytes = 0
         self.dropped_bytes = 0
@@ -53,9 +62,19 @@ class HostInput:
 
     def feed(self) -> None:
         """Move what waits into the FIFO as far as it has room (after each read, and after guest accesses)."""
-        if self._pending:
+        if self._pending and not self.held:
             accepted = self.uart.enqueue_raw_bytes(bytes(self._pending[:self.uart.fifo_capacity()]))
             del self._pending[:accepted]
+
+    def move_to(self, uart) -> None:
+        """Feed ``uart`` from now on, what the old one holds unread first; held until ``release``."""
+        self._pending[:0] = self.uart.take_received()
+        self.uart = uart
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        self.feed()
 
     def stats(self) -> dict[str, int]:
         return {"read_bytes": self.read_bytes, "pending_bytes": len(self._pending),

@@ -18,7 +18,10 @@ then answers ``ready`` or ``error`` (and exits 1). It asks to die with the
 supervisor only after that: a supervisor killed mid-start-up must not take
 the device model with it before the names it sent are gone. Then ``stats``
 is answered with ``stats``, ``save_state`` and ``restore_state`` carry the
-devices' state records, and ``shutdown`` is answered with ``bye`` once the
+devices' state records (after a restore, nothing raises an interrupt of its
+own, neither terminal input nor the RTC's timer, until ``release``: the
+supervisor is still writing the interrupt controllers, which would lose
+it), and ``shutdown`` is answered with ``bye`` once the
 requests and the coalesced ring are drained and the console flushed (exit
 0). End of file means the supervisor is gone: exit 0.
 
@@ -85,6 +88,7 @@ class DeviceModelServer:
         self._epoll: select.epoll | None = None
         self.internal_errors = 0
         self.host_input: HostInput | None = None
+        self._held = False  # restored, and the interrupt controllers not yet written: no timers
         self.confinement: Confinement | None = None
 
     # --- Control channel. ---
@@ -131,6 +135,10 @@ class DeviceModelServer:
             self._send({"op": "state", "devices": self.model.states()})
         elif op == "restore_state":
             self._restore_state(message.get("devices"))
+        elif op == "release":  # the restored machine is whole: its devices may raise interrupts
+            self._held = False
+            if self.host_input is not None:
+                self.host_input.release()
         elif op == "configure":
             self._send({"op": "error", "message": "already configured"})
         else:
@@ -213,7 +221,8 @@ class DeviceModelServer:
             self._send({"op": "error", "message": f"device state refused: {err}"})
             return
         if self.host_input is not None:
-            self.host_input.uart = self.model.uart
+            self.host_input.move_to(self.model.uart)  # held until "release"
+        self._held = True
         self._send({"op": "restored"})
 
     # --- Requests, doorbells and the coalesced ring (rounds.Device). ---
@@ -271,7 +280,8 @@ class DeviceModelServer:
                 timeout = self._sleep_timeout()
             ready = {fd for fd, _mask in self._epoll.poll(timeout)}
             self.requests.woke(ready)
-            self.model.run_timers()
+            if not self._held:
+                self.model.run_timers()
             for fd in ready:
                 if self.host_input is not None and fd == self.host_input.fd:
                     self.host_input.on_readable()
@@ -286,7 +296,7 @@ class DeviceModelServer:
     def _sleep_timeout(self) -> float:
         """Seconds to sleep at most: until a device's next timer (the RTC's update
         cycle) or the next drain of the coalesced ring; -1 when neither is due."""
-        deadline = self.model.timer_deadline()
+        deadline = None if self._held else self.model.timer_deadline()
         timer = None if deadline is None else max(0.0, deadline - time.time())
         drain = DRAIN_INTERVAL_SECONDS if self.coalesced is not None else None
         timeouts = [t for t in (timer, drain) if t is not None]

@@ -311,6 +311,12 @@ class Serial:
             self._update_interrupt()
         return accepted
 
+    def take_received(self) -> bytes:
+        """Empty the receive FIFO and return what it held (for a UART that a restored one replaces)."""
+        data = bytes(self._fifo)
+        self._fifo.clear()
+        return data
+
     def fifo_capacity(self) -> int:
         return FIFO_SIZE - len(self._fifo)
 

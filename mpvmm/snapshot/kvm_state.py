@@ -96,6 +96,7 @@ class VcpuState:
                              f"this host's KVM cannot take ({xsave_size} bytes)")
         xsave = kb.xsave_type(xsave_size)()
         ctypes.memmove(ctypes.addressof(xsave), self.xsave, len(self.xsave))
+        xcrs = _load(kb.kvm_xcrs, self.xcrs, "xcrs")
         events = _load(kb.kvm_vcpu_events, self.events, "vcpu events")
         events.flags |= _EVENTS_RESTORE_FLAGS
         try:
@@ -104,7 +105,8 @@ class VcpuState:
             vcpu.set_regs(_load(kb.kvm_regs, self.regs, "regs"))
             vcpu.set_sregs(_load(kb.kvm_sregs, self.sregs, "sregs"))
             vcpu.set_xsave(xsave)
-            vcpu.set_xcrs(_load(kb.kvm_xcrs, self.xcrs, "xcrs"))
+            if xcrs.nr_xcrs:  # a host without XSAVE saves none, and its KVM refuses KVM_SET_XCRS outright
+                vcpu.set_xcrs(xcrs)
             vcpu.set_debugregs(_load(kb.kvm_debugregs, self.debugregs, "debug registers"))
             vcpu.set_lapic(_load(kb.kvm_lapic_state, self.lapic, "lapic"))
             vcpu.set_msrs(dict(self.msrs))

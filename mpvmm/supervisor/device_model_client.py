@@ -208,15 +208,22 @@ class DeviceModelClient(ChildProcess):
 
     @contextlib.contextmanager
     def restoring_state(self, devices: dict[str, dict]) -> Iterator[None]:
-        """Rebuild the device model's devices from saved records; done when the block ends."""
+        """Rebuild the device model's devices from saved records; done when the block ends.
+
+        The block writes the rest of the machine (the vCPUs, the interrupt
+        controllers). Terminal input and the RTC's timer wait until it has:
+        an interrupt they raised before would be overwritten by the saved
+        interrupt controllers.
+        """
         with self._lock:
             self._send({"op": "restore_state", "devices": devices})
             try:
                 yield
             finally:
                 reply = self._receive(REPLY_TIMEOUT_SECONDS)
-        if reply.get("op") != "restored":
-            raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
+            if reply.get("op") != "restored":
+                raise DeviceModelError(f"device model did not restore its state: {reply.get('message', reply)}")
+            self._send({"op": "release"})  # no answer
 
     def shutdown(self) -> dict:
         """Ask the device model to drain, flush the console and exit; its last counters.

@@ -88,3 +88,46 @@ def test_end_of_input_leaves_the_poll_set(terminal):
     serve(host_input, epoll)
     assert host_input.closed
     assert epoll.poll(0) == []
+
+
+
+def restored_uart(fifo: bytes, raised: list) -> Serial:
+    """A UART rebuilt from a saved one whose guest enabled the receive interrupt, with ``fifo`` unread."""
+    saved = Serial()
+    saved.write(serial.IER_OFFSET, 1, serial.IER_RDA_BIT)
+    saved.enqueue_raw_bytes(fifo)
+    return Serial.from_state(saved.state(), trigger=lambda: raised.append(1))
+
+
+def test_what_was_typed_before_a_restore_reaches_the_restored_uart_after_its_own_input(terminal):
+    """Typed while a restored VM is being built, it went into the UART the device model starts
+    with, which the saved one replaces: it moves over, behind what the saved UART held unread."""
+    leader, follower, epoll = terminal
+    first = Serial()
+    host_input = HostInput(follower, first, epoll)
+    typed = b"typed before the restore, longer than the sixty-four bytes of a FIFO: " * 2
+    os.write(leader, typed)
+    serve(host_input, epoll)
+    assert first.fifo_capacity() == 0  # the first UART took what it could
+    restored = restored_uart(b"unread at the snapshot ", [])
+    host_input.move_to(restored)
+    os.write(leader, b"and after")
+    serve(host_input, epoll)
+    host_input.release()
+    assert guest_reads(restored, host_input) == b"unread at the snapshot " + typed + b"and after"
+
+
+def test_a_restored_uart_takes_input_only_once_released(terminal):
+    """Its interrupt, raised while the supervisor writes the interrupt controllers, would be lost."""
+    leader, follower, epoll = terminal
+    host_input = HostInput(follower, Serial(), epoll)
+    raised = []
+    restored = restored_uart(b"", raised)
+    host_input.move_to(restored)
+    os.write(leader, b"typed")
+    serve(host_input, epoll)
+    assert raised == [] and restored.fifo_capacity() == serial.FIFO_SIZE
+    assert host_input.stats()["pending_bytes"] == len(b"typed")
+    host_input.release()
+    assert raised == [1]
+    assert guest_reads(restored, host_input) == b"typed"

@@ -1,5 +1,6 @@
 """The device-model process, end to end: real shm, real queues, a real child."""
 
+import fcntl
 import mmap
 import os
 import secrets
@@ -7,15 +8,18 @@ import select
 import signal
 import socket
 import subprocess
+import struct
 import sys
+import termios
 import time
+import tty
 from pathlib import Path
 
 import msgpack
 import posix_ipc
 import pytest
 
-from mpvmm.devicemodel import rtc
+from mpvmm.devicemodel import rtc, serial
 from mpvmm.devicemodel.devices import testdev_pattern
 from mpvmm.devicemodel.host_console import HostConsole
 from mpvmm.devicemodel.config import Config
@@ -291,7 +295,9 @@ def test_a_pending_and_an_armed_rtc_alarm_move_to_another_device_model(harness):
     """Saved with its alarm flagged and armed (every second), the RTC goes on in a new process.
 
     The new device model keeps the pending flags for the guest's handler to
-    read, and raises the next alarm on its own irqfd with no guest access.
+    read, and raises the next alarm on its own irqfd with no guest access,
+    but only once released: before, the supervisor is still writing the
+    interrupt controllers, which would lose it.
     """
     first, second = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
     other = Harness()
@@ -315,6 +321,8 @@ def test_a_pending_and_an_armed_rtc_alarm_move_to_another_device_model(harness):
         other.request(0, KIND_READ, 0, SPACE_PIO, RTC_PORT + 1, 1, 0, 7)
         seq, flags = other.reply(0)
         assert seq == 7 and flags & pending == pending  # the alarm flagged before the save
+        assert select.select([second], [], [], 1.5)[0] == [], "an alarm (one a second) came before the release"
+        other.send({"op": "release"})
         assert select.select([second], [], [], 3.0)[0] == [second], "the armed alarm did not fire after the restore"
         assert other.stats()["stats"]["devices"]["rtc"]["interrupts"] > saved["rtc"]["interrupts"]
     finally:
@@ -322,6 +330,40 @@ def test_a_pending_and_an_armed_rtc_alarm_move_to_another_device_model(harness):
         os.close(first)
         os.close(second)
     assert other.leftovers() == []
+
+
+def test_terminal_input_typed_before_a_restore_reaches_the_restored_uart_once_released(harness):
+    """A restored VM's device model reads the terminal before its devices are restored: what it
+    read reaches the saved UART, and raises its interrupt only after ``release`` (the
+    supervisor sends it once the interrupt controllers are written, which would lose it)."""
+    com1 = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    terminal, follower = os.openpty()
+    tty.setraw(follower)
+    try:
+        harness.start(pass_fds=(com1, follower))
+        assert harness.configure(machine="pc", irqfds={"com1": com1}, stdin_fd=follower)["op"] == "ready"
+        harness.send({"op": "save_state"})
+        saved = harness.recv()["devices"]
+        saved["com1"]["ier"] = serial.IER_RDA_BIT  # as the guest's driver left it
+        typed = b"typed while the restored VM was being built\r"
+        os.write(terminal, typed)
+        deadline = time.monotonic() + TIMEOUT
+        while struct.unpack("i", fcntl.ioctl(follower, termios.FIONREAD, b"\0" * 4))[0]:
+            assert time.monotonic() < deadline, "the device model does not read the terminal"
+            time.sleep(0.01)
+        harness.send({"op": "restore_state", "devices": saved})
+        assert harness.recv() == {"op": "restored"}
+        assert select.select([com1], [], [], 0.5)[0] == [], "the UART's interrupt came before release"
+        harness.send({"op": "release"})
+        assert select.select([com1], [], [], 3.0)[0] == [com1], "no UART interrupt after release"
+        received = bytearray()
+        for sequence in range(1, len(typed) + 1):
+            harness.request(0, KIND_READ, 0, SPACE_PIO, COM1_PORT, 1, 0, sequence)
+            received.append(harness.reply(0)[1])
+        assert bytes(received) == typed
+    finally:
+        for fd in (com1, terminal, follower):
+            os.close(fd)
 
 
 def test_shutdown_drains_posted_writes_first(harness, tmp_path):

@@ -28,6 +28,13 @@ PHASES = {
 }
 
 
+@dataclass(frozen=True)
+class Ctl:
+    """A terminal step that runs ``mpvmm ctl`` commands (``NestedLinux.ctl``) instead of typing."""
+
+    commands: list[list[str]]
+
+
 @dataclass
 class L2Result:
     status: int
@@ -40,12 +47,15 @@ class L2Result:
     scrape_error: str | None = None
     terminal_restored: bool | None = None
     steps_left: list[str] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # seconds into the run at which each step was taken
+    ctl: list[dict] = field(default_factory=list)  # each ctl command run: argv, status, stdout, stderr, seconds
     retried: list[str] = field(default_factory=list)  # an earlier boot's triple fault, described
     outcome: dict = field(default_factory=dict)  # l2_run's whole result (with what ``extra_request`` added)
 
     def describe(self) -> str:
         """For assertion messages: the status, stderr and the console's end."""
-        return (f"exit status {self.status}, {self.seconds:.0f} s, phases {self.phases}\n"
+        return (f"exit status {self.status}, {self.seconds:.0f} s, phases {self.phases}, "
+                f"steps at {self.step_times}, ctl {self.ctl}\n"
                 f"--- stderr ---\n{self.stderr[-2000:]}\n--- console, last 4000 characters ---\n"
                 f"{self.console[-4000:]}")
 
@@ -90,23 +100,41 @@ class NestedLinux:
         return result
 
     def boot_once(self, kernel: str, initrd: str, cpus: int, *, memory: str = "512M", cmdline: str,
-                  console_file: bool = False, bound: float = 300.0, metrics_port: int | None = None,
-                  terminal_steps: list[tuple[str, str]] | None = None, extra_args: list[str] = (),
-                  extra_request: dict | None = None) -> L2Result:
-        """``mpvmm start --kernel ...`` in L1; the console goes to a file (``--console``), else to stdout.
-
-        ``terminal_steps``: run on a pseudo-terminal and type each text once the
-        console shows its cue. ``metrics_port``: serve /metrics there and
-        scrape it once every CPU is up, until every vCPU shows exits.
-        ``extra_request``: more entries for l2_run's request (``fault``: l2_fault).
-        """
+                  extra_args: list[str] = (), **options) -> L2Result:
+        """``mpvmm start --kernel ...`` in L1 (``run``'s options); a fresh L1 after ``vms_per_l1`` VMs."""
         if self.l1.running and self.l1.process is self._counted_l1 and self._vms_in_l1 >= self.vms_per_l1:
             self.l1.close()  # l1.run starts a fresh one
+        return self.run(["--kernel", kernel, "--initrd", initrd, "--cpus", str(cpus), "--memory", memory,
+                         "--cmdline", cmdline, *extra_args], cpus=cpus, **options)
+
+    def restore(self, snapshot: str, cpus: int, extra_args: list[str] = (), **options) -> L2Result:
+        """``mpvmm start --restore SNAPSHOT`` in the L1 running now, where the snapshot (in its tmpfs) is.
+
+        A restore is not a boot: it does not count towards a fresh L1.
+        """
+        if not self.l1.running:
+            raise LayerError("L1", f"the L1 that holds {snapshot} is gone")
+        return self.run(["--restore", snapshot, *extra_args], cpus=cpus, **options)
+
+    def ctl(self, socket: str, *commands: list[str]) -> Ctl:
+        """A terminal step's action: ``mpvmm ctl --api-socket SOCKET`` with each command in turn."""
+        return Ctl([[self.python, "-m", "mpvmm", "ctl", "--api-socket", socket, *command] for command in commands])
+
+    def run(self, start_args: list[str], *, cpus: int, console_file: bool = False, bound: float = 300.0,
+            metrics_port: int | None = None, terminal_steps: list[tuple[str, str | Ctl]] | None = None,
+            extra_request: dict | None = None) -> L2Result:
+        """``mpvmm start START_ARGS`` in L1; the console goes to a file (``--console``), else to stdout.
+
+        ``terminal_steps``: run on a pseudo-terminal and, once the console shows
+        each step's cue, type its text or run its ``Ctl`` commands.
+        ``metrics_port``: serve /metrics there and scrape it once every CPU is
+        up, until every vCPU shows exits.
+        ``extra_request``: more entries for l2_run's request (``fault``: l2_fault).
+        """
         self._boots += 1
         stem = os.path.join(self.l1.share, f"l2-{self._boots:02d}")
         console = f"{stem}-console.log" if console_file else None
-        argv = [self.python, "-m", "mpvmm", "start", "--kernel", kernel, "--initrd", initrd,
-                "--cpus", str(cpus), "--memory", memory, "--cmdline", cmdline, *extra_args]
+        argv = [self.python, "-m", "mpvmm", "start", *start_args]
         argv += ["--console", console] if console else []
         argv += ["--metrics-port", str(metrics_port)] if metrics_port is not None else ["--no-metrics"]
         request = {"argv": argv, "bound": bound, "console": console, "console_copy": f"{stem}-stdout.log",
@@ -114,7 +142,8 @@ class NestedLinux:
         if metrics_port is not None:
             request["metrics"] = {"port": metrics_port, "after": PHASES["all_cpus_up"], "cpus": cpus}
         if terminal_steps is not None:
-            request["pty"] = {"steps": [{"wait": cue, "send": text} for cue, text in terminal_steps]}
+            request["pty"] = {"steps": [{"wait": cue, "ctl": action.commands} if isinstance(action, Ctl)
+                                        else {"wait": cue, "send": action} for cue, action in terminal_steps]}
         request.update(extra_request or {})
         with open(f"{stem}-request.json", "w") as f:
             json.dump(request, f)
@@ -138,7 +167,7 @@ class NestedLinux:
         return L2Result(outcome["status"], outcome["stderr"], text, _read(request["console_copy"]),
                         outcome["seconds"], outcome["phases"],
                         outcome["metrics"], outcome["scrape_error"], outcome.get("terminal_restored"),
-                        outcome["steps_left"], outcome=outcome)
+                        outcome["steps_left"], outcome["step_times"], outcome["ctl"], outcome=outcome)
 
 
 def _read(path: str) -> str:

@@ -7,11 +7,13 @@ the mpvmm argv, the bound, where the guest console goes (``--console FILE``,
 or mpvmm's stdout, or a pseudo-terminal for the interactive tests), marker
 texts whose first appearance it times (the boot phases), a metrics port to
 scrape during the boot, and, for a terminal, steps of "wait for this text,
-then type that". The result: exit status, stderr (stdout is in the
+then type that" or "... then run these ``mpvmm ctl`` commands" (a failing one
+ends the run). The result: exit status, stderr (stdout is in the
 ``console_copy`` file: the console itself, or what mpvmm printed beside a
-console file), the seconds at which each phase appeared, the last scrape, the terminal's mode before and after, and
-``timed_out`` when mpvmm outlived the bound: then its process group is
-killed, and the host reports the layer "L2". A ``fault`` entry injects a
+console file), the seconds at which each phase appeared and each step was
+taken, each ctl command's outcome, the last scrape, the terminal's mode
+before and after, and ``timed_out`` when mpvmm outlived the bound: then its
+process group is killed, and the host reports the layer "L2". A ``fault`` entry injects a
 fault at a moment of the run and lists what mpvmm left behind
 (``l2_fault``, for the nested soak).
 """
@@ -106,6 +108,25 @@ def _seen_phases(request: dict, text: str, phases: dict[str, float], now: float)
             phases[phase] = now
 
 
+def _ctl(commands: list[list[str]], deadline: float) -> list[dict]:
+    """Run each command (an ``mpvmm ctl`` argv) in order, all by ``deadline``; stop at the first
+    that fails. Each result: its argv, status, output and seconds."""
+    results = []
+    for argv in commands:
+        started = time.monotonic()
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=max(1.0, deadline - started))
+            status, stdout, stderr = done.returncode, done.stdout, done.stderr
+        except subprocess.TimeoutExpired as err:
+            status, stdout, stderr = None, str(err.stdout or ""), f"timed out: {err}"
+        results.append({"argv": argv, "status": status, "stdout": stdout, "stderr": stderr,
+                        "seconds": time.monotonic() - started})
+        if status != 0:
+            break
+    return results
+
+
 def run(request: dict) -> dict:
     console_path = request["console_copy"]
     pty = request.get("pty")
@@ -134,6 +155,8 @@ def run(request: dict) -> dict:
 
     phases: dict[str, float] = {}
     steps = list(pty["steps"]) if pty is not None else []
+    step_times: list[float] = []
+    ctl_results: list[dict] = []
     metrics = request.get("metrics")
     scraped, scrape_error = None, None
     timed_out = False
@@ -146,7 +169,15 @@ def run(request: dict) -> dict:
         text = output.text()
         _seen_phases(request, text, phases, elapsed)
         if steps and steps[0]["wait"] in text:
-            os.write(leader, steps.pop(0)["send"].encode())
+            step = steps.pop(0)
+            step_times.append(elapsed)
+            if "send" in step:
+                os.write(leader, step["send"].encode())
+            else:
+                ctl_results += _ctl(step["ctl"], started + request["bound"])
+                if ctl_results[-1]["status"] != 0:  # nothing more will happen: end it now
+                    os.killpg(process.pid, signal.SIGKILL)
+                    break
         if metrics is not None and metrics["after"] in text and (
                 scraped is None or not _every_vcpu_exited(scraped, metrics["cpus"])):
             try:
@@ -161,7 +192,7 @@ def run(request: dict) -> dict:
     result = {"status": status, "seconds": seconds, "timed_out": timed_out, "phases": phases,
               "stderr": b"".join(stderr_chunks).decode(errors="replace"), "metrics": scraped,
               "scrape_error": scrape_error, "steps_left": [step["wait"] for step in steps],
-              **fault.outcome(seconds)}
+              "step_times": step_times, "ctl": ctl_results, **fault.outcome(seconds)}
     if pty is not None:
         result["terminal_restored"] = termios.tcgetattr(follower) == mode_before
         os.close(follower)

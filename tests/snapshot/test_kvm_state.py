@@ -1,11 +1,14 @@
 """A vCPU's and a VM's KVM state: captured from a paused guest, written into a new VM, read back equal."""
 
 import ctypes
+import dataclasses
+import errno
+import os
 import time
 
 import pytest
 
-from mpvmm.errors import StateError
+from mpvmm.errors import KvmIoctlError, StateError
 from mpvmm.kvm import bindings as kb
 from mpvmm.kvm.system import Kvm
 from mpvmm.snapshot.kvm_state import VcpuState, VmState
@@ -48,6 +51,31 @@ def test_a_state_written_into_a_new_vm_reads_back_the_same(no_leaks):
     assert vm_again.irqchips == vm_state.irqchips
     saved_clock = kb.kvm_clock_data.from_buffer_copy(vm_state.clock).clock
     assert kb.kvm_clock_data.from_buffer_copy(vm_again.clock).clock >= saved_clock
+
+
+class WithoutXsave:
+    """A real vCPU whose KVM answers KVM_SET_XCRS as on a host without XSAVE (QEMU's qemu64 CPU,
+    the nested tests' L1): EINVAL, whatever the XCRs, none included."""
+
+    def __init__(self, vcpu):
+        self._vcpu = vcpu
+
+    def __getattr__(self, name):
+        return getattr(self._vcpu, name)
+
+    def set_xcrs(self, xcrs):
+        raise KvmIoctlError("KVM_SET_XCRS", errno.EINVAL, os.strerror(errno.EINVAL))
+
+
+def test_a_state_saved_without_xcrs_restores_on_a_host_without_xsave(no_leaks):
+    """KVM_GET_XCRS there gives no XCRs; the restore must not write them back."""
+    vcpus, _vm_state = captured(workload="demo", cpus=1)
+    saved = dataclasses.replace(vcpus[0], xcrs=bytes(ctypes.sizeof(kb.kvm_xcrs)))
+    with Kvm() as kvm, GuestMemory(64 << 20) as memory, VirtualMachine(kvm, memory, range(1)) as vm:
+        saved.restore(WithoutXsave(vm.vcpus[0]), vm._xsave_size())
+        assert bytes(vm.vcpus[0].get_regs()) == saved.regs
+        with pytest.raises(StateError, match="KVM_SET_XCRS"):  # XCRs saved there are refused, clearly
+            vcpus[0].restore(WithoutXsave(vm.vcpus[0]), vm._xsave_size())
 
 
 def test_records_round_trip():
