@@ -40,8 +40,10 @@ def _microseconds(seconds: float | None) -> str:
 
 
 def render_summary(result, console: Console) -> None:
+    # A kernel has no built-in workload: config.workload is only its unused default there.
+    guest = "a Linux kernel" if result.config.kernel else f"{result.config.workload} workload"
     table = Table(title=f"mpvmm: {result.config.cpus} vCPUs, {result.config.runner} runner, "
-                        f"{result.config.workload} workload, {result.seconds:.2f} s")
+                        f"{guest}, {result.seconds:.2f} s")
     # vCPUs that ran in processes of their own have a pid and CPU time to show.
     per_process = any(vcpu.cpu_seconds is not None for vcpu in result.vcpus)
     for column in ("vcpu", "outcome", "io", "mmio", "other", *PATHS,
