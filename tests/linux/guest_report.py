@@ -32,7 +32,7 @@ def irq_count(report: dict[str, list[str]], device: str, pin: int) -> int:
 def print_phases(name: str, result) -> None:
     """The boot phases, printed for the record (pytest -s or -rP shows them)."""
     phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in result.phases.items())
-    retried = " (booted again after a triple fault in QEMU's SVM)" if result.retried else ""
+    retried = " (booted again in a fresh L1: QEMU's SVM failed the first)" if result.retried else ""
     print(f"\n{name}: {phases}, end {result.seconds:.1f} s{retried}")
 
 

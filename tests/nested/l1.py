@@ -34,6 +34,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QEMU = "qemu-system-x86_64"
 BANNER = "Linux version"
 PANIC = "Kernel panic"
+# The L1 kernel's report of a CPU that passed no RCU quiescent state for its stall
+# timeout (21 s in Debian's kernels), repeated about every minute while it lasts. Seen
+# once at low load: L1's CPU 0 stuck for over 500 s running an L2 under QEMU's emulated
+# SVM while its other CPU still answered. A second report means the CPU is stuck, not
+# slowed: waiting out the command's bound gains nothing, a fresh L1 may.
+RCU_STALL = "detected stalls on CPUs/tasks"
+STUCK_CPU_LAYER = "L1 CPU"
+
+
+def a_cpu_is_stuck(console_text: str) -> bool:
+    """Whether ``console_text`` (L1's console since a command began) reports one stall twice."""
+    return console_text.count(RCU_STALL) >= 2
 POLL_SECONDS = 0.2
 TAIL_LINES = 40
 
@@ -232,9 +244,14 @@ class L1:
         os.rename(tmp, os.path.join(command_dir, f"{name}.sh"))  # the agent sees only complete scripts
         started = time.monotonic()
         status_path = os.path.join(run_dir, f"{name}.rc")
+        console_start = len(self.console.text)
         while not os.path.exists(status_path):
             self.console.read()
             self._check_alive("L1")
+            if a_cpu_is_stuck(self.console.text[console_start:]):
+                self._discard()
+                raise LayerError(STUCK_CPU_LAYER, f"an L1 CPU is stuck (RCU stalls) while running: {command}",
+                                 self._outputs(run_dir, name))
             waited = time.monotonic() - started
             heartbeat_age = self._heartbeat_age()
             if heartbeat_age > self.bounds.stale_heartbeat and waited > self.bounds.stale_heartbeat:

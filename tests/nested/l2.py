@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from tests.nested.l1 import L1, REPO, LayerError
+from tests.nested.l1 import L1, REPO, STUCK_CPU_LAYER, LayerError
 
 STARTUP_MARGIN = 120.0
 TRIPLE_FAULT = "guest reset by a triple fault"
@@ -87,9 +87,19 @@ class NestedLinux:
         in the same L1; QEMU/KVM itself in L1 as the control, 0 of 8 fresh and
         1 of 5 in the same L1 (4 vCPUs). So a triple fault gets one more boot
         in a fresh L1, said on stderr and kept in ``L2Result.retried``; two in
-        a row fail the test.
+        a row fail the test. An L1 CPU stuck in the emulation (``a_cpu_is_stuck``)
+        is retried the same way.
         """
-        result = self.boot_once(kernel, initrd, cpus, **options)
+        try:
+            result = self.boot_once(kernel, initrd, cpus, **options)
+        except LayerError as err:
+            if err.layer != STUCK_CPU_LAYER:
+                raise
+            # L1 is gone (discarded): the boot runs again in a fresh one, once.
+            print(f"nested KVM: {err.message}; booting once more in a fresh L1", file=sys.stderr)
+            retried = self.boot_once(kernel, initrd, cpus, **options)
+            retried.retried = [err.message]
+            return retried
         if result.status == 1 and TRIPLE_FAULT in result.stderr:
             print(f"nested KVM: L2 reset by a triple fault after {result.seconds:.0f} s "
                   f"(phases {result.phases}); booting once more in a fresh L1", file=sys.stderr)
