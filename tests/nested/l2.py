@@ -95,19 +95,17 @@ class NestedLinux:
         except LayerError as err:
             if err.layer != STUCK_CPU_LAYER:
                 raise
-            # L1 is gone (discarded): the boot runs again in a fresh one, once.
-            print(f"nested KVM: {err.message}; booting once more in a fresh L1", file=sys.stderr)
-            retried = self.boot_once(kernel, initrd, cpus, **options)
-            retried.retried = [err.message]
-            return retried
-        if result.status == 1 and TRIPLE_FAULT in result.stderr:
-            print(f"nested KVM: L2 reset by a triple fault after {result.seconds:.0f} s "
-                  f"(phases {result.phases}); booting once more in a fresh L1", file=sys.stderr)
-            self.l1.close()
-            retried = self.boot_once(kernel, initrd, cpus, **options)
-            retried.retried = [result.describe()]
-            return retried
-        return result
+            why, first = err.message, err.message
+        else:
+            if not (result.status == 1 and TRIPLE_FAULT in result.stderr):
+                return result
+            why = f"L2 reset by a triple fault after {result.seconds:.0f} s (phases {result.phases})"
+            first = result.describe()
+        print(f"nested KVM: {why}; booting once more in a fresh L1", file=sys.stderr)
+        self.l1.close()  # a stuck L1 is already gone: then this has nothing to do
+        retried = self.boot_once(kernel, initrd, cpus, **options)
+        retried.retried = [first]
+        return retried
 
     def boot_once(self, kernel: str, initrd: str, cpus: int, *, memory: str = "512M", cmdline: str,
                   extra_args: list[str] = (), **options) -> L2Result:
