@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import shlex
+import socket
 import sys
 import time
 import weakref
@@ -117,6 +118,20 @@ class _Console:
         return "--- L1 console, last lines ---\n" + "\n".join(self.read().splitlines()[-lines:])
 
 
+def _thread_ticks(pid: int) -> dict[str, tuple[str, int]]:
+    """Each thread of ``pid``: tid -> (name, user + system ticks)."""
+    ticks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks[tid] = (stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12]))
+    return ticks
+
+
 class L1:
     def __init__(self, assets: Assets, workdir: str, cpus: int = 2, memory: str = "3G",
                  bounds: Bounds = Bounds(), qemu: str = QEMU, extra_cmdline: str = "",
@@ -150,7 +165,8 @@ class L1:
         return [
             self.qemu, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt",
             "-smp", str(self.cpus), "-m", self.memory,
-            "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-monitor", f"unix:{self.monitor_path},server=on,wait=off",
             "-serial", f"file:{self.console.path}",
             "-kernel", self.assets.kernel, "-initrd", initrd, "-append", cmdline,
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -255,9 +271,10 @@ class L1:
             waited = time.monotonic() - started
             heartbeat_age = self._heartbeat_age()
             if heartbeat_age > self.bounds.stale_heartbeat and waited > self.bounds.stale_heartbeat:
+                where = self._where_cpus_are()
                 self._discard()
                 raise LayerError("L1", f"L1 stopped answering (no heartbeat for {heartbeat_age:.0f} s) "
-                                 f"while running: {command}", self._outputs(run_dir, name))
+                                 f"while running: {command}", self._outputs(run_dir, name) + where)
             if waited > timeout:
                 self._discard()
                 raise LayerError("command", f"did not finish within {timeout:.0f} s (L1's heartbeat "
@@ -301,6 +318,42 @@ class L1:
     def _outputs(self, run_dir: str, name: str) -> str:
         out, err = self._read(run_dir, f"{name}.out"), self._read(run_dir, f"{name}.err")
         return f"--- stdout so far ---\n{out[-3000:]}\n--- stderr so far ---\n{err[-3000:]}\n{self.console.tail(15)}"
+
+    @property
+    def monitor_path(self) -> str:
+        return os.path.join(self.workdir, "qemu-monitor.sock")
+
+    def _where_cpus_are(self) -> str:
+        """For a silent L1: QEMU's threads' CPU use over a second and each L1 CPU's registers
+        (QEMU's monitor: halted or not, RIP, and whether it is in SVM guest mode, i.e. in L2)."""
+        lines = ["--- QEMU at the hang ---"]
+        try:
+            before = _thread_ticks(self.process.pid)
+            time.sleep(0.5)
+            for thread, (comm, after) in sorted(_thread_ticks(self.process.pid).items()):
+                lines.append(f"thread {thread} {comm}: +{after - before.get(thread, (comm, after))[1]} ticks in 0.5 s")
+        except OSError as err:
+            lines.append(f"QEMU's threads: {err}")
+        try:
+            with socket.socket(socket.AF_UNIX) as monitor:
+                monitor.settimeout(5)
+                monitor.connect(self.monitor_path)
+                monitor.sendall(b"info registers -a\n")
+                reply, deadline = b"", time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    try:
+                        chunk = monitor.recv(65536)
+                    except socket.timeout:
+                        break
+                    if not chunk:
+                        break
+                    reply += chunk
+            keep = ("CPU#", "RIP=", "HLT=", "EFER=", "CR0=")
+            lines += [line for line in reply.decode(errors="replace").splitlines()
+                      if any(key in line for key in keep)]
+        except OSError as err:
+            lines.append(f"QEMU's monitor: {err}")
+        return "\n".join(lines)
 
     # --- Stop. ---
 

@@ -171,11 +171,27 @@ class NestedLinux:
         if outcome["timed_out"]:
             raise LayerError("L2", f"mpvmm did not end within {bound:.0f} s (phases seen: {outcome['phases']})",
                              f"--- stderr ---\n{outcome['stderr'][-2000:]}\n--- L2 console, last lines ---\n"
-                             + "\n".join(text.splitlines()[-30:]))
+                             + "\n".join(text.splitlines()[-30:]) + "\n" + describe_hang(outcome.get("hang")))
         return L2Result(outcome["status"], outcome["stderr"], text, _read(request["console_copy"]),
                         outcome["seconds"], outcome["phases"],
                         outcome["metrics"], outcome["scrape_error"], outcome.get("terminal_restored"),
                         outcome["steps_left"], outcome["step_times"], outcome["ctl"], outcome=outcome)
+
+
+def describe_hang(hang: dict | None) -> str:
+    """l2_run's two samples of a run past its bound, as lines: each thread's state, wait channel and
+    CPU ticks in between, and how L1's KVM counters moved."""
+    if not hang:
+        return ""
+    first, second = hang["first"], hang["second"]
+    lines = [f"--- at the bound ({hang['sample_seconds']} s apart; then {hang['ended_by']}) ---"]
+    for thread, now in sorted(second["threads"].items()):
+        state, wchan, ticks = now.split()
+        before = first["threads"].get(thread, now).split()[2]
+        lines.append(f"{thread}: {state} {wchan}, +{int(ticks) - int(before)} ticks")
+    moved = {name: value - first["kvm"].get(name, value) for name, value in second["kvm"].items()}
+    lines.append(f"L1 KVM counters moved: {moved}")
+    return "\n".join(lines)
 
 
 def _read(path: str) -> str:

@@ -12,8 +12,10 @@ ends the run). The result: exit status, stderr (stdout is in the
 ``console_copy`` file: the console itself, or what mpvmm printed beside a
 console file), the seconds at which each phase appeared and each step was
 taken, each ctl command's outcome, the last scrape, the terminal's mode
-before and after, and ``timed_out`` when mpvmm outlived the bound: then its
-process group is killed, and the host reports the layer "L2". A ``fault`` entry injects a
+before and after, and ``timed_out`` when mpvmm outlived the bound: then
+``hang`` says what its threads and L1's KVM were doing (two samples), its
+process group gets SIGTERM (for mpvmm's summary) and then SIGKILL, and the
+host reports the layer "L2". A ``fault`` entry injects a
 fault at a moment of the run and lists what mpvmm left behind
 (``l2_fault``, for the nested soak).
 """
@@ -36,6 +38,14 @@ from tests.nested.l2_fault import FaultInjector
 
 POLL_SECONDS = 0.2
 SCRAPE_TIMEOUT = 10.0
+# A run past its bound: two samples this far apart say which threads still
+# use CPU and whether KVM still sees exits, then SIGTERM gets mpvmm's own
+# summary (each vCPU's exits) within HANG_TERM_SECONDS, then SIGKILL.
+HANG_SAMPLE_SECONDS = 2.0
+HANG_TERM_SECONDS = 15.0
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+KVM_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_injections", "irq_window_exits",
+                "nmi_injections", "request_irq_exits", "signal_exits", "halt_wakeup")
 
 
 class _Output:
@@ -77,6 +87,55 @@ class _Output:
     def join(self) -> None:
         if self._fd is not None:
             self._thread.join(timeout=5)
+
+
+def _threads(pgid: int) -> dict[str, str]:
+    """Every thread of process group ``pgid``: "pid/tid comm" -> "state wchan cpu-ticks"."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) != pgid:
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                task = f"/proc/{pid}/task/{tid}"
+                with open(f"{task}/stat") as f:
+                    stat = f.read()
+                with open(f"{task}/wchan") as f:
+                    wchan = f.read() or "-"
+                comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+                found[f"{pid}/{tid} {comm}"] = f"{fields[0]} {wchan} {int(fields[11]) + int(fields[12])}"
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def _kvm_counters() -> dict[str, int]:
+    """L1's KVM counters, summed over its VMs (debugfs, mounted if it is not)."""
+    if not os.path.isdir(KVM_DEBUGFS):
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"], capture_output=True)
+    counters = {}
+    for name in KVM_COUNTERS:
+        try:
+            with open(os.path.join(KVM_DEBUGFS, name)) as f:
+                counters[name] = int(f.read())
+        except (OSError, ValueError):
+            continue
+    return counters
+
+
+def _hang_diagnosis(process: subprocess.Popen) -> dict:
+    """What a run past its bound was doing: threads and KVM counters twice, then mpvmm's own summary."""
+    first = {"threads": _threads(process.pid), "kvm": _kvm_counters()}
+    time.sleep(HANG_SAMPLE_SECONDS)
+    second = {"threads": _threads(process.pid), "kvm": _kvm_counters()}
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=HANG_TERM_SECONDS)
+        ended_by = "SIGTERM"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        ended_by = "SIGKILL"
+    return {"first": first, "second": second, "sample_seconds": HANG_SAMPLE_SECONDS, "ended_by": ended_by}
 
 
 def _controlling_terminal() -> None:
@@ -159,12 +218,12 @@ def run(request: dict) -> dict:
     ctl_results: list[dict] = []
     metrics = request.get("metrics")
     scraped, scrape_error = None, None
-    timed_out = False
+    timed_out, hang = False, None
     while process.poll() is None:
         elapsed = time.monotonic() - started
         if elapsed > request["bound"]:
             timed_out = True
-            os.killpg(process.pid, signal.SIGKILL)
+            hang = _hang_diagnosis(process)
             break
         text = output.text()
         _seen_phases(request, text, phases, elapsed)
@@ -192,7 +251,7 @@ def run(request: dict) -> dict:
     result = {"status": status, "seconds": seconds, "timed_out": timed_out, "phases": phases,
               "stderr": b"".join(stderr_chunks).decode(errors="replace"), "metrics": scraped,
               "scrape_error": scrape_error, "steps_left": [step["wait"] for step in steps],
-              "step_times": step_times, "ctl": ctl_results, **fault.outcome(seconds)}
+              "step_times": step_times, "ctl": ctl_results, "hang": hang, **fault.outcome(seconds)}
     if pty is not None:
         result["terminal_restored"] = termios.tcgetattr(follower) == mode_before
         os.close(follower)
