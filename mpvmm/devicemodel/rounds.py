@@ -1,33 +1,46 @@
-"""How the device model takes requests from the vCPUs' channels: fair rounds, reads after writes.
+"""How the device model takes requests from the vCPUs' channels: in the order they were made.
 
 Each vCPU has its own request channel (a message queue or a shared-memory
 ring, transport/server.py), so the device model sees one vCPU's requests in
 the order it sent them, but nothing orders two channels. Posted writes make
-that visible. vCPU A writes bytes to the UART (posted: A runs on at once)
-and releases the guest's lock; vCPU B takes the lock and reads the UART's
-status. B's read can reach us while A's writes still wait in A's channel;
-served first, B sees the UART without A's bytes, and the bytes B writes
-next go out before A's. Measured: a 4-vCPU Linux guest's console showed
-chunks of a line swapped. On hardware an OUT completes before the next
-instruction runs, and guest drivers rely on it.
+that visible, since a vCPU runs on before its write is performed:
 
-The rule that restores the order: a read is answered only after every write
-that was in any channel when the read was taken, and every write in KVM's
-coalesced ring (the device model's ``perform`` drains that ring before each
-access it performs). A write that happened before the read (through the
-guest's own synchronisation) was sent, or appended by KVM, before it, so it
-is there. So a round performs writes as it takes them and keeps the reads;
-before answering them it drains every other channel up to its depth, more
-than a channel holds at any moment; reads found there are kept too. Nothing
-follows a read in its channel (the vCPU waits for the answer), so keeping a
-read to the end of the round never reorders one vCPU's own requests. A
-write the vCPU waits for (a coalesced ring's overflow) is performed and
-acknowledged at once: nothing follows it either.
+- vCPU A writes bytes to the UART and releases the guest's lock; vCPU B
+  takes the lock and reads the UART's status. Served first, B's read sees
+  the UART without A's bytes, and the bytes B writes next go out before
+  A's (a 4-vCPU Linux guest's console showed chunks of a line swapped).
+- vCPU A's interrupt handler turns the UART's transmit interrupt off (a
+  write to IER) and releases the port lock; vCPU B takes it, has more to
+  send and turns the interrupt on. Performed B first, the UART ends with
+  the interrupt off while the driver believes it on: Linux's console
+  stalled mid-line (the nested soak found it).
+
+On hardware an OUT completes before the next instruction runs, and guest
+drivers rely on it. So every request carries a stamp: the next value of one
+machine-wide counter, taken after its exit and before it is sent
+(transport/channel.py, _runloop.c). A request that happened before another
+in the guest (earlier on the same vCPU, or on another vCPU before the
+guest's own synchronisation) was stamped and sent before the other was even
+made, so it has the smaller stamp and is in its channel by the time the
+other can be seen. The device model performs requests in stamp order, with
+one care: it looks at the channels one after another, so a request may
+arrive in a channel it has just looked at. Before it performs the smallest
+stamp it holds, it looks again at every channel it holds nothing from;
+whatever happened before that request is there by then (it was sent before
+that request was made, and we have seen that request). A smaller stamp
+found this way becomes the candidate and the look is repeated. Requests
+made concurrently (neither before the other) are performed in stamp order
+too, one of the orders they could have had.
+
+Writes KVM coalesced carry no stamp: they sit in KVM's own ring, in the
+order they were made, and the device model's ``perform`` drains that ring
+before each access it performs, so they precede every request sent after
+them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from mpvmm.devicemodel.protocol import Request
 
@@ -38,65 +51,58 @@ class Channels(Protocol):
     def pop(self, index: int) -> bytes | None:
         """The oldest record of vCPU ``index``'s requests; None when there is none."""
 
-    def reply(self, index: int, record: bytes) -> None:
-        """Send ``record`` on the reply channel paired with request channel ``index``."""
+    def ready_now(self) -> list[int]:
+        """The vCPUs whose request channels hold records now."""
 
 
-class Device(Protocol):
-    """The device model as a round sees it (devicemodel/process.py)."""
-
+class Decoder(Protocol):
     def decode(self, record: bytes) -> Request | None:
         """The request in ``record``, or None: malformed (counted and dropped)."""
+
+
+class Device(Decoder, Protocol):
+    """The device model as the server sees it (devicemodel/process.py)."""
 
     def perform(self, request: Request) -> bytes | None:
         """Perform it (after every write KVM coalesced); the encoded reply, if the vCPU waits for one."""
 
 
-Kept = list[tuple[int, Request]]  # reads taken and not yet answered: (channel, request)
+class StampOrder:
+    """The vCPUs' requests merged into stamp order: at most one taken and not yet handed out per channel."""
 
+    def __init__(self, channels: Channels, decoder: Decoder, vcpus: int):
+        self._channels, self._decoder, self._vcpus = channels, decoder, vcpus
+        self._heads: dict[int, Request] = {}  # channel -> its oldest request, taken, not handed out
 
-def take(channels: Channels, index: int, device: Device, kept: Kept, batch: int) -> tuple[int, bool]:
-    """Take up to ``batch`` records of channel ``index``, stopping at one its vCPU waits on.
+    def held(self) -> bool:
+        """Whether requests were taken that ``next`` has not handed out yet."""
+        return bool(self._heads)
 
-    Writes are performed as they come; a read is kept for the end of the
-    round. Returns (records taken, whether the batch was filled and more may
-    wait).
-    """
-    for taken in range(batch):
-        record = channels.pop(index)
-        if record is None:
-            return taken, False
-        request = device.decode(record)
-        if request is None:
-            continue
-        if request.is_read:
-            kept.append((index, request))
-            return taken + 1, False  # its vCPU waits for the answer: nothing is behind it
-        reply = device.perform(request)
-        if reply is not None:  # a write its vCPU waits for: nothing is behind it either
-            channels.reply(index, reply)
-            return taken + 1, False
-    return batch, True
+    def next(self) -> tuple[int, Request] | None:
+        """The request to perform now and the channel it came from; None when every channel is empty."""
+        self._look()
+        if not self._heads:
+            return None
+        while True:
+            candidate = min(self._heads, key=lambda index: self._heads[index].seq)
+            if self._vcpus == 1 or not self._look(below=self._heads[candidate].seq):
+                return candidate, self._heads.pop(candidate)
 
+    def _look(self, below: int | None = None) -> bool:
+        """Take the oldest request of each channel we hold nothing from; whether one is stamped below ``below``."""
+        found = False
+        for index in self._channels.ready_now():
+            if index in self._heads:
+                continue
+            request = self._take(index)
+            if request is not None:
+                self._heads[index] = request
+                found = found or (below is not None and request.seq < below)
+        return found
 
-def answer_reads(channels: Channels, device: Device, kept: Kept, ready_now: Callable[[], Sequence[int]],
-                 take_all: Callable[[int], object], vcpus: int) -> None:
-    """Drain every channel not waiting on a kept read, then answer the reads.
-
-    ``ready_now()``: the channels that hold records now; ``take_all(index)``:
-    ``take`` from that channel up to its depth, into ``kept``. With one vCPU
-    its channel is already in order.
-    """
-    if not kept:
-        return
-    if vcpus > 1:
-        waiting = {index for index, _ in kept}
-        for index in ready_now():
-            if index not in waiting:
-                take_all(index)
-    reads = list(kept)
-    kept.clear()
-    for index, request in reads:
-        reply = device.perform(request)
-        if reply is not None:
-            channels.reply(index, reply)
+    def _take(self, index: int) -> Request | None:
+        while (record := self._channels.pop(index)) is not None:
+            request = self._decoder.decode(record)
+            if request is not None:
+                return request
+        return None

@@ -31,7 +31,7 @@ from mpvmm.errors import DeviceModelError, HostLimitError
 from mpvmm.supervisor import limits
 from mpvmm.supervisor.child_process import ChildProcess, receive_some, spawn
 from mpvmm.supervisor.guest_memory import unique_name
-from mpvmm.transport.channel import QueueChannel, RingChannel, VcpuChannel
+from mpvmm.transport.channel import QueueChannel, RequestOrder, RingChannel, VcpuChannel
 from mpvmm.transport.polling import poll_limit_seconds
 from mpvmm.transport.ring import RingArea
 
@@ -70,6 +70,7 @@ class DeviceModelClient(ChildProcess):
         # (its own thread) and the wait loop's poll_events share it.
         self._lock = threading.Lock()
         self.channels: list[VcpuChannel] = []
+        self._order = RequestOrder()  # the counter every channel stamps its requests from
         self._queues: list[posix_ipc.MessageQueue] = []
         self._unpacker = msgpack.Unpacker(raw=False)
         self.pid = 0
@@ -123,7 +124,7 @@ class DeviceModelClient(ChildProcess):
         for index in range(cpus):
             requests = self._create_queue(f"req{index}", depth)
             replies = self._create_queue(f"rep{index}", depth)
-            self.channels.append(QueueChannel(requests, replies))
+            self.channels.append(QueueChannel(requests, replies, self._order))
         return {"transport": "mq",
                 "request_queues": [c.request_queue.name for c in self.channels],
                 "reply_queues": [c.reply_queue.name for c in self.channels]}
@@ -131,7 +132,8 @@ class DeviceModelClient(ChildProcess):
     def _create_rings(self, cpus: int) -> dict:
         self._area = RingArea.create(cpus)
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.channels = [RingChannel(self._area.requests(i), self._area.replies(i), self._area.header, self._wake_fd)
+        self.channels = [RingChannel(self._area.requests(i), self._area.replies(i), self._area.header, self._wake_fd,
+                                     self._order)
                          for i in range(cpus)]
         return {"transport": "ring", "ring_fd": self._area.fd, "wake_fd": self._wake_fd,
                 "poll_limit_seconds": poll_limit_seconds(cpus)}
@@ -289,6 +291,7 @@ class DeviceModelClient(ChildProcess):
         if self._area is not None:
             self._area.close()
             self._area = None
+        self._order.close()
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1

@@ -3,12 +3,12 @@
 ``QueueServer`` reads POSIX message queues (pollable descriptors, so epoll
 says which have messages); ``RingServer`` reads the shared-memory rings,
 polls them for a while before it sleeps (polling.py) and sleeps on one
-eventfd the vCPUs write only when it said it sleeps (ring.h). Both serve in
-the rounds of devicemodel/rounds.py: at most ``PER_VCPU_BATCH`` records from
-one vCPU before the next gets its turn, so one busy vCPU cannot starve the
-others, and a read answered only after every write any vCPU queued before
-it. Both answer a request on the reply channel paired with the one it came
-from, whatever vCPU the (untrusted) record claims to be.
+eventfd the vCPUs write only when it said it sleeps (ring.h). Both perform
+requests in the order the vCPUs made them (devicemodel/rounds.py: by their
+machine-wide stamps), which is also fair: a busy vCPU's requests interleave
+with the others' as they were made. Both answer a request on the reply
+channel paired with the one it came from, whatever vCPU the (untrusted)
+record claims to be.
 
 The device model's loop (devicemodel/process.py) drives either the same
 way: ``serve`` a round, and when there is nothing left, ``poll`` and then
@@ -25,13 +25,14 @@ from collections.abc import Callable, Sequence
 
 import posix_ipc
 
-from mpvmm.devicemodel.rounds import Device, Kept, answer_reads, take
+from mpvmm.devicemodel.rounds import Device, StampOrder
 from mpvmm.errors import DeviceModelError
 from mpvmm.transport.polling import PollWindow
 from mpvmm.transport.ring import RING_SLOTS, RingArea
 from mpvmm.vcpu_worker import _runloop
 
-# Records taken from one vCPU before the next gets its turn (less than a queue's depth of 10).
+# Requests performed per vCPU in one serve() before the device model's other
+# work (the terminal, timers, the control socket) gets a turn.
 PER_VCPU_BATCH = 8
 # Rounds of the final drain at shutdown: bounded, since running vCPUs may keep sending.
 SHUTDOWN_DRAIN_ROUNDS = 64
@@ -49,15 +50,22 @@ class RequestServer(ABC):
     def __init__(self, vcpus: int):
         self.received = [0] * vcpus
         self.replies_sent = self.replies_dropped = 0
-        self._rounds = 0
+        self._order: StampOrder | None = None
 
     @abstractmethod
     def fds(self) -> list[int]:
         """Descriptors to wait on in epoll; readable means requests may be waiting."""
 
     @abstractmethod
-    def pop(self, index: int) -> bytes | None:
+    def _pop(self, index: int) -> bytes | None:
         """The oldest record on vCPU ``index``'s request channel, or None."""
+
+    def pop(self, index: int) -> bytes | None:
+        """``_pop``, counted (rounds.Channels)."""
+        record = self._pop(index)
+        if record is not None:
+            self.received[index] += 1
+        return record
 
     @abstractmethod
     def reply(self, index: int, record: bytes) -> None:
@@ -67,29 +75,33 @@ class RequestServer(ABC):
     def ready_now(self) -> list[int]:
         """The vCPUs whose request channels hold records now."""
 
-    @abstractmethod
-    def _ready(self, ready_fds: set[int]) -> list[int]:
-        """The vCPUs to serve this round, given the descriptors epoll found readable."""
-
     def serve(self, ready_fds: set[int], device: Device) -> bool:
-        """One fair round over the vCPUs, its reads answered last; True when more may be waiting."""
-        kept: Kept = []
-        more = []
-        for index in self._rotation(self._ready(ready_fds)):
-            taken, filled = self._take(index, device, kept, PER_VCPU_BATCH)
-            if filled:
-                more.append(index)
-        answer_reads(self, device, kept, self.ready_now, lambda index: self._take(index, device, kept, self.depth),
-                     len(self.received))
-        return self._served(more)
+        """Perform requests in stamp order, up to one a vCPU waits for; True when more may be waiting.
 
-    def _take(self, index: int, device: Device, kept: Kept, batch: int) -> tuple[int, bool]:
-        taken, filled = take(self, index, device, kept, batch)
-        self.received[index] += taken
-        return taken, filled
+        At most a batch per vCPU, so that the device model's other work gets a turn.
 
-    def _served(self, more: list[int]) -> bool:
-        return bool(more)
+        ``ready_fds``: what epoll found readable (every channel is looked at anyway).
+        """
+        if self._order is None:
+            self._order = StampOrder(self, device, len(self.received))
+        budget = PER_VCPU_BATCH * len(self.received)
+        performed = 0
+        while performed < budget:
+            taken = self._order.next()
+            if taken is None:
+                break
+            index, request = taken
+            reply = device.perform(request)
+            performed += 1
+            if reply is not None:
+                # A vCPU waited for this: answered, it sends its next request
+                # some time later, which polling looks for (transport/polling.py).
+                self.reply(index, reply)
+                break
+        return self._served(self._order.held() or performed == budget)
+
+    def _served(self, more: bool) -> bool:
+        return more
 
     def poll(self) -> bool:
         """Before sleeping: look for requests a little longer; True if one came."""
@@ -117,14 +129,6 @@ class RequestServer(ABC):
     def close(self) -> None:
         """Close every channel; safe after a partial start."""
 
-    def _rotation(self, indices: list[int]) -> list[int]:
-        """Start each round at a different vCPU so none is always first."""
-        if len(indices) < 2:
-            return indices
-        start = self._rounds % len(indices)
-        self._rounds += 1
-        return indices[start:] + indices[:start]
-
 
 class QueueServer(RequestServer):
     """Request and reply POSIX message queues, opened by name and unlinked at once."""
@@ -151,16 +155,15 @@ class QueueServer(RequestServer):
                 queues.append(queue)
         self.depth = max((queue.max_messages for queue in self.requests), default=0)
         self._index_by_fd = {queue.mqd: index for index, queue in enumerate(self.requests)}
-        # Which queues hold messages now, in one call (rounds.answer_reads asks every round that kept a read).
+        # Which queues hold messages now, in one call (the stamp order asks before each request it hands out).
         self._epoll = select.epoll()
         for fd in self._index_by_fd:
             self._epoll.register(fd, select.EPOLLIN)
-        self._more: list[int] = []
 
     def fds(self) -> list[int]:
         return list(self._index_by_fd)
 
-    def pop(self, index: int) -> bytes | None:
+    def _pop(self, index: int) -> bytes | None:
         try:
             message, _priority = self.requests[index].receive()
         except posix_ipc.BusyError:
@@ -176,13 +179,6 @@ class QueueServer(RequestServer):
 
     def ready_now(self) -> list[int]:
         return [self._index_by_fd[fd] for fd, _mask in self._epoll.poll(0)]
-
-    def _ready(self, ready_fds: set[int]) -> list[int]:
-        return sorted({self._index_by_fd[fd] for fd in ready_fds if fd in self._index_by_fd} | set(self._more))
-
-    def _served(self, more: list[int]) -> bool:
-        self._more = more
-        return bool(more)
 
     def close(self) -> None:
         for queue in self.requests + self.replies:
@@ -207,7 +203,6 @@ class RingServer(RequestServer):
         self.area, self.wake_fd = area, wake_fd
         self.requests = [area.requests(i) for i in range(area.cpus)]
         self.replies = [area.replies(i) for i in range(area.cpus)]
-        self._indices = list(range(area.cpus))
         self.window = PollWindow(limit=poll_limit)
         self._clock, self._yield = clock, yield_cpu
         self._idle_since: float | None = None
@@ -222,8 +217,12 @@ class RingServer(RequestServer):
     def _pending(self) -> bool:
         return any(len(ring) for ring in self.requests)
 
-    def pop(self, index: int) -> bytes | None:
-        return self.requests[index].pop()
+    def _pop(self, index: int) -> bytes | None:
+        record = self.requests[index].pop()
+        if record is not None:
+            self._found = True
+            self.requests[index].wake_producer()  # it may wait for the room we just made
+        return record
 
     def reply(self, index: int, record: bytes) -> None:
         replies = self.replies[index]
@@ -236,21 +235,11 @@ class RingServer(RequestServer):
     def ready_now(self) -> list[int]:
         return [index for index, ring in enumerate(self.requests) if len(ring)]
 
-    def _ready(self, ready_fds: set[int]) -> list[int]:
-        return self._indices  # one eventfd for all: look at every ring
-
     def serve(self, ready_fds: set[int], device: Device) -> bool:
         self._found = False
         return super().serve(ready_fds, device)
 
-    def _take(self, index: int, device: Device, kept: Kept, batch: int) -> tuple[int, bool]:
-        taken, filled = super()._take(index, device, kept, batch)
-        if taken:
-            self._found = True
-            self.requests[index].wake_producer()  # it may wait for the room we just made
-        return taken, filled
-
-    def _served(self, more: list[int]) -> bool:
+    def _served(self, more: bool) -> bool:
         if self._found and self._idle_since is not None:
             self.window.record(self._clock() - self._idle_since)  # how long the wait for this work was
             self._idle_since = None

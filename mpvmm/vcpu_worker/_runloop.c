@@ -102,6 +102,7 @@ struct vcpu_stats {
 /* Where the vCPU's messages go: a queue pair or a ring pair (ring.h). */
 struct transport {
     enum transport_kind kind;
+    uint64_t *order;           /* the machine-wide request counter every request is stamped from */
     mqd_t request_mqd, reply_mqd;
     struct msg_ring *requests, *replies;
     struct ring_area_header *header;
@@ -117,7 +118,6 @@ struct worker {
     size_t route_count;
     struct transport transport;
     uint64_t vcpu_index;
-    uint64_t sync_seq;
 };
 
 #define BUMP(field) __atomic_store_n(&(field), (field) + 1, __ATOMIC_RELAXED)
@@ -324,16 +324,27 @@ static void record_latency(struct worker *w, uint64_t ns)
     ADD(w->stats->sync_latency_sum_ns, ns);
 }
 
+/* Every request's sequence number: the next of the machine-wide counter, so
+ * that the device model performs the requests of all vCPUs in the order
+ * they were made (devicemodel/rounds.py). Taken after the exit, before the
+ * request is sent: a request that happened before another in the guest
+ * (through its own locks) has the smaller number and is already in its
+ * channel when the later one is sent. */
+static uint64_t next_stamp(struct worker *w)
+{
+    return __atomic_add_fetch(w->transport.order, 1, __ATOMIC_SEQ_CST);
+}
+
 /* A request the vCPU waits for (a read, or an acknowledged write): send it
- * and wait for the reply carrying our sequence number. */
+ * and wait for the reply carrying its sequence number. */
 static int sync_request(struct worker *w, enum request_kind kind, uint64_t space, uint64_t address,
                         uint64_t size, uint64_t *value)
 {
     uint8_t msg[MESSAGE_SIZE + 1];
     uint64_t start = monotonic_ns();
-    w->sync_seq++;
+    uint64_t stamp = next_stamp(w);
     size_t len = encode_request(msg, kind, w->vcpu_index, space, address, size,
-                                kind == KIND_READ ? 0 : *value, w->sync_seq);
+                                kind == KIND_READ ? 0 : *value, stamp);
     if (send_request(w, msg, len))
         return -1;
     for (;;) {
@@ -344,7 +355,7 @@ static int sync_request(struct worker *w, enum request_kind kind, uint64_t space
                 return -1;
             continue;
         }
-        if (n > MESSAGE_SIZE || decode_reply(msg, (size_t)n, &seq, value) || seq != w->sync_seq) {
+        if (n > MESSAGE_SIZE || decode_reply(msg, (size_t)n, &seq, value) || seq != stamp) {
             BUMP(w->stats->stale_replies);
             continue;
         }
@@ -359,7 +370,7 @@ static int posted_write(struct worker *w, uint64_t space, uint64_t address, uint
 {
     uint8_t msg[MESSAGE_SIZE];
     size_t len = encode_request(msg, KIND_WRITE, w->vcpu_index, space, address, size, value,
-                                w->sync_seq);
+                                next_stamp(w));
     return send_request(w, msg, len);
 }
 
@@ -536,21 +547,27 @@ static enum outcome run_loop(struct worker *w, uint64_t *value)
 
 /* ---- Python API. ---- */
 
-/* The transport tuple of thread_runner.py: (TRANSPORT_MQ, request_mqd,
- * reply_mqd, 0, -1) or (TRANSPORT_RING, request ring, reply ring, area
- * header, wake eventfd), the addresses mapped in this process. */
+/* The transport tuple of channel.py: (TRANSPORT_MQ, request_mqd,
+ * reply_mqd, 0, -1, order) or (TRANSPORT_RING, request ring, reply ring,
+ * area header, wake eventfd, order), the addresses mapped in this process;
+ * order is the machine-wide request counter's. */
 static int parse_transport(PyObject *tuple, struct transport *t)
 {
     int kind, wake_fd;
-    unsigned long long a, b, header;
-    if (!PyArg_ParseTuple(tuple, "iKKKi", &kind, &a, &b, &header, &wake_fd))
+    unsigned long long a, b, header, order;
+    if (!PyArg_ParseTuple(tuple, "iKKKiK", &kind, &a, &b, &header, &wake_fd, &order))
         return -1;
+    if (!order) {
+        PyErr_SetString(PyExc_ValueError, "no request counter");
+        return -1;
+    }
     if (kind == TRANSPORT_MQ) {
-        *t = (struct transport){.kind = TRANSPORT_MQ, .request_mqd = (mqd_t)a, .reply_mqd = (mqd_t)b};
+        *t = (struct transport){.kind = TRANSPORT_MQ, .order = (uint64_t *)(uintptr_t)order,
+                                .request_mqd = (mqd_t)a, .reply_mqd = (mqd_t)b};
         return 0;
     }
     if (kind == TRANSPORT_RING && a && b && header) {
-        *t = (struct transport){.kind = TRANSPORT_RING,
+        *t = (struct transport){.kind = TRANSPORT_RING, .order = (uint64_t *)(uintptr_t)order,
                                 .requests = (struct msg_ring *)(uintptr_t)a,
                                 .replies = (struct msg_ring *)(uintptr_t)b,
                                 .header = (struct ring_area_header *)(uintptr_t)header,

@@ -40,7 +40,6 @@ class PythonLoop:
         self.run = vcpu.kvm_run
         self.run_address = vcpu.run_address
         self.channel = channel
-        self.sync_seq = 0
         self.routes = routes
         self.mmio_data_address = ctypes.addressof(self.run.mmio.data)
 
@@ -54,8 +53,8 @@ class PythonLoop:
     def sync_request(self, kind: int, space: int, address: int, size: int, value: int = 0) -> int:
         """A read, or an acknowledged write: send it and wait for the reply carrying our sequence number."""
         start = time.monotonic_ns()
-        self.sync_seq += 1
-        self.send(protocol.encode_request(kind, self.index, space, address, size, value, self.sync_seq))
+        stamp = self.channel.next_stamp()
+        self.send(protocol.encode_request(kind, self.index, space, address, size, value, stamp))
         while True:
             message = self.channel.receive(self.stats)
             if message is None:
@@ -66,7 +65,7 @@ class PythonLoop:
                 seq, value = protocol.decode_reply(message)
             except ProtocolError:
                 seq = None
-            if seq != self.sync_seq:
+            if seq != stamp:
                 self.stats.stale_replies += 1
                 continue
             if kind == protocol.KIND_READ:
@@ -105,7 +104,8 @@ class PythonLoop:
             return None
         if is_write:
             paths[_PATH_POSTED] += 1
-            self.send(protocol.encode_request(protocol.KIND_WRITE, self.index, space, address, size, value, self.sync_seq))
+            self.send(protocol.encode_request(protocol.KIND_WRITE, self.index, space, address, size, value,
+                                              self.channel.next_stamp()))
             return None
         paths[_PATH_SYNC] += 1
         value = self.sync_request(protocol.KIND_READ, space, address, size)

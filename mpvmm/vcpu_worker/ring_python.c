@@ -93,6 +93,15 @@ static PyObject *runloop_ring_wake_server(PyObject *self, PyObject *args)
     return PyBool_FromLong(ring_wake_server((struct ring_area_header *)(uintptr_t)header, wake_fd));
 }
 
+/* The Python loop's next_stamp (_runloop.c): one atomic add on the machine-wide counter. */
+static PyObject *runloop_next_stamp(PyObject *self, PyObject *args)
+{
+    unsigned long long order;
+    if (!PyArg_ParseTuple(args, "K", &order))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(__atomic_add_fetch((uint64_t *)(uintptr_t)order, 1, __ATOMIC_SEQ_CST));
+}
+
 PyMethodDef ring_python_methods[] = {
     {"fence", runloop_fence, METH_NOARGS, "A full memory fence (ring.h's event suppression)."},
     {"ring_push", runloop_ring_push, METH_VARARGS, "ring_push(ring, record) -> False if the ring is full."},
@@ -102,6 +111,8 @@ PyMethodDef ring_python_methods[] = {
      "ring_wake(ring, producer) -> True if the other side waited and was woken."},
     {"ring_wait", runloop_ring_wait, METH_VARARGS,
      "ring_wait(ring, for_space, timeout_ns) -> True if it slept waiting for a record."},
+    {"next_stamp", runloop_next_stamp, METH_VARARGS,
+     "next_stamp(counter) -> the machine-wide request counter's next value (an atomic add)."},
     {"ring_wake_server", runloop_ring_wake_server, METH_VARARGS,
      "ring_wake_server(header, wake_fd) -> True if the sleeping device model was woken."},
     {NULL, NULL, 0, NULL},

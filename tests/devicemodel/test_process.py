@@ -34,7 +34,7 @@ from mpvmm.devicemodel.protocol import (
     encode_request,
 )
 from mpvmm.errors import DeviceModelError
-from mpvmm.transport.channel import RingChannel
+from mpvmm.transport.channel import RequestOrder, RingChannel
 from mpvmm.transport.ring import RING_SLOTS, RingArea
 from mpvmm.x86.layout import (COM1_PORT, MMIO_TESTDEV_ADDR, MMIO_TESTDEV_DOORBELL_ADDR, PIO_TESTDEV_DOORBELL_PORT,
                               PIO_TESTDEV_PORT, RTC_PORT)
@@ -78,8 +78,9 @@ class Harness:
         else:
             self.area = RingArea.create(vcpus)
             self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.order = RequestOrder()
             self.channels = [RingChannel(self.area.requests(i), self.area.replies(i), self.area.header,
-                                         self.wake_fd) for i in range(vcpus)]
+                                         self.wake_fd, self.order) for i in range(vcpus)]
             self.inherited += [self.area.fd, self.wake_fd]
         self.proc = None
         self.sock = None
@@ -188,6 +189,7 @@ class Harness:
         if self.area is not None:
             self.channels = []
             self.area.close()
+            self.order.close()
             os.close(self.wake_fd)
 
     def leftovers(self):

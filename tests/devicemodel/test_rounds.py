@@ -1,6 +1,6 @@
-"""The device model's rounds (rounds.py): fair, and a read answered after every write queued before it.
+"""The device model's request order (rounds.py): every vCPU's requests performed in stamp order.
 
-First the rules on fake channels; then both real transports (shared-memory
+First the rule on fake channels; then both real transports (shared-memory
 rings, POSIX message queues) with the device model's own ``perform``, which
 drains KVM's coalesced ring (a page in this process, filled as KVM would)
 before each access.
@@ -19,30 +19,40 @@ from mpvmm.devicemodel.machine import DeviceModel
 from mpvmm.devicemodel.process import DeviceModelServer
 from mpvmm.devicemodel.protocol import (KIND_READ, KIND_WRITE, KIND_WRITE_ACKED, MAX_MESSAGE_SIZE, SPACE_PIO,
                                         decode_reply, encode_request)
-from mpvmm.devicemodel.rounds import answer_reads, take
-from mpvmm.transport.channel import RingChannel
+from mpvmm.devicemodel.rounds import StampOrder
+from mpvmm.transport.channel import RequestOrder, RingChannel
 from mpvmm.transport.ring import RingArea
 from mpvmm.transport.server import PER_VCPU_BATCH, QueueServer, RingServer
 from tests.devicemodel.test_coalesced import Kvm as CoalescedProducer
 
-# --- The rules, on fake channels. ---
+# --- The rule, on fake channels. ---
 
 
 class Record:
+    """A fake request: ``b"name@stamp"`` (no stamp: 0); names starting with r are reads."""
+
     def __init__(self, data):
         self.data = data
         self.is_read = data.startswith(b"r")
+        self.seq = int(data.rsplit(b"@", 1)[1]) if b"@" in data else 0
 
 
 class Channels:
-    """Request lists per vCPU, and the replies sent."""
+    """Request lists per vCPU; ``arrivals[(index, record)]`` lands in a channel when that record is popped."""
 
-    def __init__(self, *requests):
+    def __init__(self, *requests, arrivals=None):
         self.requests = [list(r) for r in requests]
+        self.arrivals = dict(arrivals or {})
         self.replies = []
 
     def pop(self, index):
-        return self.requests[index].pop(0) if self.requests[index] else None
+        if not self.requests[index]:
+            return None
+        record = self.requests[index].pop(0)
+        for (channel, after), arriving in list(self.arrivals.items()):
+            if after == record:
+                self.requests[channel].append(arriving)
+        return record
 
     def reply(self, index, record):
         self.replies.append((index, record))
@@ -58,45 +68,55 @@ class Device:
         self.performed = []
 
     def decode(self, record):
-        return None if record == b"malformed" else Record(record)
+        return None if record.startswith(b"malformed") else Record(record)
 
     def perform(self, request):
         self.performed.append(request.data)
         return b"ok " + request.data if request.is_read or request.data.startswith(b"a") else None
 
 
-def test_take_stops_at_a_read_and_keeps_it():
-    channels, device, kept = Channels([b"w1", b"malformed", b"r1", b"after"]), Device(), []
-    assert take(channels, 0, device, kept, batch=8) == (3, False)
-    assert device.performed == [b"w1"] and [r.data for _, r in kept] == [b"r1"]
-    assert channels.requests[0] == [b"after"]
+def drain(channels, vcpus):
+    device = Device()
+    order = StampOrder(channels, device, vcpus)
+    while (taken := order.next()) is not None:
+        device.perform(taken[1])
+    return device.performed
 
 
-def test_take_answers_an_acknowledged_write_at_once_and_stops():
-    channels, device, kept = Channels([b"a1", b"after"]), Device(), []
-    assert take(channels, 0, device, kept, batch=8) == (1, False)
-    assert channels.replies == [(0, b"ok a1")] and kept == []
+def test_requests_of_every_vcpu_are_performed_in_stamp_order():
+    channels = Channels([b"w@1", b"w@4", b"w@5"], [b"w@2", b"r@3"], [b"w@6"])
+    assert drain(channels, 3) == [b"w@1", b"w@2", b"r@3", b"w@4", b"w@5", b"w@6"]
 
 
-def test_take_says_when_a_batch_was_filled():
-    channels, device = Channels([b"w"] * 10), Device()
-    assert take(channels, 0, device, [], batch=8) == (8, True)
+def test_the_later_vcpus_interrupt_enable_wins():
+    """The UART stall the nested soak found: vCPU 0's handler turned the interrupt off (stamp 1), then
+    vCPU 1 turned it on (stamp 2). Taken channel by channel, vCPU 1's came first and the later write
+    lost; in stamp order the interrupt stays on."""
+    channels = Channels([b"ier-off@1"], [b"ier-on@2"])
+    assert drain(channels, 2)[-1] == b"ier-on@2"
 
 
-def test_reads_wait_for_every_other_channel_up_to_its_depth():
-    channels = Channels([b"never"], [b"w"] * 12, [], [b"w2", b"r2"])
-    device, kept = Device(), [(0, Record(b"r0"))]  # vCPU 0's read, taken: nothing behind it is touched
-    answer_reads(channels, device, kept, channels.ready_now, lambda i: take(channels, i, device, kept, 10), vcpus=4)
-    assert device.performed == [b"w"] * 10 + [b"w2", b"r0", b"r2"]  # a read found meanwhile waits too
-    assert channels.replies == [(0, b"ok r0"), (3, b"ok r2")]
-    assert channels.requests[0] == [b"never"] and kept == []
+def test_a_request_that_arrives_in_a_channel_already_looked_at_is_still_taken_first():
+    """vCPU 0's request (stamp 1) reaches its channel only after that channel was found empty and vCPU
+    1's later request was taken; the second look finds it before anything is performed."""
+    channels = Channels([], [b"w@2"], arrivals={(0, b"w@2"): b"w@1"})
+    assert drain(channels, 2) == [b"w@1", b"w@2"]
 
 
-def test_one_vcpu_is_in_order_already():
-    channels, device = Channels([b"w"]), Device()
-    kept = [(0, Record(b"r0"))]
-    answer_reads(channels, device, kept, channels.ready_now, lambda i: take(channels, i, device, kept, 10), vcpus=1)
-    assert device.performed == [b"r0"] and channels.requests[0] == [b"w"]
+def test_a_second_look_that_finds_a_smaller_stamp_looks_again():
+    """Each smaller stamp found makes the candidate and another look: w@1 arrives while w@2 is taken."""
+    channels = Channels([], [], [b"w@3"], arrivals={(1, b"w@3"): b"w@2", (0, b"w@2"): b"w@1"})
+    assert drain(channels, 3) == [b"w@1", b"w@2", b"w@3"]
+
+
+def test_malformed_records_are_dropped_and_each_channel_keeps_its_order():
+    channels = Channels([b"malformed", b"w@2", b"malformed", b"w@3"], [b"w@1"])
+    assert drain(channels, 2) == [b"w@1", b"w@2", b"w@3"]
+
+
+def test_one_vcpu_is_taken_as_it_comes():
+    """One channel is already in order: no second look (its stamps need not even grow)."""
+    assert drain(Channels([b"w@5", b"r@1"]), 1) == [b"w@5", b"r@1"]
 
 
 # --- Both transports, the device model's perform and KVM's coalesced ring. ---
@@ -133,7 +153,9 @@ class RingEnds:
         self.area = RingArea.create(vcpus)
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.server = RingServer(RingArea.attach(os.dup(self.area.fd)), os.dup(self.wake_fd), poll_limit=0.0)
-        self.channels = [RingChannel(self.area.requests(i), self.area.replies(i), self.area.header, self.wake_fd)
+        self.order = RequestOrder()
+        self.channels = [RingChannel(self.area.requests(i), self.area.replies(i), self.area.header, self.wake_fd,
+                                     self.order)
                          for i in range(vcpus)]
 
     def send(self, vcpu, record):
@@ -149,6 +171,7 @@ class RingEnds:
         self.server.close()
         self.channels = []
         self.area.close()
+        self.order.close()
         os.close(self.wake_fd)
 
 
@@ -198,25 +221,36 @@ def device_model():
     server.coalesced.close()
 
 
-def test_a_read_is_answered_after_every_write_queued_before_it_by_any_vcpu(ends, device_model):
-    """vCPU 0: writes through KVM's ring, then more posted writes than a batch; vCPU 1: a read.
+def test_a_read_is_answered_after_every_write_made_before_it_by_any_vcpu(ends, device_model):
+    """vCPU 0: writes through KVM's ring, then more posted writes than a batch; vCPU 1: a read made after them.
 
-    The round starts with vCPU 1, so its read is the first request taken: it
-    is still answered after all of them, the coalesced ones first.
+    vCPU 1's read is in its channel before vCPU 0's writes are (sent first in
+    real time): it is still performed after all of them, the coalesced ones first.
     """
     server, device, kvm = device_model
     for value in (1, 2):
         assert kvm.write(PORT, 4, value, pio=True)
     posted = list(range(3, 3 + PER_VCPU_BATCH + 1))
-    for value in posted:
-        ends.send(0, encode_request(KIND_WRITE, 0, SPACE_PIO, PORT, 4, value, 0))
-    ends.send(1, encode_request(KIND_READ, 1, SPACE_PIO, PORT, 4, 0, 7))
-    ends.server._rounds = 1  # the rotation starts at vCPU 1
+    ends.send(1, encode_request(KIND_READ, 1, SPACE_PIO, PORT, 4, 0, len(posted) + 1))
+    for stamp, value in enumerate(posted, 1):
+        ends.send(0, encode_request(KIND_WRITE, 0, SPACE_PIO, PORT, 4, value, stamp))
     while ends.server.serve(set(ends.server.fds()), server):
         pass
     assert device.log == [1, 2, *posted, "read"]
-    assert decode_reply(ends.reply(1)) == (7, 0)
+    assert decode_reply(ends.reply(1)) == (len(posted) + 1, 0)
     assert ends.server.received == [len(posted), 1]
+
+
+def test_two_vcpus_writes_are_performed_in_the_order_they_were_made(ends, device_model):
+    """vCPU 1 wrote first (stamp 1: its interrupt handler turned the UART's interrupt off) and vCPU 0
+    second (stamp 2: on again). Taken channel by channel from vCPU 0, as the rounds before stamps did,
+    the interrupt ended off; in stamp order vCPU 0's value is the one that stays."""
+    server, device, _kvm = device_model
+    ends.send(1, encode_request(KIND_WRITE, 1, SPACE_PIO, PORT, 1, 0x05, 1))
+    ends.send(0, encode_request(KIND_WRITE, 0, SPACE_PIO, PORT, 1, 0x07, 2))
+    while ends.server.serve(set(ends.server.fds()), server):
+        pass
+    assert device.log == [0x05, 0x07]
 
 
 def test_a_full_rings_fallback_write_follows_the_ring_and_is_acknowledged(ends, device_model):

@@ -18,7 +18,8 @@ line and ``--report`` for that fault, nothing left in L1 (``/dev/shm``,
 One L1 serves ``VMS_PER_L1`` cycles (a fresh one costs about 15 s). A run
 that QEMU's emulated SVM resets by a triple fault, the harness's known
 flake (docs/linux.md), is counted and reported, not failed; the next cycle
-gets a fresh L1. Slow: ``./scripts/test.sh -m slow -k soak_nested``
+gets a fresh L1; so does a cycle whose L1 itself is lost (its userspace
+silent, or a CPU stuck), said with where L1's CPUs were. Slow: ``./scripts/test.sh -m slow -k soak_nested``
 (``MPVMM_NESTED_SOAK_CYCLES``, default 24).
 """
 
@@ -34,7 +35,7 @@ import time
 import pytest
 
 from tests.linux.guest_report import NESTED_BOOT_BOUND, init_report
-from tests.nested.l1 import L1, Assets
+from tests.nested.l1 import L1, STUCK_CPU_LAYER, Assets, LayerError
 from tests.nested.l2 import TRIPLE_FAULT, NestedLinux
 
 pytestmark = [pytest.mark.slow, pytest.mark.nested_kvm]
@@ -53,6 +54,11 @@ VMS_PER_L1 = 4
 # times slower than on the host, so the soak allows three times the host
 # soak's 20 s.
 NESTED_HANG_SECONDS = 60.0
+# L1 itself lost (QEMU's emulation: its userspace silent for 90 s, or a CPU
+# stuck in RCU stalls): the cycle cannot be checked, the harness has already
+# discarded that L1, and the next cycle gets a fresh one. Said with the
+# harness's account of where L1's CPUs were, counted, and failed past a quarter.
+L1_LOST_LAYERS = ("L1", STUCK_CPU_LAYER)
 STOPPED_DEVICE_MODEL = "device model is stopped (SIGSTOP, or a debugger) and cannot answer"
 KILLED = "killed by signal 9"
 
@@ -114,7 +120,11 @@ def check_cycle(cycle: dict, result, data: dict | None) -> float | None:
     if not not_collected:
         assert data["device_model"]["console"]["lost_bytes"] == 0, data["device_model"]["console"]
     if cycle["kind"] == "poweroff":
-        assert init_report(result.console).get("cpus") == [str(cycle["cpus"])], result.describe()
+        report = init_report(result.console)
+        assert report.get("cpus") == [str(cycle["cpus"])], result.describe()
+        # The report's last lines too: a UART that stops sending (the stall
+        # two vCPUs' reordered IER writes caused) cuts it at power-off.
+        assert any("smp: Brought up" in line for line in report.get("dmesg", [])), result.describe()
         return None
     if cycle["kind"] == "time-limit":
         assert data["seconds"] >= cycle["seconds"]
@@ -140,12 +150,20 @@ def test_soak_nested(soak_l1, debian_kernel, init_images):
     rng = random.Random(int(os.environ.get("MPVMM_NESTED_SOAK_SEED", "3")))
     nested = NestedLinux(soak_l1, vms_per_l1=VMS_PER_L1)
     counts, triple_faults, took_by_kind = collections.Counter(), [], collections.defaultdict(list)
+    l1_lost = []
     l1_processes, soak_started = set(), time.monotonic()
     for number in range(cycles):
         kind = FAULTS[number] if number < len(FAULTS) else rng.choices(FAULTS, weights=WEIGHTS)[0]
         cycle = random_cycle(rng, kind)
         started = time.monotonic()
-        result, data = run_cycle(nested, debian_kernel, init_images, cycle, number)
+        try:
+            result, data = run_cycle(nested, debian_kernel, init_images, cycle, number)
+        except LayerError as err:
+            if err.layer not in L1_LOST_LAYERS:
+                raise
+            l1_lost.append(number)
+            print(f"cycle {number}: {cycle}, L1 lost after {time.monotonic() - started:.0f} s: {err}", flush=True)
+            continue
         l1_processes.add(soak_l1.process.pid)
         seconds = time.monotonic() - started
         line = (f"cycle {number}: {cycle}, exit {result.status}, phases {result.phases}, "
@@ -168,5 +186,7 @@ def test_soak_nested(soak_l1, debian_kernel, init_images):
     longest = {kind: f"{max(times):.1f} s" for kind, times in took_by_kind.items()}
     print(f"\nnested soak: {cycles} cycles in {time.monotonic() - soak_started:.0f} s, {len(l1_processes)} L1s; "
           f"checked by fault {dict(counts)}; triple faults (not failures) in cycles {triple_faults}; "
+          f"L1 lost in cycles {l1_lost}; "
           f"longest fault-to-end by fault {longest}; load average {os.getloadavg()}")
+    assert len(l1_lost) <= cycles // 4, f"L1 itself was lost in {len(l1_lost)} of {cycles} cycles"
     assert sum(counts.values()) >= cycles // 2, "too few cycles checked: most ended in triple faults"

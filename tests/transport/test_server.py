@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mpvmm.transport.channel import RingChannel
+from mpvmm.transport.channel import RequestOrder, RingChannel
 from mpvmm.transport.ring import RING_SLOTS, RingArea
 from mpvmm.transport.server import PER_VCPU_BATCH, RingServer
 from tests.devicemodel.test_rounds import Device
@@ -33,41 +33,43 @@ def ends(kvm_available):
     wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     clock = Clock()
     server = RingServer(RingArea.attach(os.dup(area.fd)), os.dup(wake_fd), poll_limit=200e-6, clock=clock)
-    channels = [RingChannel(area.requests(i), area.replies(i), area.header, wake_fd) for i in range(2)]
+    order = RequestOrder()
+    channels = [RingChannel(area.requests(i), area.replies(i), area.header, wake_fd, order) for i in range(2)]
     yield server, channels, clock
     server.close()
     area.close()
+    order.close()
     os.close(wake_fd)
 
 
-def test_a_round_is_fair_and_keeps_each_vcpus_order(ends):
+def test_vcpus_are_served_in_the_order_of_their_requests_a_batch_per_vcpu_at_a_time(ends):
+    """vCPU 0 made 20 requests, vCPU 1 three among them: performed as made, not one channel first, and a
+    serve() ends after a batch per vCPU so the device model's other work gets a turn."""
     server, channels, _ = ends
-    for i in range(20):
-        assert channels[0].send(b"w%d" % i, Counts(), lambda: False)
-    for i in range(3):
-        channels[1].send(b"v%d" % i, Counts(), lambda: False)
+    stamps = {1: (3, 7, 11)}
+    made = [(1 if stamp in stamps[1] else 0, stamp) for stamp in range(1, 24)]
+    for vcpu, stamp in made:
+        assert channels[vcpu].send(b"w%d@%d" % (vcpu, stamp), Counts(), lambda: False)
     device = Device()
-    assert server.serve(set(), device)  # vCPU 0 has more
-    assert device.performed == [b"w%d" % i for i in range(PER_VCPU_BATCH)] + [b"v%d" % i for i in range(3)]
+    assert server.serve(set(), device)  # more are waiting
+    assert len(device.performed) == 2 * PER_VCPU_BATCH
     while server.serve(set(), device):
         pass
-    assert [r for r in device.performed if r.startswith(b"w")] == [b"w%d" % i for i in range(20)]
+    assert device.performed == [b"w%d@%d" % made_by for made_by in made]
     assert server.received == [20, 3]
 
 
-def test_a_read_is_answered_after_the_writes_another_vcpu_queued_before_it(ends):
-    """vCPU 1's read, taken in the first round, waits for all of vCPU 0's writes: not only a batch."""
+def test_a_read_is_answered_after_the_writes_another_vcpu_made_before_it(ends):
+    """vCPU 1's read reached its ring before vCPU 0's 20 earlier writes reached theirs: it waits for all."""
     server, channels, _ = ends
-    server._rounds = 1  # this round starts at vCPU 1: its read is taken first
+    channels[1].send(b"read@21", Counts(), lambda: False)
     for i in range(20):
-        channels[0].send(b"w%d" % i, Counts(), lambda: False)
-    channels[1].send(b"read", Counts(), lambda: False)
-    channels[1].send(b"never: its vCPU waits for the read", Counts(), lambda: False)  # not a real vCPU's order
+        channels[0].send(b"w%d@%d" % (i, i + 1), Counts(), lambda: False)
     device = Device()
-    server.serve(set(), device)
-    assert device.performed == [b"w%d" % i for i in range(20)] + [b"read"]
-    assert channels[1].receive(Counts()) == b"ok read"
-    assert len(channels[1].requests) == 1  # nothing behind a read is taken before it is answered
+    while server.serve(set(), device):
+        pass
+    assert device.performed == [b"w%d@%d" % (i, i + 1) for i in range(20)] + [b"read@21"]
+    assert channels[1].receive(Counts()) == b"ok read@21"
 
 
 def test_replies_go_back_on_the_ring_the_request_came_from(ends):
