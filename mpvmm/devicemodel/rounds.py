@@ -72,7 +72,11 @@ class StampOrder:
 
     def __init__(self, channels: Channels, decoder: Decoder, vcpus: int):
         self._channels, self._decoder, self._vcpus = channels, decoder, vcpus
-        self._heads: dict[int, Request] = {}  # channel -> its oldest request, taken, not handed out
+        # channel -> (when it was taken, its oldest request), taken and not handed out yet
+        self._heads: dict[int, tuple[int, Request]] = {}
+        self._taken = 0
+        # Requests handed out before one taken earlier: taken out of the order they were made.
+        self.reordered = 0
 
     def held(self) -> bool:
         """Whether requests were taken that ``next`` has not handed out yet."""
@@ -84,9 +88,12 @@ class StampOrder:
         if not self._heads:
             return None
         while True:
-            candidate = min(self._heads, key=lambda index: self._heads[index].seq)
-            if self._vcpus == 1 or not self._look(below=self._heads[candidate].seq):
-                return candidate, self._heads.pop(candidate)
+            candidate = min(self._heads, key=lambda index: self._heads[index][1].seq)
+            if self._vcpus == 1 or not self._look(below=self._heads[candidate][1].seq):
+                taken, request = self._heads.pop(candidate)
+                if any(other < taken for other, _ in self._heads.values()):
+                    self.reordered += 1
+                return candidate, request
 
     def _look(self, below: int | None = None) -> bool:
         """Take the oldest request of each channel we hold nothing from; whether one is stamped below ``below``."""
@@ -96,7 +103,8 @@ class StampOrder:
                 continue
             request = self._take(index)
             if request is not None:
-                self._heads[index] = request
+                self._heads[index] = (self._taken, request)
+                self._taken += 1
                 found = found or (below is not None and request.seq < below)
         return found
 

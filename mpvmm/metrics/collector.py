@@ -298,10 +298,17 @@ _RING_TRANSPORT_METRICS = (
 )
 
 
+_TRANSPORT_METRICS = (
+    (CounterMetricFamily, "mpvmm_transport_reordered", "reordered",
+     "Requests taken from their channels out of the order the vCPUs made them, performed in order"),
+)
+
+
 def _process_families(process: dict) -> list[Metric]:
-    """The coalesced ring's and the ring transport's figures, where the run has them."""
+    """The coalesced ring's and the transports' figures, where the run has them."""
     families = []
     for values, metrics in ((process.get("coalesced_ring"), _COALESCED_RING_METRICS),
+                            (process if "reordered" in process else None, _TRANSPORT_METRICS),
                             (process if process.get("transport") == "ring" else None, _RING_TRANSPORT_METRICS)):
         for family_class, name, key, documentation in metrics if values else ():
             family = family_class(name, documentation)

@@ -28,7 +28,7 @@ import posix_ipc
 from mpvmm.devicemodel.rounds import Device, StampOrder
 from mpvmm.errors import DeviceModelError
 from mpvmm.transport.polling import PollWindow
-from mpvmm.transport.ring import RING_SLOTS, RingArea
+from mpvmm.transport.ring import RingArea
 from mpvmm.vcpu_worker import _runloop
 
 # Requests performed per vCPU in one serve() before the device model's other
@@ -45,7 +45,6 @@ class RequestServer(ABC):
     """Every vCPU's request and reply channel, as the device model sees them (rounds.Channels)."""
 
     name: str
-    depth: int  # the most records one request channel holds
 
     def __init__(self, vcpus: int):
         self.received = [0] * vcpus
@@ -123,7 +122,8 @@ class RequestServer(ABC):
 
     def stats(self) -> dict:
         return {"transport": self.name, "received": list(self.received),
-                "replies_sent": self.replies_sent, "replies_dropped": self.replies_dropped}
+                "replies_sent": self.replies_sent, "replies_dropped": self.replies_dropped,
+                "reordered": self._order.reordered if self._order is not None else 0}
 
     @abstractmethod
     def close(self) -> None:
@@ -153,7 +153,6 @@ class QueueServer(RequestServer):
                 # (a vCPU not reading) raises BusyError instead.
                 queue.block = False
                 queues.append(queue)
-        self.depth = max((queue.max_messages for queue in self.requests), default=0)
         self._index_by_fd = {queue.mqd: index for index, queue in enumerate(self.requests)}
         # Which queues hold messages now, in one call (the stamp order asks before each request it hands out).
         self._epoll = select.epoll()
@@ -209,7 +208,6 @@ class RingServer(RequestServer):
         self.wakeups = self.polled_hits = self.sleeps = self.poll_preempted = 0
         self.poll_seconds = 0.0
         self._found = False  # this round took a record
-        self.depth = RING_SLOTS
 
     def fds(self) -> list[int]:
         return [self.wake_fd]

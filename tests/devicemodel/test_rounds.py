@@ -75,11 +75,13 @@ class Device:
         return b"ok " + request.data if request.is_read or request.data.startswith(b"a") else None
 
 
-def drain(channels, vcpus):
+def drain(channels, vcpus, counts=None):
     device = Device()
     order = StampOrder(channels, device, vcpus)
     while (taken := order.next()) is not None:
         device.perform(taken[1])
+    if counts is not None:
+        counts["reordered"] = order.reordered
     return device.performed
 
 
@@ -92,8 +94,10 @@ def test_the_later_vcpus_interrupt_enable_wins():
     """The UART stall the nested soak found: vCPU 0's handler turned the interrupt off (stamp 1), then
     vCPU 1 turned it on (stamp 2). Taken channel by channel, vCPU 1's came first and the later write
     lost; in stamp order the interrupt stays on."""
-    channels = Channels([b"ier-off@1"], [b"ier-on@2"])
-    assert drain(channels, 2)[-1] == b"ier-on@2"
+    channels = Channels([b"ier-on@2"], [b"ier-off@1"])
+    counts = {}
+    assert drain(channels, 2, counts)[-1] == b"ier-on@2"
+    assert counts == {"reordered": 1}  # vCPU 0's write was taken first and performed second
 
 
 def test_a_request_that_arrives_in_a_channel_already_looked_at_is_still_taken_first():
